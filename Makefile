@@ -1,0 +1,26 @@
+# cryptsnap developer entry points. Run as root: the tests mount, attach loop devices and boot a VM.
+PY := /usr/bin/python3
+VENV := .venv
+
+.PHONY: deps test test-fast lint demo clean
+
+deps:                     ## Debian packages the tests and the demo need
+	scripts/install-deps
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+test: deps $(VENV)/.installed   ## every tier: unit, host (sshd/sshfs/loop), guest (QEMU)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed   ## unit tests only
+	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: deps $(VENV)/.installed   ## the main job end to end in a guest (see README)
+	$(VENV)/bin/python -m cryptsnap.demo
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

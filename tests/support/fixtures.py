@@ -1,0 +1,17 @@
+"""Fixtures shared by the host tier and the guest tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import sshd
+
+
+@pytest.fixture
+def untrusted_host():
+    """A fresh sshd on 127.0.0.1 with its own keys, for an unprivileged user."""
+    server = sshd.start()
+    try:
+        yield server
+    finally:
+        sshd.stop(server)
