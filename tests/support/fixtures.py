@@ -15,3 +15,11 @@ def untrusted_host():
         yield server
     finally:
         sshd.stop(server)
+
+
+@pytest.fixture
+def setup(tmp_path, untrusted_host):
+    """A configured target backed up to the untrusted host (btrfs; see make_setup for others)."""
+    from tests.support.targets import make_setup
+
+    return make_setup(tmp_path, untrusted_host)

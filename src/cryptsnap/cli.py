@@ -1,0 +1,245 @@
+"""The `cryptsnap` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+from . import __version__, config, pipeline, runner
+from .errors import EXIT_CODES, Canceled, CryptsnapError
+from .stack import close_view
+from .state import TargetState
+
+log = logging.getLogger("cryptsnap")
+
+
+def _exit_codes_text() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:<3} {text}" for code, text in sorted(EXIT_CODES.items()))
+
+
+class TerminalReporter(pipeline.Reporter):
+    """A progress line on a terminal; phase lines in logs otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.current = ""
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        if self.tty:
+            self.stream.write(f"\r\033[K{name}...")
+            self.stream.flush()
+        else:
+            log.info("%s", name)
+
+    def progress(self, fraction: float, transferred: int) -> None:
+        if self.tty:
+            self.stream.write(f"\r\033[K{self.current} {fraction:4.0%}  {transferred / 1e6:,.1f} MB")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _target(args) -> config.Target:
+    return config.load(args.config).target(args.target)
+
+
+def cmd_config(args) -> int:
+    if args.config_action == "example":
+        sys.stdout.write(config.example())
+        return 0
+    loaded = config.load(args.config)
+    names = ", ".join(sorted(loaded.targets))
+    print(f"{loaded.path}: valid; targets: {names}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .initialize import init
+
+    init(_target(args), force=args.force, accept_new_host_key=args.accept_new_host_key)
+    return 0
+
+
+def cmd_backup(args) -> int:
+    target = _target(args)
+    reporter = TerminalReporter()
+    try:
+        record = pipeline.backup(target, reporter, break_lock=args.break_lock)
+    finally:
+        reporter.done()
+    print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
+          + (f", pruned {', '.join(record.pruned)}" if record.pruned else ""))
+    return 0
+
+
+def cmd_list(args) -> int:
+    names = pipeline.list_snapshots(_target(args))
+    if args.json:
+        print(json.dumps(names))
+    else:
+        for name in names:
+            print(name)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    pruned = pipeline.prune(_target(args))
+    for name in pruned:
+        print(f"pruned {name}")
+    if not pruned:
+        print("nothing to prune")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    target = _target(args)
+    view = pipeline.open_view(target)
+    print(f"{target.name}: snapshots mounted read-only at {view}/snapshots (close with `cryptsnap umount {target.name}`)")
+    if args.foreground:  # the restore unit: stay until stopped, then unwind
+        try:
+            signal.pause()
+        except Canceled:
+            pass
+        finally:
+            close_view(target)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    target = _target(args)
+    if close_view(target):
+        print(f"{target.name}: view closed")
+    else:
+        print(f"{target.name}: no view was open")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    name, snap, path = pipeline.parse_restore_spec(args.spec)
+    target = config.load(args.config).target(name)
+    used = pipeline.restore(target, snap, path, args.to, TerminalReporter())
+    print(f"restored {path} from {name}@{used} to {args.to}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    loaded = config.load(args.config)
+    names = [args.target] if args.target else sorted(loaded.targets)
+    for name in names:
+        run = TargetState(loaded.target(name)).last_run()
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["finished"])) if run.get("finished") else "never"
+        print(f"{name}: last run {run.get('result', 'none')} at {when}"
+              + (f", snapshot {run['snapshot']}" if run.get("snapshot") else "")
+              + (f", {len(run.get('snapshots', []))} snapshots" if run else "")
+              + (f"\n  error: {run['error']}" if run.get("error") else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryptsnap",
+        description="Encrypted, incremental snapshot backups to a host you do not trust. Each target is one "
+        "LUKS-encrypted disk image on an SSH host, holding one snapshot per backup run.",
+        epilog=_exit_codes_text() + "\n\nconfiguration: --config, else $CRYPTSNAP_CONFIG, else "
+        f"{config.DEFAULT_PATH}. Start from `cryptsnap config example`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cryptsnap {__version__}")
+    parser.add_argument("--config", "-c", metavar="PATH", help="configuration file")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="say what happens (-v), and show every command run (-vv)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help, description=None):
+        p = sub.add_parser(name, help=help, description=description or help,
+                           epilog=_exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create and format a target's encrypted image on the server",
+            "Pin the server's ssh host key (showing its fingerprint), create the remote directory, allocate the "
+            "image on the server without sending zeros (fallocate, else dd, or sparse), format it as LUKS2 with "
+            "4096-byte sectors, make the file system, save a LUKS header backup under the state directory, and "
+            "print the authorized_keys line that limits the key to SFTP. Never overwrites an image without --force.")
+    p.add_argument("target")
+    p.add_argument("--force", action="store_true", help="overwrite an existing image (destroys all its snapshots)")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="replace the pinned host key by the one the server offers now")
+
+    p = add("backup", cmd_backup, "back up a target now (one run, in the foreground)",
+            "Mount the image, rsync the sources into a new snapshot that shares unchanged files with the "
+            "previous one, prune by the retention rules, and unmount everything. A run that fails or is "
+            "interrupted leaves no partial snapshot in `list` and no mounts behind.")
+    p.add_argument("target")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over a remote lock left by a run on another machine that is gone for good")
+
+    p = add("list", cmd_list, "list a target's complete snapshots, oldest first")
+    p.add_argument("target")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = add("prune", cmd_prune, "delete the snapshots the retention rules do not keep (also done after each backup)")
+    p.add_argument("target")
+
+    p = add("mount", cmd_mount, "mount all snapshots of a target read-only",
+            "Open the image read-only (losetup -r, cryptsetup --readonly, mount -o ro) at "
+            "RUNTIME_DIR/restore/TARGET and leave it open until `cryptsnap umount TARGET`. Backups of the "
+            "target are refused as busy while it is open.")
+    p.add_argument("target")
+    p.add_argument("--foreground", action="store_true", help="stay until stopped (SIGTERM), then unmount")
+
+    p = add("umount", cmd_umount, "close the read-only view opened by `cryptsnap mount`")
+    p.add_argument("target")
+
+    p = add("restore", cmd_restore, "copy a file or directory out of a snapshot",
+            "Restore PATH as it was in SNAPSHOT (default: latest; a unique prefix of a name is enough) to DEST, "
+            "which becomes that file or directory. Hard links, ACLs, xattrs, ownership and sparse files are kept. "
+            "Example: cryptsnap restore home@latest:/etc/fstab --to /tmp/fstab")
+    p.add_argument("spec", metavar="TARGET[@SNAPSHOT]:PATH")
+    p.add_argument("--to", required=True, metavar="DEST", help="where to put the restored file or directory")
+
+    p = add("status", cmd_status, "show the last run of each target (from local state)")
+    p.add_argument("target", nargs="?")
+
+    p = add("config", cmd_config, "check the configuration or print a commented example")
+    p.add_argument("config_action", choices=("check", "example"),
+                   help="check: validate and report every error with file:line: key; example: print a "
+                   "commented configuration generated from the schema")
+    return parser
+
+
+def _on_signal(signum, frame):
+    # First signal: stop the running tool and unwind. Later ones are ignored so the
+    # unwinding itself (unmount, close, detach) is never cut short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    runner.terminate_children()
+    raise Canceled(f"canceled by signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logs
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.verbose)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        return args.func(args)
+    except CryptsnapError as exc:
+        print(f"cryptsnap: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Pure builders of the external commands cryptsnap runs. Each returns an argv tuple.
+
+Nothing here runs anything or looks at the system; runner.py executes what these build,
+so every command a user might want to reproduce is visible and testable as data.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+
+from .config import Target
+
+Argv = tuple[str, ...]
+
+# Which Debian package provides each program, for "install it with" messages.
+PACKAGES = {
+    "ssh": "openssh-client",
+    "ssh-keyscan": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "sshfs": "sshfs",
+    "fusermount3": "fuse3",
+    "losetup": "util-linux",
+    "mount": "mount",
+    "umount": "mount",
+    "cryptsetup": "cryptsetup-bin",
+    "mkfs.btrfs": "btrfs-progs",
+    "btrfs": "btrfs-progs",
+    "mkfs.ext2": "e2fsprogs",
+    "mkfs.ext4": "e2fsprogs",
+    "rsync": "rsync",
+    "sync": "coreutils",
+}
+
+LUKS_SECTOR_SIZE = 4096
+LABEL = "cryptsnap"
+
+
+def ssh_config(target: Target, known_hosts: str) -> str:
+    """cryptsnap's own ssh configuration for a target: nothing from ~/.ssh/config applies."""
+    options = {
+        "HostName": target.host,
+        "Port": str(target.port),
+        "User": target.user,
+        "IdentityFile": target.identity_file,
+        "IdentitiesOnly": "yes",
+        "BatchMode": "yes",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "StrictHostKeyChecking": "yes",
+        "UserKnownHostsFile": known_hosts,
+        "GlobalKnownHostsFile": "/dev/null",
+        "UpdateHostKeys": "no",
+        "HostKeyAlias": f"cryptsnap-{target.name}",
+        "ServerAliveInterval": "15",
+        "ServerAliveCountMax": "4",
+        "ConnectTimeout": "20",
+        "ForwardAgent": "no",
+        "ForwardX11": "no",
+        "ClearAllForwardings": "yes",
+        "LogLevel": "ERROR",
+    }
+    body = "".join(f"    {key} {value}\n" for key, value in options.items())
+    header = f"# written by cryptsnap for target {target.name}; regenerated on every run\n"
+    return f"{header}Host cryptsnap-{target.name}\n{body}"
+
+
+def ssh_host(target: Target) -> str:
+    return f"cryptsnap-{target.name}"  # the Host entry of ssh_config()
+
+
+def ssh(config_file: str, target: Target, remote_argv: Sequence[str]) -> Argv:
+    # ssh joins its arguments into one shell command line on the server: quote them here.
+    return ("ssh", "-F", config_file, ssh_host(target), "--", shlex.join(remote_argv))
+
+
+def keyscan(target: Target) -> Argv:
+    return ("ssh-keyscan", "-T", "20", "-p", str(target.port), "-t", "ed25519,ecdsa,rsa", target.host)
+
+
+def fingerprints(known_hosts: str) -> Argv:
+    return ("ssh-keygen", "-l", "-f", known_hosts)
+
+
+def sshfs(config_file: str, target: Target, mountpoint: str, contain_symlinks: bool) -> Argv:
+    options = [
+        "idmap=none",
+        "nodev",
+        "nosuid",
+        "noexec",
+        # The image is one big file used as a block device: never serve stale pages.
+        "cache=no",
+    ]
+    if contain_symlinks:
+        options.append("contain_symlinks")  # a hostile server's absolute symlinks stay inside the mount
+    return ("sshfs", "-F", config_file, f"{ssh_host(target)}:{target.remote_dir}", mountpoint,
+            "-o", ",".join(options))  # fmt: skip
+
+
+def fuse_unmount(mountpoint: str) -> Argv:
+    return ("fusermount3", "-u", "-z", mountpoint)
+
+
+def loop_attach(path: str, readonly: bool) -> Argv:
+    return ("losetup", "--find", "--show", *(["--read-only"] if readonly else []), path)
+
+
+def loop_detach(device: str) -> Argv:
+    return ("losetup", "--detach", device)
+
+
+def loop_list() -> Argv:
+    return ("losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO")
+
+
+def luks_format(device: str, key_file: str, pbkdf: str, iterations: int | None) -> Argv:
+    argv = [
+        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+        "--sector-size", str(LUKS_SECTOR_SIZE), "--cipher", "aes-xts-plain64", "--key-size", "512",
+        "--pbkdf", pbkdf, "--label", LABEL, "--key-file", key_file,
+    ]  # fmt: skip
+    if iterations is not None:
+        argv += ["--pbkdf-force-iterations", str(iterations)]
+    return (*argv, device)
+
+
+def luks_open(device: str, name: str, key_file: str, readonly: bool) -> Argv:
+    return ("cryptsetup", "open", "--type", "luks2", "--key-file", key_file,
+            *(["--readonly"] if readonly else []), device, name)  # fmt: skip
+
+
+def luks_close(name: str) -> Argv:
+    return ("cryptsetup", "close", name)
+
+
+def luks_dump(device: str) -> Argv:
+    return ("cryptsetup", "luksDump", device)
+
+
+def luks_uuid(device: str) -> Argv:
+    return ("cryptsetup", "luksUUID", device)
+
+
+def luks_header_backup(device: str, backup_file: str) -> Argv:
+    return ("cryptsetup", "luksHeaderBackup", device, "--header-backup-file", backup_file)
+
+
+def mkfs(filesystem: str, device: str) -> Argv:
+    if filesystem == "btrfs":
+        # 4 KiB metadata nodes and no duplicated metadata: a changed file rewrites far fewer
+        # bytes of tree on the remote side (see docs/performance.md).
+        return ("mkfs.btrfs", "-q", "-f", "-L", LABEL, "-n", "4096", "-m", "single", "-d", "single", device)
+    return (f"mkfs.{filesystem}", "-q", "-F", "-L", LABEL, device)
+
+
+def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv:
+    options = ["nodev", "nosuid", "noatime"]
+    if readonly:
+        options.append("ro")
+    elif filesystem == "btrfs":
+        options.append("compress=zstd:1")  # compress before encryption: less to upload
+    return ("mount", "-t", filesystem, "-o", ",".join(options), device, mountpoint)
+
+
+def unmount(mountpoint: str) -> Argv:
+    return ("umount", mountpoint)
+
+
+def rsync(
+    sources: Iterable[str],
+    destination: str,
+    *,
+    excludes: Iterable[str] = (),
+    one_file_system: bool = True,
+    link_dest: str | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> Argv:
+    argv = [
+        "rsync",
+        "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
+        "--relative",  # /etc/fstab lands at SNAPSHOT/etc/fstab
+        "--delete", "--delete-excluded",
+    ]  # fmt: skip
+    if one_file_system:
+        argv.append("--one-file-system")
+    if link_dest:
+        argv.append(f"--link-dest={link_dest}")
+    if inplace:
+        argv.append("--inplace")  # rewrite changed files in place: the snapshot shares the rest
+    if progress:
+        argv += ["--info=progress2", "--no-inc-recursive"]
+    argv += [f"--exclude={pattern}" for pattern in excludes]
+    return (*argv, *sources, destination.rstrip("/") + "/")
+
+
+def rsync_restore(source: str, destination: str) -> Argv:
+    return ("rsync", "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
+            source, destination)  # fmt: skip
+
+
+def btrfs_subvolume_create(path: str) -> Argv:
+    return ("btrfs", "-q", "subvolume", "create", path)
+
+
+def btrfs_snapshot(source: str, path: str) -> Argv:
+    return ("btrfs", "-q", "subvolume", "snapshot", source, path)
+
+
+def btrfs_subvolume_delete(path: str) -> Argv:
+    return ("btrfs", "-q", "subvolume", "delete", path)
+
+
+def btrfs_set_readonly(path: str) -> Argv:
+    return ("btrfs", "property", "set", "-ts", path, "ro", "true")
+
+
+def sync(path: str) -> Argv:
+    return ("sync", "--file-system", path)

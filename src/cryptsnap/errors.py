@@ -1,0 +1,114 @@
+"""Named errors. Each carries its message and the exit code the CLI returns for it.
+
+The D-Bus layer maps the same classes to named bus errors (see dbus_errors in daemon).
+"""
+
+from __future__ import annotations
+
+
+class CryptsnapError(Exception):
+    """Base class: an expected failure with a message for the user."""
+
+    exit_code = 1
+    dbus_name = "org.cryptsnap1.Error.Failed"
+
+
+class UsageError(CryptsnapError):
+    """The command line asks for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
+class ConfigError(CryptsnapError):
+    """The configuration is invalid; the message lists every problem with file:line: key."""
+
+    exit_code = 3
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class NoSuchTarget(ConfigError):
+    dbus_name = "org.cryptsnap1.Error.NoSuchTarget"
+
+    def __init__(self, name: str, known: list[str]):
+        choices = ", ".join(known) or "none configured"
+        super().__init__([f"no target named {name!r} (configured: {choices})"])
+
+
+class Busy(CryptsnapError):
+    """Another run, mount or restore view holds the target's lock."""
+
+    exit_code = 4
+    dbus_name = "org.cryptsnap1.Error.Busy"
+
+
+class RemoteUnreachable(CryptsnapError):
+    """The ssh host did not answer, refused the login, or the remote directory is missing."""
+
+    exit_code = 5
+
+
+class KeyWrong(CryptsnapError):
+    """The LUKS key does not open the image, or cannot be read."""
+
+    exit_code = 6
+
+
+class IntegrityError(CryptsnapError):
+    """The remote side does not hold what we left there: changed host key, header, rollback."""
+
+    exit_code = 7
+
+
+class ToolFailed(CryptsnapError):
+    """An external tool failed; the message names the step, the command and its error text."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, argv: tuple[str, ...] = (), returncode: int | None = None, stderr: str = ""):
+        super().__init__(message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class MissingTool(ToolFailed):
+    """A program cryptsnap needs is not installed; the message names the Debian package."""
+
+    def __init__(self, program: str, package: str):
+        super().__init__(f"{program} is not installed; install it with: apt-get install {package}")
+        self.program = program
+        self.package = package
+
+
+class Canceled(CryptsnapError):
+    """The run was canceled (signal or D-Bus Cancel); everything opened was unwound."""
+
+    exit_code = 9
+
+
+class StepFailed(CryptsnapError):
+    """Wraps any error with the pipeline step it happened in, keeping the original's exit code."""
+
+    def __init__(self, step: str, cause: CryptsnapError):
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+        self.cause = cause
+        self.exit_code = cause.exit_code
+        self.dbus_name = cause.dbus_name
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected error (a bug: please report it with the log)",
+    UsageError.exit_code: "usage error (bad command line)",
+    ConfigError.exit_code: "configuration error (or unknown target)",
+    Busy.exit_code: "target busy: another backup, mount or restore holds its lock",
+    RemoteUnreachable.exit_code: "remote unreachable: ssh/sshfs could not connect or log in",
+    KeyWrong.exit_code: "key wrong: the LUKS key is missing or does not open the image",
+    IntegrityError.exit_code: "integrity problem: host key, LUKS header or generation does not match",
+    ToolFailed.exit_code: "tool failure: an external program failed or is missing",
+    Canceled.exit_code: "canceled",
+}

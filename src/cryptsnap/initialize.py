@@ -1,0 +1,152 @@
+"""`cryptsnap init`: pin the host key, create and format the remote image, back up its header.
+
+The image is written under a temporary name and renamed only when it is complete, so a
+failed init leaves no half-made image where backups would look for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from . import commands, runner, snapshot
+from .config import Target
+from .errors import IntegrityError, RemoteUnreachable, ToolFailed, UsageError
+from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount
+from .stack import Paths, remove_leftovers, step
+from .state import TargetState, key_path
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+def remote_run(config_file: Path, target: Target, argv: list[str], check: bool = True):
+    """Run a command on the server over ssh (init only: the restricted key allows SFTP alone)."""
+    try:
+        return runner.run(commands.ssh(str(config_file), target, argv), check=check, timeout=600)
+    except ToolFailed as exc:
+        if "Host key verification failed" in exc.stderr:
+            raise IntegrityError(f"the ssh host key of {target.host} is not the one pinned in "
+                                 f"{target.state_dir / 'known_hosts'}") from None
+        if exc.returncode == 255:
+            raise RemoteUnreachable(f"cannot reach {target.user}@{target.host}:{target.port}: {exc}") from None
+        raise
+
+
+def pin_host_key(target: Target, state: TargetState, accept_new: bool, say: Say) -> None:
+    """Record the server's host keys (first use, or --accept-new-host-key) and show fingerprints."""
+    if not state.known_hosts.exists() or accept_new:
+        try:
+            scan = runner.run(commands.keyscan(target), timeout=60)
+        except ToolFailed as exc:
+            raise RemoteUnreachable(f"cannot read the host key of {target.host}:{target.port}: {exc}") from None
+        lines = [line.split(None, 1)[1] for line in scan.stdout.splitlines() if line and not line.startswith("#")]
+        if not lines:
+            raise RemoteUnreachable(f"{target.host}:{target.port} did not offer an ssh host key")
+        alias = commands.ssh_host(target)  # matches HostKeyAlias in ssh_config
+        state.known_hosts.write_text("".join(f"{alias} {line}\n" for line in lines))
+        say(f"Pinned the host key of {target.host}:{target.port} in {state.known_hosts}.")
+    else:
+        say(f"Using the host key pinned earlier in {state.known_hosts}.")
+    for line in runner.run(commands.fingerprints(str(state.known_hosts))).stdout.splitlines():
+        say(f"  {line}")
+    say("  Compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the server; later runs refuse any other key.")
+
+
+def _allocate(config_file: Path, target: Target, remote: Path, name: str, say: Say) -> None:
+    """Make the image file at its full size without sending its bytes over the network."""
+    path = remote / name
+    if target.sparse:
+        with open(path, "wb") as image:  # SFTP setstat: the server makes a sparse file
+            image.truncate(target.size)
+        return
+    remote_path = f"{target.remote_dir}/{name}"
+    result = remote_run(config_file, target, ["fallocate", "-l", str(target.size), "--", remote_path], check=False)
+    if result.returncode == 0:
+        return
+    log.info("remote fallocate failed (%s); writing zeros on the server with dd", result.stderr.strip())
+    say("The server cannot fallocate; writing zeros on the server side with dd (nothing crosses the network).")
+    megabytes = -(-target.size // (1 << 20))
+    remote_run(config_file, target, ["dd", "if=/dev/zero", f"of={remote_path}", "bs=1M", f"count={megabytes}",
+                                     "status=none"])
+    with open(path, "r+b") as image:
+        image.truncate(target.size)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def authorized_keys_line(target: Target) -> str:
+    public = Path(target.identity_file + ".pub")
+    if public.exists():
+        key = public.read_text().split()[:2]
+    else:
+        key = runner.run(("ssh-keygen", "-y", "-f", target.identity_file)).stdout.split()[:2]
+    return f'restrict,command="internal-sftp" {" ".join(key)} cryptsnap-{target.name}@{socket.gethostname()}'
+
+
+def init(target: Target, *, force: bool = False, accept_new_host_key: bool = False, say: Say = print) -> None:
+    state = TargetState(target)
+    key = key_path(target)
+    state.ensure_dir()
+    with step("connecting"):
+        pin_host_key(target, state, accept_new_host_key, say)
+        config_file = state.write_ssh_config()
+    paths = Paths.of(target)
+    staging = target.image + ".new"
+    with LocalLock(target.runtime_dir, "init"):
+        remove_leftovers(target)
+        with step("connecting"):
+            remote_run(config_file, target, ["mkdir", "-p", "--", target.remote_dir])
+        with contextlib.ExitStack() as outer:
+            with step("connecting"):
+                outer.enter_context(SshfsMount(target, config_file, paths.remote))
+                outer.enter_context(RemoteLock(paths.remote, target.image, "init"))
+            final = paths.remote / target.image
+            if os.path.lexists(final) and not force:
+                raise UsageError(f"{target.remote_dir}/{target.image} already exists on {target.host}; "
+                                 f"`cryptsnap init --force {target.name}` overwrites it, destroying every snapshot")
+            with step("allocating"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(paths.remote / staging)
+                # Until the rename below, a failure removes the half-made image again.
+                outer.callback(_remove_quietly, paths.remote / staging)
+                say(f"Allocating {target.size} bytes for {target.remote_dir}/{target.image} on {target.host}.")
+                _allocate(config_file, target, paths.remote, staging, say)
+            with contextlib.ExitStack() as inner:
+                with step("attaching"):
+                    loop = inner.enter_context(LoopDevice(paths.remote / staging, False, target.size))
+                with step("formatting"):
+                    say("Formatting as LUKS2 (4096-byte sectors).")
+                    runner.run(commands.luks_format(loop.device, key, target.pbkdf, target.pbkdf_iterations))
+                    uuid = runner.run(commands.luks_uuid(loop.device)).stdout.strip()
+                    with contextlib.suppress(FileNotFoundError):
+                        state.header_backup.unlink()  # luksHeaderBackup refuses to overwrite
+                    runner.run(commands.luks_header_backup(loop.device, str(state.header_backup)))
+                    say(f"Saved the LUKS header backup to {state.header_backup}.")
+                with step("unlocking"):
+                    mapping = inner.enter_context(LuksMapping(loop.device, paths.mapping, key, False, uuid))
+                with step("formatting"):
+                    say(f"Making a {target.filesystem} file system inside.")
+                    runner.run(commands.mkfs(target.filesystem, mapping.path))
+                with step("mounting"):
+                    inner.enter_context(FsMount(mapping.path, paths.fs, target.filesystem, False))
+                    snapshot.prepare_filesystem(paths.fs)
+            with step("finalizing"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+                os.rename(paths.remote / staging, final)
+    state.record_image(target.size, uuid)
+    state.set_generation(0)
+    with contextlib.suppress(FileNotFoundError):
+        (state.dir / "last-run.json").unlink()
+    say(f"Target {target.name} is ready: {target.remote_dir}/{target.image} on {target.host}.")
+    say("Restrict this key to SFTP on the server: put this line in the user's ~/.ssh/authorized_keys there:")
+    say(f"  {authorized_keys_line(target)}")

@@ -1,0 +1,338 @@
+"""The mount stack's layers. Each is a context manager that opens on enter, closes on exit,
+and can find and remove what a crashed run of its kind left behind (``remove_leftovers``).
+
+Order, outermost first: local lock, sshfs mount, remote lock, loop device, LUKS mapping,
+file system mount. stack.py enters them through an ExitStack.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import time
+from pathlib import Path
+
+from . import commands, runner
+from .errors import Busy, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed
+from .mounts import is_mountpoint
+
+log = logging.getLogger(__name__)
+
+UNREACHABLE_HINTS = (
+    "Connection refused", "Connection timed out", "Connection reset", "Could not resolve", "No route to host",
+    "Network is unreachable", "Permission denied", "Connection closed", "read: Connection", "Operation timed out",
+)  # fmt: skip
+
+
+def _retry(argv: tuple[str, ...], attempts: int = 5) -> None:
+    """Run a teardown command, retrying briefly: udev or a closing file can hold a device a moment."""
+    for attempt in range(attempts):
+        try:
+            runner.run(argv)
+            return
+        except ToolFailed:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+class LocalLock:
+    """This machine's lock on a target: one backup, mount or restore view at a time."""
+
+    def __init__(self, runtime_dir: Path, what: str):
+        self.path = runtime_dir.parent / f"{runtime_dir.name}.lock"
+        self.target = runtime_dir.name
+        self.what = what
+        self.file = None
+
+    def __enter__(self) -> LocalLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise Busy(f"target {self.target} is busy: {holder} holds its lock") from None
+        held = holder_file(self.path)
+        if held.exists():  # a detached view (`cryptsnap mount`, the restore unit) outlives its process
+            info = held.read_text().strip()
+            self.file.close()
+            raise Busy(f"target {self.target} is busy: {info}")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{self.what} (pid {os.getpid()})\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file and not self.file.closed:
+            self.file.truncate(0)
+            self.file.close()
+
+
+def holder_file(lock_path: Path) -> Path:
+    """Marks a target as held by a view that stays mounted after its command exits."""
+    return lock_path.with_suffix(".held")
+
+
+class SshfsMount:
+    """The remote directory, mounted with sshfs using cryptsnap's own ssh configuration."""
+
+    step = "connecting"
+
+    def __init__(self, target, ssh_config: Path, mountpoint: Path):
+        self.target = target
+        self.ssh_config = ssh_config
+        self.mountpoint = mountpoint
+
+    @staticmethod
+    def remove_leftovers(mountpoint: Path) -> None:
+        if is_mountpoint(mountpoint):
+            log.warning("unmounting sshfs left at %s by an earlier run", mountpoint)
+            runner.run(commands.fuse_unmount(str(mountpoint)))
+
+    def __enter__(self) -> SshfsMount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
+        argv = commands.sshfs(str(self.ssh_config), self.target, str(self.mountpoint), sshfs_contains_symlinks())
+        try:
+            runner.run(argv, timeout=120)
+        except ToolFailed as exc:
+            where = f"{self.target.user}@{self.target.host}:{self.target.port}"
+            if "Host key verification failed" in exc.stderr or "REMOTE HOST IDENTIFICATION" in exc.stderr:
+                raise IntegrityError(
+                    f"the ssh host key of {where} is not the one recorded at `cryptsnap init` "
+                    f"({self.target.state_dir / 'known_hosts'}); if the server really changed its key, "
+                    f"check the new fingerprint out of band and run `cryptsnap init --accept-new-host-key "
+                    f"{self.target.name}`"
+                ) from None
+            if "No such file or directory" in exc.stderr:
+                raise RemoteUnreachable(f"{where}: remote directory {self.target.remote_dir!r} does not exist; "
+                                        f"run `cryptsnap init {self.target.name}`") from None
+            if any(hint in exc.stderr for hint in UNREACHABLE_HINTS) or exc.returncode in (255, 1):
+                raise RemoteUnreachable(f"cannot reach {where}: {exc}") from None
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not is_mountpoint(self.mountpoint):
+            return
+        try:
+            _retry(("fusermount3", "-u", str(self.mountpoint)))
+        except ToolFailed:
+            log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
+            runner.run(commands.fuse_unmount(str(self.mountpoint)))
+
+
+def sshfs_contains_symlinks() -> bool:
+    """Whether this sshfs has -o contain_symlinks (absolute server symlinks kept inside the mount)."""
+    global _contain_symlinks
+    if _contain_symlinks is None:
+        try:
+            helptext = runner.run(("sshfs", "--help"), check=False)
+            _contain_symlinks = "contain_symlinks" in helptext.stdout + helptext.stderr
+        except ToolFailed:
+            _contain_symlinks = False
+    return _contain_symlinks
+
+
+_contain_symlinks: bool | None = None
+
+
+class RemoteLock:
+    """A lock directory next to the image, so a second machine cannot open it read-write.
+
+    mkdir is atomic over SFTP. A lock this host left behind (its process is gone) is taken
+    over; another host's lock makes the run fail as busy, saying whose it is.
+    """
+
+    step = "connecting"
+
+    def __init__(self, remote_dir: Path, image: str, what: str, break_lock: bool = False):
+        self.path = remote_dir / f"{image}.lock"
+        self.what = what
+        self.break_lock = break_lock
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            fd = os.open(self.path / "owner", os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as owner:
+                return json.loads(owner.read(4096))
+        except (OSError, ValueError):
+            return {}
+
+    def __enter__(self) -> RemoteLock:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what, "since": int(time.time())}
+        for _ in range(2):
+            try:
+                os.mkdir(self.path)
+                break
+            except FileExistsError:
+                owner = self._owner()
+                mine_and_dead = owner.get("host") == me["host"] and not _alive(owner.get("pid"))
+                if self.break_lock or mine_and_dead:
+                    log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
+                    shutil.rmtree(self.path, ignore_errors=True)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("since", 0)))
+                raise Busy(
+                    f"the image is locked by {owner.get('what', '?')} on host {owner.get('host', '?')} "
+                    f"(pid {owner.get('pid', '?')}) since {since}; if that run is gone, retry with --break-lock"
+                ) from None
+        else:
+            raise Busy(f"could not take the remote lock {self.path.name}")
+        (self.path / "owner").write_text(json.dumps(me))
+        self.held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LoopDevice:
+    """The image file attached to a loop device. The image must be a regular file of the
+    expected size: it is opened with O_NOFOLLOW and handed to losetup as that open file,
+    so a symlink planted by the server can never point losetup at a local file."""
+
+    step = "attaching"
+
+    def __init__(self, image: Path, readonly: bool, expected_size: int | None):
+        self.image = image
+        self.readonly = readonly
+        self.expected_size = expected_size
+        self.device: str | None = None
+
+    @staticmethod
+    def remove_leftovers(under: Path) -> None:
+        listing = json.loads(runner.run(commands.loop_list()).stdout or "{}")
+        for loop in listing.get("loopdevices", []):
+            back = (loop.get("back-file") or "").removesuffix(" (deleted)")
+            if back.startswith(str(under) + "/"):
+                log.warning("detaching loop device %s left by an earlier run (%s)", loop["name"], back)
+                _retry(commands.loop_detach(loop["name"]))
+
+    def __enter__(self) -> LoopDevice:
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.image, flags)
+        except FileNotFoundError:
+            raise RemoteUnreachable(f"the image {self.image.name} is not on the remote side; "
+                                    f"run `cryptsnap init` for this target") from None
+        except OSError as exc:
+            raise IntegrityError(f"cannot open the image {self.image.name} as a regular file: {exc.strerror} "
+                                 f"(a symlink or special file where the image should be?)") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise IntegrityError(f"the image {self.image.name} is not a regular file on the remote side")
+            if self.expected_size is not None and info.st_size != self.expected_size:
+                raise IntegrityError(
+                    f"the image {self.image.name} is {info.st_size} bytes, not the {self.expected_size} it was "
+                    f"created with: it was truncated or replaced on the remote side"
+                )
+            result = runner.run(commands.loop_attach(f"/dev/fd/{fd}", self.readonly), pass_fds=(fd,))
+            self.device = result.stdout.strip()
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device:
+            _retry(commands.loop_detach(self.device))
+            self.device = None
+
+
+class LuksMapping:
+    """The dm-crypt mapping /dev/mapper/NAME over the loop device."""
+
+    step = "unlocking"
+
+    def __init__(self, device: str, name: str, key_file: str, readonly: bool, expected_uuid: str | None):
+        self.device = device
+        self.name = name
+        self.key_file = key_file
+        self.readonly = readonly
+        self.expected_uuid = expected_uuid
+        self.opened = False
+
+    @property
+    def path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+    @staticmethod
+    def remove_leftovers(name: str) -> None:
+        if os.path.exists(f"/dev/mapper/{name}"):
+            log.warning("closing LUKS mapping %s left by an earlier run", name)
+            _retry(commands.luks_close(name))
+
+    def __enter__(self) -> LuksMapping:
+        if self.expected_uuid is not None:
+            uuid = runner.run(commands.luks_uuid(self.device), check=False)
+            if uuid.returncode != 0 or uuid.stdout.strip() != self.expected_uuid:
+                found = uuid.stdout.strip() or "no LUKS header"
+                raise IntegrityError(f"the image's LUKS header is not the one made at `cryptsnap init` "
+                                     f"(UUID {found}, expected {self.expected_uuid}); it was replaced or damaged")
+        try:
+            runner.run(commands.luks_open(self.device, self.name, self.key_file, self.readonly))
+        except ToolFailed as exc:
+            if exc.returncode == 2 or "No key available" in exc.stderr:
+                raise KeyWrong(f"the key in {self.key_file} does not open the image") from None
+            raise
+        self.opened = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.opened:
+            _retry(commands.luks_close(self.name))
+            self.opened = False
+
+
+class FsMount:
+    """The file system inside the image, mounted nodev,nosuid,noatime (and ro for views)."""
+
+    step = "mounting"
+
+    def __init__(self, device: str, mountpoint: Path, filesystem: str, readonly: bool):
+        self.device = device
+        self.mountpoint = mountpoint
+        self.filesystem = filesystem
+        self.readonly = readonly
+        self.mounted = False
+
+    @staticmethod
+    def remove_leftovers(mountpoint: Path) -> None:
+        if is_mountpoint(mountpoint):
+            log.warning("unmounting %s left by an earlier run", mountpoint)
+            _retry(commands.unmount(str(mountpoint)))
+
+    def __enter__(self) -> FsMount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
+        runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem, self.readonly))
+        self.mounted = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mounted:
+            _retry(commands.unmount(str(self.mountpoint)))
+            self.mounted = False

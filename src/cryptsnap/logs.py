@@ -1,0 +1,29 @@
+"""Logging setup: plain lines on a terminal, syslog priorities when stderr is the journal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Python level -> syslog priority, understood by journald as a "<N>" line prefix.
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def setup(verbosity: int = 0, program: str = "cryptsnap") -> None:
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+        level = min(level, logging.INFO)
+    else:
+        handler.setFormatter(logging.Formatter(f"{program}: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,141 @@
+"""The actions on a target, each a whole run: backup, list, prune, restore, view.
+
+The CLI and the daemon's job worker both call these; a Reporter receives phases and
+progress (the terminal progress line, D-Bus properties).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from . import commands, runner, snapshot
+from .config import Target
+from .errors import Canceled, CryptsnapError, UsageError
+from .stack import Paths, open_stack
+from .state import TargetState
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Receives what a run is doing. The default does nothing; subclasses display or publish it."""
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def progress(self, fraction: float, transferred: int) -> None:
+        pass
+
+
+@dataclass
+class RunRecord:
+    action: str
+    target: str
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    result: str = "running"  # done, failed, canceled
+    error: str = ""
+    snapshot: str = ""
+    pruned: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+
+
+def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False) -> RunRecord:
+    """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run."""
+    reporter = reporter or Reporter()
+    state = TargetState(target)
+    record = RunRecord("backup", target.name)
+    try:
+        with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock) as op:
+            generation = snapshot.check_generation(op.fs, state)
+            reporter.phase("syncing")
+            record.snapshot = snapshot.write_snapshot(op.fs, target, reporter.progress)
+            reporter.phase("finalizing")
+            record.pruned = snapshot.prune(op.fs, target)
+            snapshot.bump_generation(op.fs, state, generation)
+            record.snapshots = snapshot.list_snapshots(op.fs)
+        record.result = "done"
+        log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
+                 len(record.snapshots), len(record.pruned))
+        return record
+    except BaseException as exc:
+        canceled = isinstance(exc, KeyboardInterrupt | Canceled) or isinstance(getattr(exc, "cause", None), Canceled)
+        record.result = "canceled" if canceled else "failed"
+        record.error = str(exc)
+        raise
+    finally:
+        record.finished = time.time()
+        previous = state.last_run()
+        entry = dict(record.__dict__)
+        entry["last_success"] = record.finished if record.result == "done" else previous.get("last_success", 0)
+        if not record.snapshots:
+            entry["snapshots"] = previous.get("snapshots", [])
+        try:
+            state.record_run(entry)
+        except OSError as exc:
+            log.error("could not record the run in %s: %s", state.dir, exc)
+
+
+def list_snapshots(target: Target, reporter: Reporter | None = None) -> list[str]:
+    reporter = reporter or Reporter()
+    with open_stack(target, readonly=True, what="list", on_phase=reporter.phase) as op:
+        return snapshot.list_snapshots(op.fs)
+
+
+def prune(target: Target, reporter: Reporter | None = None) -> list[str]:
+    reporter = reporter or Reporter()
+    state = TargetState(target)
+    with open_stack(target, readonly=False, what="prune", on_phase=reporter.phase) as op:
+        generation = snapshot.check_generation(op.fs, state)
+        pruned = snapshot.prune(op.fs, target)
+        snapshot.bump_generation(op.fs, state, generation)
+        return pruned
+
+
+def parse_restore_spec(spec: str) -> tuple[str, str, str]:
+    """TARGET[@SNAPSHOT]:PATH -> (target, snapshot or 'latest', absolute path)."""
+    left, sep, path = spec.partition(":")
+    if not sep or not path.startswith("/"):
+        raise UsageError(f"{spec!r}: write what to restore as TARGET[@SNAPSHOT]:/absolute/path, "
+                         f"e.g. home@latest:/etc/fstab")
+    name, _, snap = left.partition("@")
+    if ".." in PurePosixPath(path).parts:
+        raise UsageError(f"{path!r}: a restore path may not contain '..'")
+    return name, snap or "latest", path
+
+
+def restore(target: Target, snapshot_name: str, path: str, destination: str,
+            reporter: Reporter | None = None) -> str:  # fmt: skip
+    """Copy PATH as it was in the snapshot to DESTINATION (which becomes that file or directory)."""
+    reporter = reporter or Reporter()
+    with open_stack(target, readonly=True, what="restore", on_phase=reporter.phase) as op:
+        try:
+            name = snapshot.resolve(op.fs, snapshot_name)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        root = snapshot.snapshots_dir(op.fs) / name
+        source = root / path.lstrip("/")
+        if not source.exists() and not source.is_symlink():
+            raise UsageError(f"{path} is not in snapshot {name}")
+        reporter.phase("syncing")
+        if source.is_dir() and not source.is_symlink():
+            Path(destination).mkdir(parents=True, exist_ok=True)
+            runner.run(commands.rsync_restore(str(source) + "/", destination.rstrip("/") + "/"))
+        else:
+            runner.run(commands.rsync_restore(str(source), destination))
+        return name
+
+
+def open_view(target: Target, reporter: Reporter | None = None) -> Path:
+    """Mount all snapshots read-only and leave them mounted (`cryptsnap mount`)."""
+    reporter = reporter or Reporter()
+    with open_stack(target, readonly=True, what="read-only view", on_phase=reporter.phase, keep_open=True,
+                    mountpoint=Paths.of(target).view) as op:
+        view = op.fs
+    return view
+
+
+__all__ = ["CryptsnapError", "Reporter", "backup", "list_snapshots", "prune", "restore", "open_view"]

@@ -1,0 +1,108 @@
+"""The one place external commands run: no shell, LC_ALL=C, logged, failures raised.
+
+Every command is logged at debug level as a copy-pasteable line. A missing program raises
+MissingTool naming its Debian package; a failing one raises ToolFailed with the tail of
+its own error output. The running child is remembered so a cancel can stop it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+
+from .commands import PACKAGES
+from .errors import MissingTool, ToolFailed
+
+log = logging.getLogger(__name__)
+
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"  # tools' messages are parsed and shown: keep them in one language
+    env.pop("LANGUAGE", None)
+    return env
+
+
+def _popen(argv: Sequence[str], **kwargs) -> subprocess.Popen:
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(list(argv), env=_environment(), **kwargs)
+    except FileNotFoundError:
+        raise MissingTool(argv[0], PACKAGES.get(argv[0], argv[0])) from None
+    with _children_lock:
+        _children.add(proc)
+    return proc
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    with _children_lock:
+        _children.discard(proc)
+
+
+def _failure(argv: Sequence[str], returncode: int, stderr: str) -> ToolFailed:
+    lines = list(dict.fromkeys(line for line in stderr.strip().splitlines() if line.strip()))  # tools repeat
+    tail = "\n".join(lines[-8:]) or "(no error output)"
+    return ToolFailed(f"{argv[0]} failed (exit {returncode}): {tail}", tuple(argv), returncode, stderr)
+
+
+def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True, timeout: float | None = None,
+        pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run argv to completion, capturing its output as text."""
+    proc = _popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds))  # fmt: skip
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        _forget(proc)
+    result = subprocess.CompletedProcess(list(argv), proc.returncode, out.decode(errors="replace"),
+                                         err.decode(errors="replace"))  # fmt: skip
+    if check and result.returncode != 0:
+        raise _failure(argv, result.returncode, result.stderr)
+    return result
+
+
+def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> None:
+    """Run argv, calling on_line for each line or carriage-return update of its output."""
+    proc = _popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            pending += chunk
+            *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                if line.strip():
+                    on_line(line.decode(errors="replace"))
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join(timeout=5)
+        _forget(proc)
+    if proc.returncode != 0:
+        raise _failure(argv, proc.returncode, b"".join(errors).decode(errors="replace"))
+
+
+def terminate_children() -> None:
+    """Stop every command still running (on cancel); the caller then unwinds its layers."""
+    with _children_lock:
+        children = list(_children)
+    for proc in children:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)

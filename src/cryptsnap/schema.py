@@ -1,0 +1,77 @@
+"""The one definition of every configuration option: type, default, description, example.
+
+Validation (config.py), the commented example (`cryptsnap config example`) and the
+option table in docs/configuration.md all come from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    type: str  # str, int, bool, size, path, paths, strings, choice, section, named (name -> section)
+    description: str
+    default: Any = REQUIRED
+    example: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    children: dict[str, Option] = field(default_factory=dict)  # for type "section"
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+RETENTION = {
+    "last": Option("int", "Keep this many most recent snapshots.", 10, minimum=0),
+    "daily": Option("int", "Keep the newest snapshot of each of this many recent days.", 7, minimum=0),
+    "weekly": Option("int", "Keep the newest snapshot of each of this many recent ISO weeks.", 4, minimum=0),
+    "monthly": Option("int", "Keep the newest snapshot of each of this many recent months.", 6, minimum=0),
+}
+
+TARGET = {
+    "host": Option("str", "SSH host that stores the encrypted image (untrusted).", example="backup.example.org"),
+    "port": Option("int", "SSH port.", 22, minimum=1),
+    "user": Option("str", "SSH user on the host; give its key only SFTP access (see `cryptsnap init`).",
+                   example="backup"),
+    "identity_file": Option("path", "Private SSH key used for this target (no passphrase).",
+                            example="/etc/cryptsnap/id_ed25519"),
+    "remote_dir": Option("str", "Directory on the host that holds the image, relative to the user's home.",
+                         "cryptsnap"),
+    "image": Option("str", "File name of the encrypted disk image inside remote_dir.", "cryptsnap.img"),
+    "size": Option("size", "Size of the image, e.g. 40G; fixed at `cryptsnap init`.", example="40G"),
+    "sparse": Option("bool", "Create the image as a sparse file instead of preallocating it "
+                     "(the host then sees which blocks were ever written).", False),
+    "filesystem": Option("choice", "File system inside the image: btrfs (snapshots, compression, "
+                         "cheapest incremental runs), ext2 (mountable by any rescue system) or ext4.",
+                         "btrfs", choices=("btrfs", "ext2", "ext4")),
+    "sources": Option("paths", "Absolute local paths to back up; they keep their full path in each snapshot.",
+                      example=["/etc", "/home"]),
+    "excludes": Option("strings", "rsync exclude patterns (see rsync(1), FILTER RULES).", [],
+                       example=["/home/*/.cache", "*.tmp"]),
+    "one_file_system": Option("bool", "Do not cross file system boundaries below a source (rsync -x).", True),
+    "key_file": Option("path", "File holding the LUKS key. Set this or key_credential.", None,
+                       example="/etc/cryptsnap/home.key"),
+    "key_credential": Option("str", "Name of a systemd credential holding the LUKS key, read from "
+                             "$CREDENTIALS_DIRECTORY. Set this or key_file.", None),
+    "pbkdf": Option("choice", "Key derivation for the LUKS key slot.", "argon2id",
+                    choices=("argon2id", "argon2i", "pbkdf2")),
+    "pbkdf_iterations": Option("int", "Force this many PBKDF iterations (pbkdf2) or this time cost "
+                               "(argon2), instead of benchmarking; mainly for slow or emulated CPUs.",
+                               None, minimum=1),
+    "retention": Option("section", "Which snapshots `cryptsnap prune` keeps (after each backup); "
+                        "a snapshot kept by any rule stays.", None, children=RETENTION),
+}
+
+TOP = {
+    "state_dir": Option("path", "Local state: per-target host key, LUKS header backup, run records.",
+                        "/var/lib/cryptsnap"),
+    "runtime_dir": Option("path", "Mount points and locks of running jobs.", "/run/cryptsnap"),
+    "targets": Option("named", "Named backup targets; a name is lower-case letters, digits, - and _.",
+                      example={"home": None}, children=TARGET),
+}

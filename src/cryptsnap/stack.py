@@ -1,0 +1,173 @@
+"""Open a target's whole mount stack through one ExitStack, and find what a crash left.
+
+    with open_stack(target, readonly=False, what="backup") as opened:
+        ... opened.fs is the mounted file system inside the image ...
+
+Any failure while opening unwinds exactly what was opened, in reverse, and is raised as
+StepFailed naming the step (connecting, attaching, unlocking, mounting) with the tool's
+own error text. Leftovers of a crashed run are removed first, under the target's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Target
+from .errors import CryptsnapError, StepFailed, ToolFailed
+from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
+from .mounts import is_mountpoint
+from .state import TargetState, key_path
+
+log = logging.getLogger(__name__)
+
+PhaseCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a target's layers live on this machine."""
+
+    remote: Path  # sshfs mount of the remote directory
+    fs: Path  # the file system inside the image
+    view: Path  # read-only view (`cryptsnap mount`, the restore unit)
+    mapping: str  # dm-crypt mapping name
+
+    @classmethod
+    def of(cls, target: Target) -> Paths:
+        return cls(
+            remote=target.runtime_dir / "remote",
+            fs=target.runtime_dir / "fs",
+            view=target.runtime_dir.parent / "restore" / target.name,
+            mapping=f"cryptsnap-{target.name}",
+        )
+
+
+@dataclass
+class Opened:
+    target: Target
+    paths: Paths
+    fs: Path
+    readonly: bool
+    loop_device: str
+    mapping_device: str
+
+
+def step(name: str):
+    """Re-raise any failure inside the block as StepFailed(name, ...)."""
+
+    @contextlib.contextmanager
+    def wrapper():
+        try:
+            yield
+        except StepFailed:
+            raise
+        except CryptsnapError as exc:
+            raise StepFailed(name, exc) from exc
+        except OSError as exc:
+            raise StepFailed(name, ToolFailed(str(exc))) from exc
+
+    return wrapper()
+
+
+def remove_leftovers(target: Target) -> None:
+    """Remove what a crashed run, mount or view of this target left, innermost first.
+
+    Only call while holding the target's local lock (or from `umount`).
+    """
+    paths = Paths.of(target)
+    with step("cleaning up after an earlier run"):
+        for mountpoint in (paths.fs, paths.view):
+            FsMount.remove_leftovers(mountpoint)
+        LuksMapping.remove_leftovers(paths.mapping)
+        LoopDevice.remove_leftovers(paths.remote)
+        if is_mountpoint(paths.remote):
+            _remove_own_remote_lock(paths.remote / f"{target.image}.lock")
+        SshfsMount.remove_leftovers(paths.remote)
+
+
+def _remove_own_remote_lock(lock: Path) -> None:
+    try:
+        owner = json.loads((lock / "owner").read_text())
+    except (OSError, ValueError):
+        return
+    if owner.get("host") == socket.gethostname():
+        log.warning("removing this host's remote lock left by %s (pid %s)", owner.get("what"), owner.get("pid"))
+        shutil.rmtree(lock, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_stack(
+    target: Target,
+    *,
+    readonly: bool,
+    what: str,
+    on_phase: PhaseCallback = lambda phase: None,
+    break_lock: bool = False,
+    mountpoint: Path | None = None,
+    keep_open: bool = False,
+) -> Iterator[Opened]:
+    """Open the stack; unwind it when the block ends (unless keep_open, for detached views)."""
+    state = TargetState(target)
+    image = state.image()
+    key = key_path(target)
+    paths = Paths.of(target)
+    fs_mountpoint = mountpoint or paths.fs
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(LocalLock(target.runtime_dir, what))
+        remove_leftovers(target)
+        on_phase("connecting")
+        with step("connecting"):
+            stack.enter_context(SshfsMount(target, state.write_ssh_config(), paths.remote))
+            stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
+        on_phase("attaching")
+        with step("attaching"):
+            loop = stack.enter_context(LoopDevice(paths.remote / target.image, readonly, image["size"]))
+        on_phase("unlocking")
+        with step("unlocking"):
+            mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"]))
+        on_phase("mounting")
+        with step("mounting"):
+            stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))
+        opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path)
+    except BaseException:
+        with step("unwinding after a failure"):
+            stack.close()
+        raise
+    try:
+        yield opened
+    except BaseException:
+        on_phase("unmounting")
+        with step("unmounting"):
+            stack.close()
+        raise
+    if keep_open:
+        holder_file(LocalLock(target.runtime_dir, what).path).write_text(
+            f"{what} is mounted at {fs_mountpoint} (run `cryptsnap umount {target.name}` to close it)\n"
+        )
+        stack.pop_all()  # the view stays: `cryptsnap umount` removes it as leftovers
+        # ...but the local flock is ours only while this process lives; the holder file takes over.
+        return
+    on_phase("unmounting")
+    with step("unmounting"):
+        stack.close()
+
+
+def close_view(target: Target) -> bool:
+    """Close a detached view of the target (`cryptsnap umount`). False if none was open."""
+    lock = LocalLock(target.runtime_dir, "umount")
+    held = holder_file(lock.path)
+    was_open = held.exists() or is_mountpoint(Paths.of(target).view)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(held)
+    with lock:
+        remove_leftovers(target)
+    return was_open

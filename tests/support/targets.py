@@ -1,0 +1,61 @@
+"""A complete cryptsnap setup for one test: config file, key, source tree, private state dirs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cryptsnap import config
+from tests.support.sshd import UntrustedHost
+
+
+@dataclass
+class Setup:
+    name: str
+    config_path: Path
+    source: Path
+    key_file: Path
+    state_dir: Path
+    runtime_dir: Path
+    server: UntrustedHost
+
+    def load(self) -> config.Target:
+        return config.load(str(self.config_path)).target(self.name)
+
+    def cli_args(self, *args: str) -> list[str]:
+        return ["--config", str(self.config_path), *args]
+
+
+def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size: str = "160M", **extra) -> Setup:
+    name = "t" + uuid.uuid4().hex[:6]  # own target name: own mapping, mounts and locks
+    source = tmp / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    key_file = tmp / "luks.key"
+    key_file.write_bytes(os.urandom(64))
+    key_file.chmod(0o600)
+    state_dir = tmp / "state"
+    runtime_dir = Path("/run/cryptsnap-test")  # the target's own directory is runtime_dir/NAME
+    target = {
+        "host": server.host,
+        "port": server.port,
+        "user": server.user,
+        "identity_file": str(server.identity),
+        "remote_dir": os.path.basename(server.remote_dir),
+        "image": f"{name}.img",
+        "size": size,
+        "filesystem": filesystem,
+        "sources": [str(source)],
+        "key_file": str(key_file),
+        "pbkdf": "pbkdf2",
+        "pbkdf_iterations": 1000,  # emulated CPUs are slow; the KDF is not under test
+        "retention": {"last": 50, "daily": 0, "weekly": 0, "monthly": 0},
+    }
+    target.update(extra)
+    document = {"state_dir": str(state_dir), "runtime_dir": str(runtime_dir), "targets": {name: target}}
+    config_path = tmp / "config.yaml"
+    config_path.write_text(yaml.safe_dump(document))
+    return Setup(name, config_path, source, key_file, state_dir, runtime_dir, server)
