@@ -103,7 +103,8 @@ def cmd_prune(args) -> int:
 def cmd_mount(args) -> int:
     target = _target(args)
     view = pipeline.open_view(target)
-    print(f"{target.name}: snapshots mounted read-only at {view}/snapshots (close with `cryptsnap umount {target.name}`)")
+    print(f"{target.name}: snapshots mounted read-only at {view}/snapshots "
+          f"(close with `cryptsnap umount {target.name}`)")
     if args.foreground:  # the restore unit: stay until stopped, then unwind
         try:
             signal.pause()

@@ -137,6 +137,10 @@ def luks_dump(device: str) -> Argv:
     return ("cryptsetup", "luksDump", device)
 
 
+def luks_metadata(device: str) -> Argv:
+    return ("cryptsetup", "luksDump", "--dump-json-metadata", device)
+
+
 def luks_uuid(device: str) -> Argv:
     return ("cryptsetup", "luksUUID", device)
 

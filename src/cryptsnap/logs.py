@@ -16,10 +16,20 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
 
 
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal's stream (systemd sets JOURNAL_STREAM=DEV:INODE for it)."""
+    try:
+        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
 def setup(verbosity: int = 0, program: str = "cryptsnap") -> None:
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    if stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(message)s"))
         level = min(level, logging.INFO)
     else:

@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from .commands import PACKAGES
@@ -58,8 +59,10 @@ def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True, 
     """Run argv to completion, capturing its output as text."""
     proc = _popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds))  # fmt: skip
+    started = time.monotonic()
     try:
         out, err = proc.communicate(input, timeout=timeout)
+        log.debug("  %s took %.2fs", argv[0], time.monotonic() - started)
     except BaseException:
         proc.kill()
         proc.wait()

@@ -87,7 +87,7 @@ class GuestRun:
             env = {k: v for k, v in os.environ.items() if k.startswith("CRYPTSNAP_") and "_VM_" not in k}
             env.update(CRYPTSNAP_IN_GUEST="1", PYTHONPATH="/src/src", PYTHONDONTWRITEBYTECODE="1")
             argv = [
-                "python3", "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v",
+                "python3", "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", "--durations=20",
                 "-o", "junit_family=xunit2", "--junitxml=/results/junit.xml", *self.nodeids,
             ]  # fmt: skip
             t0 = time.monotonic()

@@ -1,0 +1,51 @@
+"""Assertions shared by host and guest tests: nothing left behind, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+
+from cryptsnap.mounts import mount_points
+from tests.support.targets import Setup
+
+
+def cryptsnap(setup: Setup, *args: str, expect: int | None = 0, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real `cryptsnap` command (python -m cryptsnap) against the setup's config."""
+    result = subprocess.run([sys.executable, "-m", "cryptsnap", *setup.cli_args(*args)],
+                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if expect is not None:
+        assert result.returncode == expect, (
+            f"cryptsnap {' '.join(args)} exited {result.returncode}, expected {expect}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return result
+
+
+def leftovers(setup: Setup) -> list[str]:
+    """Mounts, loop devices, mappings and sshfs processes of this target that still exist."""
+    found = []
+    runtime = str(setup.runtime_dir)
+    for point, fstype in mount_points():
+        if point.startswith(runtime + "/") and setup.name in point:
+            found.append(f"mount {point} ({fstype})")
+    loops = json.loads(subprocess.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
+                                      capture_output=True, text=True).stdout or "{}")  # fmt: skip
+    for loop in loops.get("loopdevices", []):
+        if setup.name in (loop.get("back-file") or ""):
+            found.append(f"loop {loop['name']} -> {loop['back-file']}")
+    if os.path.exists(f"/dev/mapper/cryptsnap-{setup.name}"):
+        found.append(f"mapping cryptsnap-{setup.name}")
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] in ("sshfs", "rsync", "ssh") and f"cryptsnap-{setup.name}" in cmdline:
+            found.append(f"process {proc.pid}: {cmdline}")
+    return found
+
+
+def assert_nothing_left(setup: Setup) -> None:
+    left = leftovers(setup)
+    assert not left, "left behind:\n" + "\n".join(left)

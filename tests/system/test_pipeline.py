@@ -1,0 +1,184 @@
+"""Full runs in the guest, with dm-crypt: init, backup, change, backup, list, restore, compare."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import trees
+from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.targets import make_setup
+
+
+def extents(path: Path) -> list[int]:
+    """Physical start of each extent of a file (filefrag), to see whether two files share storage."""
+    out = subprocess.run(["filefrag", "-v", "-b4096", str(path)], capture_output=True, text=True, check=True).stdout
+    return [int(m.group(1)) for m in re.finditer(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.", out, re.M)]
+
+
+def remote_image(setup) -> Path:
+    return Path(setup.server.remote_dir) / f"{setup.name}.img"
+
+
+@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+def test_full_cycle(tmp_path, untrusted_host, filesystem):
+    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem)
+    trees.build(setup.source)
+    out = cryptsnap(setup, "init", setup.name).stdout
+    assert 'restrict,command="internal-sftp"' in out
+    assert (setup.state_dir / setup.name / "luks-header.img").stat().st_size > 0
+    # From here on the key may only speak SFTP, as `init` told the user to set up.
+    line = next(s.strip() for s in out.splitlines() if s.strip().startswith("restrict,"))
+    (untrusted_host.tmp / "authorized_keys").write_text(line + "\n")
+
+    cryptsnap(setup, "backup", setup.name)
+    first = trees.manifest(setup.source)
+    trees.mutate(setup.source)
+    cryptsnap(setup, "backup", setup.name)
+    second = trees.manifest(setup.source)
+
+    names = cryptsnap(setup, "list", setup.name).stdout.split()
+    assert len(names) == 2 and names == sorted(names)
+
+    for name, expected in ((names[0], first), (names[1], second)):
+        dest = tmp_path / f"restored-{name}"
+        cryptsnap(setup, "restore", f"{setup.name}@{name}:{setup.source}", "--to", str(dest))
+        assert trees.manifest(dest) == expected, f"snapshot {name} differs from the source at its time"
+        assert trees.sparse_blocks(dest / "sparse.img") * 512 < 1024 * 1024, "sparse file was filled in"
+
+    one = tmp_path / "one-file"
+    cryptsnap(setup, "restore", f"{setup.name}@{names[0]}:{setup.source}/docs/b.txt", "--to", str(one))
+    assert one.read_text() == "second file\n" * 100  # deleted since, still in the old snapshot
+
+    # Unchanged files share storage with the previous snapshot.
+    cryptsnap(setup, "mount", setup.name)
+    try:
+        busy = cryptsnap(setup, "backup", setup.name, expect=4)
+        assert "busy" in busy.stderr
+        view = setup.runtime_dir / "restore" / setup.name / "snapshots"
+        old, new = (view / n / str(setup.source).lstrip("/") / "docs" / "unchanged.bin" for n in names)
+        if filesystem == "ext2":
+            assert os.stat(old).st_ino == os.stat(new).st_ino
+        else:
+            assert extents(old) and extents(old) == extents(new)
+        with pytest.raises(OSError):
+            (view / names[0] / "write-test").write_text("read-only view")
+    finally:
+        cryptsnap(setup, "umount", setup.name)
+    assert_nothing_left(setup)
+
+    # The server holds no readable name or byte of the source.
+    image = remote_image(setup).read_bytes()
+    assert trees.MARKER.encode() not in image
+    assert b"hard linked content" not in image
+
+
+def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untrusted_host):
+    setup = make_setup(tmp_path, untrusted_host, filesystem="btrfs", size="400M")
+    for i in range(6):
+        (setup.source / f"big-{i}").write_bytes(os.urandom(24 * 1024 * 1024))
+    cryptsnap(setup, "init", setup.name)
+    proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    killed = _kill_rsync_when_running(setup)
+    _, err = proc.communicate(timeout=300)
+    assert killed, "rsync never ran"
+    assert proc.returncode == 8, err
+    assert "syncing" in err or "rsync" in err
+    assert_nothing_left(setup)
+    assert cryptsnap(setup, "list", setup.name).stdout.split() == []
+    cryptsnap(setup, "backup", setup.name)
+    assert len(cryptsnap(setup, "list", setup.name).stdout.split()) == 1
+    assert_nothing_left(setup)
+
+
+def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host):
+    setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="400M")
+    for i in range(6):
+        (setup.source / f"big-{i}").write_bytes(os.urandom(24 * 1024 * 1024))
+    cryptsnap(setup, "init", setup.name)
+    proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    assert _wait_for_rsync(setup)
+    proc.kill()  # SIGKILL: no unwinding at all, as after a power cut of the client process
+    proc.wait()
+    _kill_rsync_when_running(setup)
+    cryptsnap(setup, "backup", setup.name)
+    names = cryptsnap(setup, "list", setup.name).stdout.split()
+    assert len(names) == 1 and not names[0].endswith(".partial")
+    assert_nothing_left(setup)
+
+
+def _wait_for_rsync(setup, timeout: float = 120) -> int | None:
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if p.info["name"] == "rsync" and any(str(setup.source) in a for a in p.info["cmdline"] or []):
+                return p.pid
+        time.sleep(0.05)
+    return None
+
+
+def _kill_rsync_when_running(setup) -> bool:
+    pid = _wait_for_rsync(setup, timeout=60)
+    if pid is None:
+        return False
+    import signal
+    import time
+
+    time.sleep(0.5)  # let it write part of the data
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def test_errors_have_their_own_exit_codes_and_leave_nothing(tmp_path, untrusted_host):
+    setup = make_setup(tmp_path, untrusted_host, filesystem="ext2")
+    (setup.source / "f").write_text("data\n")
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "init", setup.name, expect=2)  # never overwrites without --force
+    cryptsnap(setup, "backup", setup.name)
+
+    # Rollback: the server puts back an older copy of the image.
+    image = remote_image(setup)
+    shutil.copyfile(image, tmp_path / "old.img")
+    cryptsnap(setup, "backup", setup.name)
+    shutil.copyfile(tmp_path / "old.img", image)
+    rolled = cryptsnap(setup, "backup", setup.name, expect=7)
+    assert "rolled the image back" in rolled.stderr
+    assert_nothing_left(setup)
+
+    # Wrong key.
+    good_key = setup.key_file.read_bytes()
+    setup.key_file.write_bytes(os.urandom(64))
+    wrong = cryptsnap(setup, "list", setup.name, expect=6)
+    assert "unlocking" in wrong.stderr
+    setup.key_file.write_bytes(good_key)
+    assert_nothing_left(setup)
+
+    # A symlink where the image should be is never followed.
+    image.rename(image.with_suffix(".moved"))
+    os.symlink("/etc/shadow", image)
+    link = cryptsnap(setup, "list", setup.name, expect=7)
+    assert "regular file" in link.stderr
+    image.unlink()
+    image.with_suffix(".moved").rename(image)
+    assert_nothing_left(setup)
+
+    # Unreachable server.
+    untrusted_host.process.terminate()
+    untrusted_host.process.wait()
+    down = cryptsnap(setup, "backup", setup.name, expect=5)
+    assert "connecting" in down.stderr
+    assert_nothing_left(setup)
