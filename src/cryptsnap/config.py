@@ -165,7 +165,7 @@ class _Validator:
             elif name in named:
                 self.error(key_node, f"{where}.{name}", "given twice")
             else:
-                named[name] = (value_node, self.section(value_node, option.children, f"{where}.{name}"))
+                named[name] = (key_node, self.section(value_node, option.children, f"{where}.{name}"))
         return named
 
     def typed(self, node: yaml.Node, option: Option, where: str, value: Any) -> Any:

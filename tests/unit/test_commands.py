@@ -1,0 +1,90 @@
+"""Command builders are pure: the argv they return is what runs."""
+
+from __future__ import annotations
+
+import shlex
+
+from cryptsnap import commands, config
+from cryptsnap.pipeline import parse_restore_spec
+from tests.unit.test_config import GOOD
+
+TARGET = config.parse(GOOD, "c.yaml").target("home")
+
+
+def test_rsync_keeps_everything_and_links_to_the_previous_snapshot():
+    argv = commands.rsync(["/etc", "/home"], "/fs/snapshots/new.partial", excludes=["*.tmp"],
+                          link_dest="/fs/snapshots/old")  # fmt: skip
+    assert argv[0] == "rsync"
+    for flag in ("--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids", "--relative",
+                 "--delete", "--one-file-system", "--link-dest=/fs/snapshots/old", "--exclude=*.tmp"):  # fmt: skip
+        assert flag in argv
+    assert argv[-3:] == ("/etc", "/home", "/fs/snapshots/new.partial/")
+    assert "--inplace" not in argv
+
+
+def test_rsync_btrfs_mode_is_inplace_without_link_dest():
+    argv = commands.rsync(["/etc"], "/d", inplace=True, one_file_system=False, progress=False)
+    assert "--inplace" in argv and "--one-file-system" not in argv
+    assert not any(a.startswith("--link-dest") or a.startswith("--info") for a in argv)
+
+
+def test_ssh_config_pins_the_host_key_and_ignores_user_config():
+    text = commands.ssh_config(TARGET, "/var/lib/cryptsnap/home/known_hosts")
+    assert "Host cryptsnap-home\n" in text
+    for line in ("HostName backup.example.org", "User backup", "IdentitiesOnly yes", "BatchMode yes",
+                 "StrictHostKeyChecking yes", "UserKnownHostsFile /var/lib/cryptsnap/home/known_hosts",
+                 "GlobalKnownHostsFile /dev/null", "ServerAliveInterval 15", "HostKeyAlias cryptsnap-home"):  # fmt: skip
+        assert f"    {line}\n" in text
+
+
+def test_sshfs_uses_our_ssh_config_and_contains_symlinks():
+    argv = commands.sshfs("/state/ssh_config", TARGET, "/run/cryptsnap/home/remote", contain_symlinks=True)
+    assert argv[:5] == ("sshfs", "-F", "/state/ssh_config", "cryptsnap-home:cryptsnap", "/run/cryptsnap/home/remote")
+    options = argv[-1].split(",")
+    assert {"nodev", "nosuid", "noexec", "contain_symlinks", "idmap=none"} <= set(options)
+    assert "contain_symlinks" not in commands.sshfs("/c", TARGET, "/m", contain_symlinks=False)[-1]
+
+
+def test_ssh_quotes_the_remote_command_once():
+    argv = commands.ssh("/c", TARGET, ["mkdir", "-p", "--", "dir with space; rm -rf /"])
+    assert argv[:4] == ("ssh", "-F", "/c", "cryptsnap-home")
+    assert shlex.split(argv[-1]) == ["mkdir", "-p", "--", "dir with space; rm -rf /"]
+
+
+def test_luks_and_loop_and_mount_builders():
+    fmt = commands.luks_format("/dev/loop0", "/k", "pbkdf2", 1000)
+    assert fmt[:2] == ("cryptsetup", "luksFormat") and fmt[-1] == "/dev/loop0"
+    assert "--sector-size" in fmt and fmt[fmt.index("--sector-size") + 1] == "4096"
+    assert fmt[fmt.index("--type") + 1] == "luks2" and "--pbkdf-force-iterations" in fmt
+    assert "--pbkdf-force-iterations" not in commands.luks_format("/dev/loop0", "/k", "argon2id", None)
+    assert commands.luks_open("/dev/loop0", "cryptsnap-home", "/k", readonly=True)[-3:] == (
+        "--readonly", "/dev/loop0", "cryptsnap-home")
+    assert commands.loop_attach("/dev/fd/4", readonly=True) == ("losetup", "--find", "--show", "--read-only",
+                                                                  "/dev/fd/4")
+    rw = commands.mount("/dev/mapper/x", "/m", "btrfs", readonly=False)
+    assert rw[rw.index("-o") + 1] == "nodev,nosuid,noatime,compress=zstd:1"
+    ro = commands.mount("/dev/mapper/x", "/m", "ext2", readonly=True)
+    assert ro == ("mount", "-t", "ext2", "-o", "nodev,nosuid,noatime,ro", "/dev/mapper/x", "/m")
+    assert commands.mkfs("ext2", "/dev/mapper/x") == ("mkfs.ext2", "-q", "-F", "-L", "cryptsnap", "/dev/mapper/x")
+
+
+def test_every_program_has_a_package_for_the_missing_tool_message():
+    built = [commands.keyscan(TARGET), commands.fingerprints("/k"), commands.fuse_unmount("/m"),
+             commands.loop_list(), commands.luks_dump("/d"), commands.luks_header_backup("/d", "/b"),
+             commands.mkfs("btrfs", "/d"), commands.btrfs_snapshot("/a", "/b"), commands.sync("/m"),
+             commands.unmount("/m"), commands.rsync_restore("/a", "/b")]  # fmt: skip
+    for argv in built:
+        assert argv[0] in commands.PACKAGES
+
+
+def test_restore_spec():
+    assert parse_restore_spec("home@latest:/etc/fstab") == ("home", "latest", "/etc/fstab")
+    assert parse_restore_spec("home:/etc") == ("home", "latest", "/etc")
+    assert parse_restore_spec("home@2026-11:/") == ("home", "2026-11", "/")
+    for bad in ("home", "home:etc", "home:/etc/../../x"):
+        try:
+            parse_restore_spec(bad)
+        except Exception as exc:
+            assert exc.exit_code == 2
+        else:
+            raise AssertionError(bad)
