@@ -104,20 +104,7 @@ class SshfsMount:
         try:
             runner.run(argv, timeout=120)
         except ToolFailed as exc:
-            where = f"{self.target.user}@{self.target.host}:{self.target.port}"
-            if "Host key verification failed" in exc.stderr or "REMOTE HOST IDENTIFICATION" in exc.stderr:
-                raise IntegrityError(
-                    f"the ssh host key of {where} is not the one recorded at `cryptsnap init` "
-                    f"({self.target.state_dir / 'known_hosts'}); if the server really changed its key, "
-                    f"check the new fingerprint out of band and run `cryptsnap init --accept-new-host-key "
-                    f"{self.target.name}`"
-                ) from None
-            if "No such file or directory" in exc.stderr:
-                raise RemoteUnreachable(f"{where}: remote directory {self.target.remote_dir!r} does not exist; "
-                                        f"run `cryptsnap init {self.target.name}`") from None
-            if any(hint in exc.stderr for hint in UNREACHABLE_HINTS) or exc.returncode in (255, 1):
-                raise RemoteUnreachable(f"cannot reach {where}: {exc}") from None
-            raise
+            raise self._diagnose(exc) from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,6 +115,31 @@ class SshfsMount:
         except ToolFailed:
             log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
             runner.run(commands.fuse_unmount(str(self.mountpoint)))
+
+
+    def _diagnose(self, failure: ToolFailed) -> Exception:
+        """Say why sshfs failed. sshfs hides ssh's own message, so ask ssh once more, directly."""
+        target = self.target
+        where = f"{target.user}@{target.host}:{target.port}"
+        probe = runner.run(commands.ssh(str(self.ssh_config), target, ["true"]), check=False, timeout=60)
+        said = probe.stderr
+        if "Host key verification failed" in said or "REMOTE HOST IDENTIFICATION" in said:
+            return IntegrityError(
+                f"the ssh host key of {where} is not the one pinned at `cryptsnap init` "
+                f"({target.state_dir / 'known_hosts'}): someone may be intercepting the connection. If the server "
+                f"really changed its key, check the new fingerprint out of band, then run "
+                f"`cryptsnap init --accept-new-host-key {target.name}`"
+            )
+        if "Permission denied" in said:
+            return RemoteUnreachable(f"{where} refused the login with {target.identity_file}; check the "
+                                     f"authorized_keys line `cryptsnap init` printed")
+        if probe.returncode == 255 or any(hint in said for hint in UNREACHABLE_HINTS):
+            detail = "\n".join(said.strip().splitlines()[-3:]) or failure.stderr.strip()
+            return RemoteUnreachable(f"cannot reach {where}: {detail}")
+        if "No such file or directory" in failure.stderr:
+            return RemoteUnreachable(f"{where}: the remote directory {target.remote_dir!r} does not exist; "
+                                     f"run `cryptsnap init {target.name}`")
+        return failure
 
 
 def sshfs_contains_symlinks() -> bool:

@@ -1,0 +1,155 @@
+"""Mount-stack layers on the host, for real: sshd on 127.0.0.1, sshfs, loop devices, mkfs, mount.
+
+Only `cryptsetup open` needs device-mapper, which these machines lack; everything up to it
+runs here, and so does every failure before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cryptsnap import commands, runner
+from cryptsnap.errors import Busy, IntegrityError, MissingTool, StepFailed
+from cryptsnap.initialize import _allocate, _format_header, pin_host_key, remote_run
+from cryptsnap.layers import FsMount, LocalLock, LoopDevice, RemoteLock, SshfsMount
+from cryptsnap.mounts import is_mountpoint
+from cryptsnap.stack import Paths, open_stack
+from cryptsnap.state import TargetState, key_path
+from tests.support.checks import assert_nothing_left, cryptsnap, leftovers
+
+
+def prepare(setup, luks: bool = True):
+    """What `init` does up to `cryptsetup open`: pinned key, remote dir, allocated image, LUKS header."""
+    target = setup.load()
+    state = TargetState(target)
+    state.ensure_dir()
+    pin_host_key(target, state, False, lambda line: None)
+    config_file = state.write_ssh_config()
+    remote_run(config_file, target, ["mkdir", "-p", "--", target.remote_dir])
+    paths = Paths.of(target)
+    with SshfsMount(target, config_file, paths.remote):
+        _allocate(config_file, target, paths.remote, target.image, lambda line: None)
+        uuid = _format_header(target, state, key_path(target), paths.remote / target.image) if luks else "none"
+    state.record_image(target.size, uuid)
+    return target, state, paths
+
+
+def test_sshfs_loop_and_filesystem_layers_open_and_close(setup):
+    target, state, paths = prepare(setup, luks=False)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(SshfsMount(target, state.ssh_config, paths.remote))
+        assert is_mountpoint(paths.remote)
+        loop = stack.enter_context(LoopDevice(paths.remote / target.image, False, target.size))
+        runner.run(commands.mkfs("ext2", loop.device))
+        stack.enter_context(FsMount(loop.device, paths.fs, "ext2", False))
+        (paths.fs / "hello").write_text("through sshfs, loop and ext2\n")
+        assert leftovers(setup), "the layers should be visible while open"
+    assert_nothing_left(setup)
+    # Reopened read-only, the data is there: it went all the way to the server's file.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(SshfsMount(target, state.ssh_config, paths.remote))
+        loop = stack.enter_context(LoopDevice(paths.remote / target.image, True, target.size))
+        stack.enter_context(FsMount(loop.device, paths.fs, "ext2", True))
+        assert (paths.fs / "hello").read_text() == "through sshfs, loop and ext2\n"
+        with pytest.raises(OSError):
+            (paths.fs / "new").write_text("read-only")
+    assert_nothing_left(setup)
+
+
+def test_luks_format_dump_and_header_backup_on_the_host(setup):
+    target, state, paths = prepare(setup)
+    image = Path(setup.server.remote_dir) / target.image
+    assert image.stat().st_size == target.size
+    dump = subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True, text=True, check=True).stdout
+    assert "Version:       \t2" in dump and "sector: 4096 [bytes]" in dump
+    backup = subprocess.run(["cryptsetup", "luksUUID", str(state.header_backup)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    assert backup == json.loads(state.image_file.read_text())["luks_uuid"]
+    assert os.stat(state.header_backup).st_mode & 0o077 == 0 or state.dir.stat().st_mode & 0o077 == 0
+
+
+def test_a_failure_midway_unwinds_every_layer_and_names_the_step(setup):
+    target, state, paths = prepare(setup)
+    record = json.loads(state.image_file.read_text())
+    record["luks_uuid"] = "00000000-0000-0000-0000-000000000000"  # as if the server swapped the image
+    state.image_file.write_text(json.dumps(record))
+    with pytest.raises(StepFailed) as failure:
+        with open_stack(target, readonly=False, what="test"):
+            pytest.fail("the stack must not open")
+    assert failure.value.step == "unlocking" and isinstance(failure.value.cause, IntegrityError)
+    assert "not the one made at `cryptsnap init`" in str(failure.value)
+    assert_nothing_left(setup)
+    # The same through the CLI: the integrity exit code, and the remote lock is gone too.
+    result = cryptsnap(setup, "backup", setup.name, expect=7)
+    assert result.stderr.startswith("cryptsnap: error: unlocking: ")
+    assert not (Path(setup.server.remote_dir) / f"{target.image}.lock").exists()
+    assert_nothing_left(setup)
+
+
+def test_init_on_a_host_without_device_mapper_fails_at_unlocking_and_leaves_nothing(setup):
+    if "device-mapper" in Path("/proc/misc").read_text():
+        pytest.skip("this host has device-mapper; the guest tier covers a complete init")
+    result = cryptsnap(setup, "init", setup.name, expect=8)
+    assert "unlocking: cryptsetup failed" in result.stderr and "device-mapper" in result.stderr
+    assert_nothing_left(setup)
+    assert os.listdir(setup.server.remote_dir) == [], "the half-made image must be removed"
+
+
+def test_the_image_must_be_a_regular_file_of_the_recorded_size(setup):
+    target, state, paths = prepare(setup)
+    image = Path(setup.server.remote_dir) / target.image
+    os.truncate(image, target.size - 4096)  # the server truncated it
+    result = cryptsnap(setup, "list", setup.name, expect=7)
+    assert "attaching: " in result.stderr and "truncated or replaced" in result.stderr
+    assert_nothing_left(setup)
+    image.unlink()
+    secret = setup.source / "local-secret"
+    secret.write_text("a local file the server must never make us open")
+    os.symlink(secret, image)  # an absolute symlink to a file of the *client*
+    result = cryptsnap(setup, "list", setup.name, expect=7)
+    assert "regular file" in result.stderr
+    assert_nothing_left(setup)
+
+
+def test_locks_make_a_second_run_busy(setup):
+    target, state, paths = prepare(setup, luks=False)
+    with LocalLock(target.runtime_dir, "first run"):
+        with pytest.raises(Busy, match="first run"):
+            with LocalLock(target.runtime_dir, "second run"):
+                pass
+        result = cryptsnap(setup, "backup", setup.name, expect=4)
+        assert "busy" in result.stderr and "first run" in result.stderr
+    with SshfsMount(target, state.ssh_config, paths.remote):
+        lock = paths.remote / f"{target.image}.lock"
+        lock.mkdir()
+        (lock / "owner").write_text(json.dumps({"host": "other-machine", "pid": 1, "what": "backup", "since": 0}))
+        with pytest.raises(Busy, match="host other-machine"):
+            with RemoteLock(paths.remote, target.image, "backup"):
+                pass
+        with RemoteLock(paths.remote, target.image, "backup", break_lock=True):
+            assert json.loads((lock / "owner").read_text())["host"] == os.uname().nodename
+        assert not lock.exists()
+    assert_nothing_left(setup)
+
+
+def test_a_changed_host_key_is_refused(setup):
+    prepare(setup, luks=False)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(setup.server.tmp / "other")],
+                   check=True)  # fmt: skip
+    known = setup.state_dir / setup.name / "known_hosts"
+    known.write_text(" ".join([f"cryptsnap-{setup.name}", *(setup.server.tmp / "other.pub").read_text().split()[:2]]))
+    result = cryptsnap(setup, "list", setup.name, expect=7)
+    assert "connecting: " in result.stderr and "host key" in result.stderr
+    assert_nothing_left(setup)
+
+
+def test_a_missing_tool_names_its_package(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MissingTool, match="apt-get install sshfs"):
+        runner.run(("sshfs", "--version"))
