@@ -83,6 +83,13 @@ class MissingTool(ToolFailed):
         self.package = package
 
 
+class AccessDenied(CryptsnapError):
+    """The caller may not start or cancel jobs: only root and the group `cryptsnap` may."""
+
+    exit_code = 10
+    dbus_name = "org.cryptsnap1.Error.AccessDenied"
+
+
 class Canceled(CryptsnapError):
     """The run was canceled (signal or D-Bus Cancel); everything opened was unwound."""
 
@@ -111,4 +118,5 @@ EXIT_CODES = {
     IntegrityError.exit_code: "integrity problem: host key, LUKS header or generation does not match",
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",
     Canceled.exit_code: "canceled",
+    AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",
 }

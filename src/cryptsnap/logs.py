@@ -26,11 +26,12 @@ def stderr_is_journal() -> bool:
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
-def setup(verbosity: int = 0, program: str = "cryptsnap") -> None:
+def setup(verbosity: int = 0, program: str = "cryptsnap", tag: str = "") -> None:
+    """Log to stderr. tag prefixes every message (a job's lines carry its id and target)."""
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(message)s"))
+        handler.setFormatter(JournalFormatter(f"{tag}%(message)s"))
         level = min(level, logging.INFO)
     else:
         handler.setFormatter(logging.Formatter(f"{program}: %(levelname)s: %(message)s"))

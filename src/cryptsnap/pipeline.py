@@ -38,6 +38,7 @@ class RunRecord:
     finished: float = 0.0
     result: str = "running"  # done, failed, canceled
     error: str = ""
+    exit_code: int = 0
     snapshot: str = ""
     pruned: list[str] = field(default_factory=list)
     snapshots: list[str] = field(default_factory=list)
@@ -65,6 +66,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         canceled = isinstance(exc, KeyboardInterrupt | Canceled) or isinstance(getattr(exc, "cause", None), Canceled)
         record.result = "canceled" if canceled else "failed"
         record.error = str(exc)
+        record.exit_code = getattr(exc, "exit_code", 1)
         raise
     finally:
         record.finished = time.time()

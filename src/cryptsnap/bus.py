@@ -1,0 +1,330 @@
+"""The D-Bus side of cryptsnap: the only module that imports pydbus.
+
+BusExporter publishes a Daemon as org.cryptsnap1 (objects as in org.cryptsnap1.xml) and
+turns its events into signals; BusClient is what `cryptsnap status` / `backup` use to
+talk to a running daemon. Domain errors become named D-Bus errors here, in one place.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import xml.etree.ElementTree as ET
+from importlib import resources
+
+import pydbus
+from gi.repository import GLib
+from pydbus.generic import signal
+
+from . import __version__
+from .errors import AccessDenied, Busy, ConfigError, CryptsnapError, NoSuchTarget
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.cryptsnap1"
+MANAGER_PATH = "/org/cryptsnap1"
+ADMIN_GROUP = "cryptsnap"
+
+
+def interface_xml() -> str:
+    return resources.files("cryptsnap").joinpath("org.cryptsnap1.xml").read_text()
+
+
+def _interface(name: str) -> str:
+    """One interface of the contract, as the node XML pydbus registers."""
+    root = ET.fromstring(interface_xml())
+    for element in root.iter("interface"):
+        if element.get("name") == name:
+            return f"<node>{ET.tostring(element, encoding='unicode')}</node>"
+    raise KeyError(name)
+
+
+def escape_path_element(name: str) -> str:
+    """Like sd_bus_path_encode: letters and digits stay, every other byte becomes _XX."""
+    return "".join(c if c.isascii() and c.isalnum() else "".join(f"_{b:02x}" for b in c.encode()) for c in name)
+
+
+def target_path(name: str) -> str:
+    return f"{MANAGER_PATH}/target/{escape_path_element(name)}"
+
+
+# Python exceptions whose class name has dots are sent by pydbus under that error name.
+_ERROR_CLASSES: dict[str, type] = {}
+
+
+def bus_error(name: str, message: str) -> Exception:
+    cls = _ERROR_CLASSES.setdefault(name, type(name, (Exception,), {}))
+    return cls(message)
+
+
+class _ExpectedErrors(logging.Filter):
+    """pydbus logs a traceback for every error a method returns; ours are expected: one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and type(record.exc_info[1]).__name__.startswith(f"{BUS_NAME}.Error."):
+            record.msg = f"%s.%s(): {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("pydbus.registration").addFilter(_ExpectedErrors())
+
+
+def _translated(call):
+    """Run a bus method; raise domain errors as their named D-Bus errors."""
+    try:
+        return call()
+    except CryptsnapError as exc:
+        raise bus_error(exc.dbus_name, str(exc)) from None
+
+
+class _Object:
+    PropertiesChanged = signal()
+
+    def __init__(self, exporter: BusExporter):
+        self.exporter = exporter
+
+    def _authorize(self, dbus_context) -> None:
+        self.exporter.authorize(dbus_context.sender)
+
+
+class ManagerObject(_Object):
+    JobNew = signal()
+    JobRemoved = signal()
+
+    def ListTargets(self):
+        daemon = self.exporter.daemon
+        return [(name, target_path(name), daemon.target_properties(name)["State"]) for name in daemon.target_names()]
+
+    def ListJobs(self):
+        return [(job.id, job.target, job.phase, job.path) for job in self.exporter.daemon.jobs.values()]
+
+    def GetTarget(self, name):
+        return _translated(lambda: self.exporter.daemon.target(name) and target_path(name))
+
+    @property
+    def Version(self):
+        return __version__
+
+
+class TargetObject(_Object):
+    def __init__(self, exporter: BusExporter, name: str):
+        super().__init__(exporter)
+        self.name = name
+
+    def _property(self, key):
+        return _translated(lambda: self.exporter.daemon.target_properties(self.name)[key])
+
+    def StartBackup(self, options, dbus_context=None):
+        self._authorize(dbus_context)
+        return _translated(lambda: self.exporter.daemon.start_backup(self.name, options).path)
+
+    def ListSnapshots(self):
+        return self._property("Snapshots")
+
+    def Cancel(self, dbus_context=None):
+        self._authorize(dbus_context)
+        _translated(lambda: self.exporter.daemon.cancel_target(self.name))
+
+    Name = property(lambda self: self.name)
+    State = property(lambda self: self._property("State"))
+    LastResult = property(lambda self: self._property("LastResult"))
+    LastSuccess = property(lambda self: self._property("LastSuccess"))
+    LastAttempt = property(lambda self: self._property("LastAttempt"))
+    LastError = property(lambda self: self._property("LastError"))
+    LastExitCode = property(lambda self: self._property("LastExitCode"))
+    BytesUploaded = property(lambda self: self._property("BytesUploaded"))
+    BytesDownloaded = property(lambda self: self._property("BytesDownloaded"))
+    Snapshots = property(lambda self: self._property("Snapshots"))
+    Job = property(lambda self: self._property("Job"))
+
+    @property
+    def NextElapse(self):
+        return self.exporter.next_elapse(self.name)
+
+
+class JobObject(_Object):
+    def __init__(self, exporter: BusExporter, job):
+        super().__init__(exporter)
+        self.job = job
+
+    def Cancel(self, dbus_context=None):
+        self._authorize(dbus_context)
+        self.exporter.daemon.cancel(self.job)
+
+    Id = property(lambda self: self.job.id)
+    Target = property(lambda self: self.job.target)
+    Phase = property(lambda self: self.job.phase)
+    Progress = property(lambda self: float(self.job.progress))
+    BytesTransferred = property(lambda self: int(self.job.transferred))
+    StartTime = property(lambda self: int(self.job.start_time * 1_000_000))
+
+
+class BusExporter:
+    """Publishes the daemon on the bus and relays its events (a daemon.Listener)."""
+
+    def __init__(self, daemon, address: str | None = None):
+        self.daemon = daemon
+        self.bus = pydbus.connect(address) if address else pydbus.SystemBus()
+        self.manager = ManagerObject(self)
+        self.registrations: dict[str, object] = {}
+        self.targets: dict[str, TargetObject] = {}
+        self.jobs: dict[int, JobObject] = {}
+        self.name = None
+
+    def publish(self) -> None:
+        self.registrations[MANAGER_PATH] = self.bus.register_object(
+            MANAGER_PATH, self.manager, _interface("org.cryptsnap1.Manager"))
+        self.targets_changed(self.daemon)
+        self.name = self.bus.request_name(BUS_NAME, allow_replacement=False, replace=False)
+
+    def close(self) -> None:
+        for registration in self.registrations.values():
+            registration.unregister()
+        self.registrations.clear()
+        if self.name:
+            self.name.unown()
+
+    def authorize(self, sender: str) -> None:
+        uid = self.bus.dbus.GetConnectionUnixUser(sender)
+        if uid == 0:
+            return
+        try:
+            group = grp.getgrnam(ADMIN_GROUP)
+            user = pwd.getpwuid(uid)
+            if user.pw_name in group.gr_mem or user.pw_gid == group.gr_gid:
+                return
+        except KeyError:
+            pass
+        raise bus_error(AccessDenied.dbus_name,
+                        f"uid {uid} may not start or cancel backups: only root and members of group {ADMIN_GROUP}")
+
+    def next_elapse(self, name: str) -> int:
+        """When the target's timer fires next, from systemd; 0 when there is no timer or no systemd."""
+        try:
+            systemd = self.bus.get("org.freedesktop.systemd1")
+            unit_path = systemd.GetUnit(f"cryptsnap-backup@{name}.timer")
+            timer = self.bus.get("org.freedesktop.systemd1", unit_path)
+            return int(timer.NextElapseUSecRealtime)
+        except Exception:  # no systemd on this bus, timer not loaded: unknown
+            return 0
+
+    # -- daemon.Listener ----------------------------------------------------------------
+
+    def targets_changed(self, daemon) -> None:
+        names = set(daemon.target_names())
+        for name in list(self.targets):
+            if name not in names:
+                self.registrations.pop(target_path(name)).unregister()
+                del self.targets[name]
+        for name in sorted(names - set(self.targets)):
+            obj = TargetObject(self, name)
+            self.targets[name] = obj
+            self.registrations[target_path(name)] = self.bus.register_object(
+                target_path(name), obj, _interface("org.cryptsnap1.Target"))
+
+    def target_changed(self, name: str, properties: dict) -> None:
+        obj = self.targets.get(name)
+        if obj is not None:
+            obj.PropertiesChanged("org.cryptsnap1.Target", properties, [])
+
+    def job_new(self, job) -> None:
+        obj = JobObject(self, job)
+        self.jobs[job.id] = obj
+        self.registrations[job.path] = self.bus.register_object(job.path, obj, _interface("org.cryptsnap1.Job"))
+        self.manager.JobNew(job.id, job.path, job.target)
+
+    def job_changed(self, job, properties: dict) -> None:
+        obj = self.jobs.get(job.id)
+        if obj is not None:
+            obj.PropertiesChanged("org.cryptsnap1.Job", properties, [])
+
+    def job_removed(self, job, result: str) -> None:
+        self.jobs.pop(job.id, None)
+        registration = self.registrations.pop(job.path, None)
+        if registration is not None:
+            registration.unregister()
+        self.manager.JobRemoved(job.id, job.path, job.target, result)
+
+
+class BusClient:
+    """Talk to a running cryptsnapd (the CLI's `status` and `backup`)."""
+
+    def __init__(self, address: str | None = None):
+        address = address or os.environ.get("CRYPTSNAP_BUS_ADDRESS")
+        self.bus = pydbus.connect(address) if address else pydbus.SystemBus()
+
+    @classmethod
+    def reachable(cls) -> BusClient | None:
+        """A client when the daemon runs or can be activated; None otherwise."""
+        try:
+            client = cls()
+            names = client.bus.dbus.ListNames() + client.bus.dbus.ListActivatableNames()
+        except GLib.Error:
+            return None
+        return client if BUS_NAME in names else None
+
+    def _call(self, call):
+        try:
+            return call()
+        except GLib.Error as exc:
+            raise _domain_error(exc) from None
+
+    def target(self, name: str):
+        path = self._call(lambda: self.bus.get(BUS_NAME, MANAGER_PATH).GetTarget(name))
+        return self.bus.get(BUS_NAME, path)
+
+    def targets(self) -> list[str]:
+        return [name for name, _, _ in self._call(lambda: self.bus.get(BUS_NAME, MANAGER_PATH).ListTargets())]
+
+    def properties(self, name: str) -> dict:
+        obj = self.target(name)
+        return self._call(lambda: obj.GetAll("org.cryptsnap1.Target"))
+
+    def start_backup(self, name: str, options: dict | None = None) -> str:
+        obj = self.target(name)
+        variants = {key: GLib.Variant("b", bool(value)) for key, value in (options or {}).items()}
+        return self._call(lambda: obj.StartBackup(variants))
+
+    def follow(self, job_path: str, on_change) -> str:
+        """Call on_change(properties) as the job advances; return its result when it ends."""
+        loop = GLib.MainLoop()
+        outcome = {}
+
+        def removed(job_id, path, target, result):
+            if path == job_path:
+                outcome["result"] = result
+                loop.quit()
+
+        def changed(sender, path, interface, signal_name, parameters):
+            iface, props, _ = parameters
+            if path == job_path and iface == "org.cryptsnap1.Job":
+                on_change(props)
+
+        manager = self.bus.get(BUS_NAME, MANAGER_PATH)
+        with manager.JobRemoved.connect(removed), self.bus.subscribe(
+            sender=BUS_NAME, iface="org.freedesktop.DBus.Properties", signal="PropertiesChanged",
+            object=job_path, signal_fired=changed,
+        ):  # fmt: skip
+            try:  # the job may have ended before we subscribed
+                self.bus.get(BUS_NAME, job_path).GetAll("org.cryptsnap1.Job")
+            except GLib.Error:
+                return ""
+            loop.run()
+        return outcome.get("result", "")
+
+
+def _domain_error(exc: GLib.Error) -> CryptsnapError:
+    """The domain error for a D-Bus error reply (GDBus puts the error name in the message)."""
+    name, _, message = (exc.message or "").partition(": ")
+    name = name.removeprefix("GDBus.Error:")
+    if name == Busy.dbus_name:
+        return Busy(message)
+    if name == NoSuchTarget.dbus_name:
+        return ConfigError([message])
+    if name.endswith(".AccessDenied"):
+        return AccessDenied(message)
+    return CryptsnapError(exc.message)

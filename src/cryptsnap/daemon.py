@@ -1,0 +1,311 @@
+"""cryptsnapd: the long-running service. Runs backup jobs on request, one per target.
+
+The Daemon object is plain Python over a GLib main loop: it owns the targets and jobs,
+starts each job as a worker child process, and tells its listener (the bus exporter in
+bus.py, or a test) what changed. systemd integration: READY=1 once the bus name is owned
+and the config loaded, STATUS= kept current, WATCHDOG=1 from the main loop, SIGHUP reloads
+the config without touching running jobs, SIGTERM cancels and unwinds every job, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gi.repository import GLib
+
+from . import __version__, config, logs
+from .errors import Busy, ConfigError, CryptsnapError
+from .layers import LocalLock, holder_file
+from .state import TargetState
+
+log = logging.getLogger("cryptsnapd")
+
+EXIT_CANCELED = 9
+
+
+def usec(seconds: float) -> int:
+    return int(seconds * 1_000_000) if seconds else 0
+
+
+@dataclass
+class Job:
+    id: int
+    target: str
+    start_time: float = field(default_factory=time.time)
+    phase: str = "starting"
+    progress: float = 0.0
+    transferred: int = 0
+    process: subprocess.Popen | None = None
+    cancel_requested: bool = False
+    buffer: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return f"/org/cryptsnap1/job/{self.id}"
+
+
+class Listener:
+    """What the daemon reports. The bus exporter implements it; the default ignores everything."""
+
+    def targets_changed(self, daemon: Daemon) -> None: ...
+    def target_changed(self, name: str, properties: dict) -> None: ...
+    def job_new(self, job: Job) -> None: ...
+    def job_changed(self, job: Job, properties: dict) -> None: ...
+    def job_removed(self, job: Job, result: str) -> None: ...
+
+
+class Notifier:
+    """sd_notify, when NOTIFY_SOCKET is set; silent otherwise."""
+
+    def __init__(self):
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        if self.enabled:
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier()
+        self.last_status = None
+
+    def send(self, message: str) -> None:
+        if self.enabled:
+            self._notifier.notify(message)
+
+    def status(self, text: str) -> None:
+        if text != self.last_status:
+            self.last_status = text
+            self.send(f"STATUS={text}")
+
+
+class Daemon:
+    def __init__(self, config_path: str | None, listener: Listener | None = None, notifier: Notifier | None = None):
+        self.config_path = config.config_path(config_path)
+        self.config = config.load(self.config_path)  # a bad config fails the start, with its errors
+        self.listener = listener or Listener()
+        self.notifier = notifier or Notifier()
+        self.jobs: dict[int, Job] = {}
+        self.next_id = 1
+        self.loop = GLib.MainLoop()
+        self.stopping = False
+
+    # -- targets -----------------------------------------------------------------------
+
+    def target_names(self) -> list[str]:
+        return sorted(self.config.targets)
+
+    def target(self, name: str) -> config.Target:
+        return self.config.target(name)  # NoSuchTarget for unknown names
+
+    def job_for(self, name: str) -> Job | None:
+        return next((job for job in self.jobs.values() if job.target == name), None)
+
+    def target_properties(self, name: str) -> dict:
+        run = TargetState(self.target(name)).last_run()
+        job = self.job_for(name)
+        return {
+            "Name": name,
+            "State": "running" if job else "idle",
+            "LastResult": run.get("result", ""),
+            "LastSuccess": usec(run.get("last_success", 0)),
+            "LastAttempt": usec(run.get("finished", 0)),
+            "LastError": run.get("error", ""),
+            "LastExitCode": int(run.get("exit_code", 0)),
+            "BytesUploaded": int(run.get("bytes_up", 0)),
+            "BytesDownloaded": int(run.get("bytes_down", 0)),
+            "Snapshots": list(run.get("snapshots", [])),
+            "Job": job.path if job else "/",
+        }
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def start_backup(self, name: str, options: dict) -> Job:
+        target = self.target(name)
+        if self.stopping:
+            raise CryptsnapError("cryptsnapd is stopping")
+        running = self.job_for(name)
+        if running:
+            raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
+        _check_lock_free(target)
+        job = Job(self.next_id, name)
+        self.next_id += 1
+        argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id), name]
+        if options.get("break-lock"):
+            argv.append("--break-lock")
+        job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        os.set_blocking(job.process.stdout.fileno(), False)
+        GLib.io_add_watch(job.process.stdout.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP,
+                          self._on_worker_output, job)  # fmt: skip
+        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, job.process.pid, self._on_worker_exit, job)
+        self.jobs[job.id] = job
+        log.info("job %d [%s]: started (pid %d)", job.id, name, job.process.pid)
+        self.listener.job_new(job)
+        self.listener.target_changed(name, {"State": "running", "Job": job.path})
+        self.update_status()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        if job.process and job.process.poll() is None and not job.cancel_requested:
+            log.info("job %d [%s]: canceling", job.id, job.target)
+            job.cancel_requested = True
+            job.process.send_signal(signal.SIGTERM)  # the worker unwinds its stack, then exits
+
+    def cancel_target(self, name: str) -> None:
+        self.target(name)
+        job = self.job_for(name)
+        if job is None:
+            raise CryptsnapError(f"no job is running for target {name}")
+        self.cancel(job)
+
+    def _on_worker_output(self, fd: int, condition, job: Job) -> bool:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        job.buffer += chunk
+        *lines, job.buffer = job.buffer.split(b"\n")
+        changed: dict = {}
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "phase" in message and message["phase"] != job.phase:
+                job.phase = changed["Phase"] = message["phase"]
+            if "progress" in message:
+                job.progress = changed["Progress"] = float(message["progress"])
+                job.transferred = changed["BytesTransferred"] = int(message["bytes"])
+        if changed:
+            self.listener.job_changed(job, changed)
+            self.update_status()
+        return True
+
+    def _on_worker_exit(self, pid: int, status: int, job: Job) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        job.process.returncode = code
+        if code < 0:  # killed by a signal before it could handle it: report it as a shell would
+            code = 128 - code
+        result = "done" if code == 0 else "canceled" if job.cancel_requested or code == EXIT_CANCELED else "failed"
+        state = TargetState(self.target(job.target)) if job.target in self.config.targets else None
+        if state and state.last_run().get("started", 0) < job.start_time - 1:
+            # The worker died before it could record the run (crash, bad config): record it here.
+            state.record_run({**state.last_run(), "result": result, "finished": time.time(), "exit_code": code,
+                              "error": f"the worker exited with code {code} (see the journal)", "action": "backup"})
+        log.log(logging.INFO if result == "done" else logging.WARNING, "job %d [%s]: %s (exit %d)",
+                job.id, job.target, result, code)  # fmt: skip
+        del self.jobs[job.id]
+        self.listener.job_removed(job, result)
+        if job.target in self.config.targets:
+            self.listener.target_changed(job.target, self.target_properties(job.target))
+        self.update_status()
+        if self.stopping and not self.jobs:
+            self.loop.quit()
+
+    # -- service lifecycle ---------------------------------------------------------------
+
+    def status_text(self) -> str:
+        if not self.jobs:
+            return "idle"
+        parts = []
+        for job in sorted(self.jobs.values(), key=lambda j: j.id):
+            detail = f" {job.progress:.0%}" if job.phase == "syncing" else ""
+            parts.append(f"{job.target}: {job.phase}{detail}")
+        return "; ".join(parts)
+
+    def update_status(self) -> None:
+        self.notifier.status(self.status_text())
+
+    def reload(self) -> None:
+        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            self.config = config.load(self.config_path)
+            log.info("configuration reloaded: targets %s", ", ".join(self.target_names()))
+        except ConfigError as exc:
+            log.error("configuration not reloaded, keeping the previous one:\n%s", exc)
+        self.listener.targets_changed(self)
+        self.notifier.send("READY=1")
+        self.update_status()
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.send("STOPPING=1")
+        for job in list(self.jobs.values()):
+            self.cancel(job)
+        if not self.jobs:
+            self.loop.quit()
+
+    def _watchdog(self) -> bool:
+        self.notifier.send("WATCHDOG=1")
+        return True
+
+    def run(self) -> None:
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGTERM, lambda: self.stop() or True)
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGINT, lambda: self.stop() or True)
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGHUP, lambda: self.reload() or True)
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0"))
+        if watchdog:
+            GLib.timeout_add(max(watchdog // 2000, 100), self._watchdog)
+        self.notifier.send("READY=1")
+        self.update_status()
+        log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")
+        self.loop.run()
+        log.info("cryptsnapd stopped")
+
+
+def _check_lock_free(target: config.Target) -> None:
+    """Refuse early, as Busy, when a CLI run, a mount or the restore unit holds the target."""
+    lock = LocalLock(target.runtime_dir, "probe")
+    if holder_file(lock.path).exists():
+        raise Busy(f"target {target.name} is busy: {holder_file(lock.path).read_text().strip()}")
+    if not lock.path.exists():
+        return
+    with open(lock.path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise Busy(f"target {target.name} is busy: {Path(lock.path).read_text().strip()}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cryptsnapd",
+        description="The cryptsnap service: runs backups on request (systemd timers, D-Bus, `cryptsnap backup`) "
+        "and publishes targets and jobs as org.cryptsnap1 on the system bus. Normally started by systemd "
+        "(cryptsnapd.service) or by D-Bus activation.",
+    )
+    parser.add_argument("--config", "-c", metavar="PATH", help="configuration file (default: $CRYPTSNAP_CONFIG, "
+                        f"else {config.DEFAULT_PATH})")
+    parser.add_argument("--bus-address", metavar="ADDRESS",
+                        help="connect to this bus instead of the system bus (tests, debugging)")
+    parser.add_argument("--verbose", "-v", action="count", default=1)
+    args = parser.parse_args(argv)
+    logs.setup(args.verbose, program="cryptsnapd")
+    from .bus import BusExporter
+
+    try:
+        daemon = Daemon(args.config)
+    except CryptsnapError as exc:
+        log.error("cannot start: %s", exc)
+        return exc.exit_code
+    exporter = BusExporter(daemon, args.bus_address)
+    daemon.listener = exporter
+    exporter.publish()  # owns the name before READY=1
+    daemon.run()
+    exporter.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""cryptsnapd on a private dbus-daemon, driven by busctl, with sd_notify read from a test socket.
+
+The jobs here run the real worker and pipeline. The host has no device-mapper, so a
+job gets as far as the untrusted host lets it; the guest tier runs complete backups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from cryptsnap.bus import interface_xml, target_path
+from tests.support.buses import NotifySocket, PrivateBus
+from tests.support.checks import assert_nothing_left
+
+
+@pytest.fixture
+def bus():
+    private = PrivateBus()
+    yield private
+    private.close()
+
+
+@pytest.fixture
+def tarpit():
+    """A TCP port that accepts connections and never says anything: an ssh server that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+class Daemon:
+    def __init__(self, setup, bus, env=None):
+        self.notify = NotifySocket()
+        self.bus = bus
+        environment = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC="1000000", **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cryptsnap.daemon", "--config", str(setup.config_path),
+             "--bus-address", bus.address],
+            env=environment, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def ready(self) -> Daemon:
+        self.notify.wait_for(lambda m: "READY=1" in m, timeout=60)
+        return self
+
+    def get(self, path: str, interface: str, prop: str):
+        out = self.bus.busctl("--json=short", "get-property", "org.cryptsnap1", path, interface, prop).stdout
+        return json.loads(out)["data"]
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+            raise AssertionError(f"cryptsnapd did not stop within 120 s:\n{err}") from None
+        finally:
+            while self.notify.receive(0.05) is not None:  # keep what it sent until the end
+                pass
+            self.notify.close()
+        return err
+
+
+def members(xml_text: str) -> dict:
+    """interface -> sorted (kind, name, signature) of its members."""
+    found = {}
+    for interface in ET.fromstring(xml_text).iter("interface"):
+        name = interface.get("name")
+        if not name.startswith("org.cryptsnap1"):
+            continue
+        items = set()
+        for member in interface:
+            sig = "".join(f"{a.get('direction', '')}{a.get('type')}" for a in member.iter("arg"))
+            items.add((member.tag, member.get("name"), member.get("type") or sig, member.get("access", "")))
+        found[name] = sorted(items)
+    return found
+
+
+def test_ready_and_introspection_match_the_xml_contract(setup, bus):
+    daemon = Daemon(setup, bus).ready()
+    try:
+        assert daemon.notify.wait_for(lambda m: m.startswith("STATUS="), timeout=10) == "STATUS=idle"
+        daemon.notify.wait_for(lambda m: m == "WATCHDOG=1", timeout=10)
+        contract = members(interface_xml())
+        exported = {}
+        for path in ("/org/cryptsnap1", target_path(setup.name)):
+            xml = bus.busctl("call", "org.cryptsnap1", path, "org.freedesktop.DBus.Introspectable",
+                             "Introspect", "--json=short").stdout  # fmt: skip
+            exported.update(members(json.loads(xml)["data"][0]))
+        assert exported["org.cryptsnap1.Manager"] == contract["org.cryptsnap1.Manager"]
+        assert exported["org.cryptsnap1.Target"] == contract["org.cryptsnap1.Target"]
+        targets = json.loads(bus.busctl("--json=short", "call", "org.cryptsnap1", "/org/cryptsnap1",
+                                        "org.cryptsnap1.Manager", "ListTargets").stdout)["data"][0]  # fmt: skip
+        assert targets == [[setup.name, target_path(setup.name), "idle"]]
+        assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "State") == "idle"
+        assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastResult") == ""
+        unknown = bus.busctl("call", "org.cryptsnap1", "/org/cryptsnap1", "org.cryptsnap1.Manager", "GetTarget",
+                             "s", "nope", check=False)  # fmt: skip
+        assert unknown.returncode != 0 and "no target named 'nope'" in unknown.stderr
+    finally:
+        daemon.stop()
+
+
+def test_a_job_is_announced_reports_phases_fails_with_its_step_and_is_removed(setup, bus):
+    daemon = Daemon(setup, bus).ready()
+    monitor = subprocess.Popen(["busctl", f"--address={bus.address}", "monitor", "org.cryptsnap1", "--json=short"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        bus.busctl("wait", "--timeout=5", "/org/cryptsnap1", "org.freedesktop.DBus.Peer", "Ping", check=False)
+        mark = daemon.notify.mark()
+        out = bus.busctl("--json=short", "call", "org.cryptsnap1", target_path(setup.name), "org.cryptsnap1.Target",
+                         "StartBackup", "a{sv}", "0").stdout  # fmt: skip
+        job_path = json.loads(out)["data"][0]
+        assert re.fullmatch(r"/org/cryptsnap1/job/\d+", job_path)
+        daemon.notify.wait_for(lambda m: m.startswith(f"STATUS={setup.name}: "), since=mark)
+        daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=mark + 1)
+        # Never initialized here: the job fails and says why.
+        assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastResult") == "failed"
+        error = daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastError")
+        assert "has not been initialized" in error
+        assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastExitCode") == 2
+        assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastAttempt") > 0
+    finally:
+        daemon.stop()
+        monitor.terminate()
+    signals = [json.loads(line) for line in monitor.communicate(timeout=30)[0].splitlines() if line.strip()]
+    names = [(s.get("member"), s.get("path")) for s in signals if s.get("type") == "signal"]
+    assert ("JobNew", "/org/cryptsnap1") in names
+    removed = [s for s in signals if s.get("member") == "JobRemoved"]
+    assert removed and removed[0]["payload"]["data"][1:] == [job_path, setup.name, "failed"]
+    assert ("PropertiesChanged", target_path(setup.name)) in names
+
+
+def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
+    document = yaml.safe_load(setup.config_path.read_text())
+    document["targets"][setup.name]["port"] = tarpit  # ssh connects, then hangs: a long job
+    setup.config_path.write_text(yaml.safe_dump(document))
+    from tests.host.test_layers import prepare
+
+    with pytest.raises(Exception):
+        prepare(setup)  # cannot even pin the key of a silent server...
+    state = setup.state_dir / setup.name
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "image.json").write_text(json.dumps({"size": 1 << 20, "luks_uuid": "x"}))  # ...so pretend init ran
+    (state / "known_hosts").write_text("")
+    daemon = Daemon(setup, bus).ready()
+    path = target_path(setup.name)
+    try:
+        start = ("call", "org.cryptsnap1", path, "org.cryptsnap1.Target", "StartBackup", "a{sv}", "0")
+        job_path = json.loads(bus.busctl("--json=short", *start).stdout)["data"][0]
+        busy = bus.busctl(*start, check=False)
+        assert busy.returncode != 0 and job_path in busy.stderr and "busy" in busy.stderr
+        denied = bus.busctl("call", "org.cryptsnap1", job_path, "org.cryptsnap1.Job", "Cancel", user="nobody",
+                            check=False)  # fmt: skip
+        assert denied.returncode != 0 and "may not start or cancel" in denied.stderr
+        assert daemon.get(path, "org.cryptsnap1.Target", "State") == "running"  # reading is open to all
+        assert bus.busctl("get-property", "org.cryptsnap1", job_path, "org.cryptsnap1.Job", "Phase",
+                          user="nobody").stdout.strip() in ('s "starting"', 's "connecting"')  # fmt: skip
+        mark = daemon.notify.mark()
+        bus.busctl("call", "org.cryptsnap1", path, "org.cryptsnap1.Target", "Cancel")
+        daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=mark)
+        assert daemon.get(path, "org.cryptsnap1.Target", "LastResult") == "canceled"
+        assert_nothing_left(setup)
+        # Stopping the service cancels a running job and unwinds it before exiting.
+        bus.busctl(*start)
+        daemon.notify.wait_for(lambda m: m.startswith(f"STATUS={setup.name}: connecting"), since=mark)
+    finally:
+        err = daemon.stop()
+    assert daemon.process.returncode == 0, err
+    assert "STOPPING=1" in daemon.notify.messages
+    assert "canceled" in err
+    assert_nothing_left(setup)
+
+
+def test_reload_adds_targets_and_a_bad_config_fails_the_start(setup, bus):
+    daemon = Daemon(setup, bus).ready()
+    try:
+        document = yaml.safe_load(setup.config_path.read_text())
+        document["targets"]["second"] = dict(document["targets"][setup.name], image="second.img")
+        setup.config_path.write_text(yaml.safe_dump(document))
+        mark = daemon.notify.mark()
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.notify.wait_for(lambda m: m.startswith("RELOADING=1"), since=mark)
+        daemon.notify.wait_for(lambda m: m == "READY=1", since=mark)
+        assert daemon.get(target_path("second"), "org.cryptsnap1.Target", "Name") == "second"
+        setup.config_path.write_text(setup.config_path.read_text() + "bogus: 1\n")
+        daemon.process.send_signal(signal.SIGHUP)  # a broken config is reported and not taken
+        daemon.notify.wait_for(lambda m: m == "READY=1", since=mark + 2)
+        assert daemon.get(target_path("second"), "org.cryptsnap1.Target", "Name") == "second"
+    finally:
+        err = daemon.stop()
+    assert "configuration not reloaded" in err and "bogus: unknown option" in err
+    broken = Daemon(setup, bus)
+    broken.process.wait(timeout=60)  # exits by itself
+    err = broken.stop()
+    assert broken.process.returncode == 3
+    assert f"{setup.config_path}:" in err and "bogus: unknown option" in err

@@ -1,0 +1,91 @@
+"""A private dbus-daemon and an sd_notify socket, for testing cryptsnapd without systemd."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>custom</type>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="csnap-bus-"))
+        os.chmod(self.dir, 0o755)  # other users (AccessDenied tests) connect too
+        socket_path = self.dir / "bus"
+        (self.dir / "bus.conf").write_text(POLICY.format(path=socket_path))
+        self.process = subprocess.Popen(
+            ["dbus-daemon", "--nofork", "--print-address", f"--config-file={self.dir / 'bus.conf'}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.address = self.process.stdout.readline().strip()  # printed once it listens
+        assert self.address.startswith("unix:"), "dbus-daemon did not start"
+
+    def busctl(self, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        argv = ["busctl", f"--address={self.address}", *args]
+        if user:
+            account = pwd.getpwnam(user)
+            argv = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed: {result.stderr}")
+        return result
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class NotifySocket:
+    """Receives what a service sends with sd_notify (the part of systemd that is easy to stand in for)."""
+
+    def __init__(self):
+        self.path = Path(tempfile.mkdtemp(prefix="csnap-notify-")) / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.messages: list[str] = []
+
+    def receive(self, timeout: float) -> str | None:
+        self.sock.settimeout(timeout)
+        try:
+            message = self.sock.recv(4096).decode()
+        except TimeoutError:
+            return None
+        self.messages.append(message)
+        return message
+
+    def mark(self) -> int:
+        return len(self.messages)
+
+    def wait_for(self, predicate, timeout: float = 60, since: int = 0) -> str:
+        """The first message received after `since` (a mark()) for which predicate holds."""
+        for message in self.messages[since:]:
+            if predicate(message):
+                return message
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.receive(max(0.1, deadline - time.monotonic()))
+            if message is not None and predicate(message):
+                return message
+        raise AssertionError(f"no such sd_notify message within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
