@@ -7,10 +7,11 @@ import json
 import logging
 import signal
 import sys
+import textwrap
 import time
 
 from . import __version__, config, pipeline, runner
-from .errors import EXIT_CODES, Canceled, CryptsnapError
+from .errors import EXIT_CODES, Canceled, CryptsnapError, RemoteUnreachable, UsageError
 from .stack import close_view
 from .state import TargetState
 
@@ -69,7 +70,54 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _daemon_client(args):
+    """The running (or activatable) daemon, when this command should go through it.
+
+    With --config or $CRYPTSNAP_CONFIG naming another file than the daemon's, the command
+    runs here: the daemon would back up its own configuration's target of that name.
+    """
+    if getattr(args, "local", False):
+        return None
+    if config.config_path(args.config) != config.DEFAULT_PATH and not getattr(args, "daemon", False):
+        return None
+    from .bus import BusClient
+
+    client = BusClient.reachable()
+    if client is None and getattr(args, "daemon", False):
+        raise RemoteUnreachable("cryptsnapd is not running and cannot be activated on the system bus")
+    return client
+
+
+def backup_via_daemon(client, args) -> int:
+    reporter = TerminalReporter()
+    job = client.start_backup(args.target, {"break-lock": True} if args.break_lock else {})
+    print(f"{args.target}: started job {job}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+
+    def changed(props):
+        if "Phase" in props:
+            reporter.phase(props["Phase"])
+        if "Progress" in props:
+            reporter.progress(props["Progress"], props.get("BytesTransferred", 0))
+
+    result = client.follow(job, changed)
+    reporter.done()
+    props = client.properties(args.target)
+    if result == "done":
+        snaps = props.get("Snapshots", [])
+        print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
+        return 0
+    print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
+    return int(props.get("LastExitCode") or (Canceled.exit_code if result == "canceled" else 1))
+
+
 def cmd_backup(args) -> int:
+    client = _daemon_client(args)
+    if client is not None:
+        return backup_via_daemon(client, args)
+    if args.no_wait:
+        raise UsageError("--no-wait needs the daemon (cryptsnapd); without it the backup runs in the foreground")
     target = _target(args)
     reporter = TerminalReporter()
     try:
@@ -106,6 +154,9 @@ def cmd_mount(args) -> int:
     print(f"{target.name}: snapshots mounted read-only at {view}/snapshots "
           f"(close with `cryptsnap umount {target.name}`)")
     if args.foreground:  # the restore unit: stay until stopped, then unwind
+        from .daemon import Notifier
+
+        Notifier().send("READY=1")
         try:
             signal.pause()
         except Canceled:
@@ -132,7 +183,20 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def _when(usec: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(usec / 1e6)) if usec else "never"
+
+
 def cmd_status(args) -> int:
+    client = _daemon_client(args)
+    if client is not None:
+        for name in [args.target] if args.target else client.targets():
+            p = client.properties(name)
+            print(f"{name}: {p['State']}, last run {p['LastResult'] or 'none'} at {_when(p['LastAttempt'])}, "
+                  f"last success {_when(p['LastSuccess'])}, {len(p['Snapshots'])} snapshots, "
+                  f"up {p['BytesUploaded']:,} / down {p['BytesDownloaded']:,} bytes, "
+                  f"next {_when(p['NextElapse'])}" + (f"\n  error: {p['LastError']}" if p["LastError"] else ""))
+        return 0
     loaded = config.load(args.config)
     names = [args.target] if args.target else sorted(loaded.targets)
     for name in names:
@@ -161,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help, description=None):
-        p = sub.add_parser(name, help=help, description=description or help,
+        p = sub.add_parser(name, help=help, description=textwrap.fill(description or help, 90),
                            epilog=_exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
         return p
@@ -176,13 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="replace the pinned host key by the one the server offers now")
 
-    p = add("backup", cmd_backup, "back up a target now (one run, in the foreground)",
+    p = add("backup", cmd_backup, "back up a target now",
             "Mount the image, rsync the sources into a new snapshot that shares unchanged files with the "
             "previous one, prune by the retention rules, and unmount everything. A run that fails or is "
-            "interrupted leaves no partial snapshot in `list` and no mounts behind.")
+            "interrupted leaves no partial snapshot in `list` and no mounts behind. When cryptsnapd is "
+            "running (or D-Bus-activatable) and the default configuration is used, the daemon runs the job and "
+            "this command follows it with a progress line; the exit code is the job's result.")
     p.add_argument("target")
     p.add_argument("--break-lock", action="store_true",
                    help="take over a remote lock left by a run on another machine that is gone for good")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--daemon", action="store_true",
+                       help="run it through cryptsnapd (D-Bus) and fail if the daemon is unreachable")
+    where.add_argument("--local", action="store_true", help="run it in this process even if cryptsnapd runs")
+    p.add_argument("--no-wait", action="store_true", help="with the daemon: start the job and return at once")
 
     p = add("list", cmd_list, "list a target's complete snapshots, oldest first")
     p.add_argument("target")
@@ -208,8 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="TARGET[@SNAPSHOT]:PATH")
     p.add_argument("--to", required=True, metavar="DEST", help="where to put the restored file or directory")
 
-    p = add("status", cmd_status, "show the last run of each target (from local state)")
+    p = add("status", cmd_status, "show each target's state and last run",
+            "Reads the daemon's D-Bus properties when cryptsnapd is reachable (the same as `busctl "
+            "get-property org.cryptsnap1 /org/cryptsnap1/target/NAME org.cryptsnap1.Target ...`), else the "
+            "local run records under the state directory.")
     p.add_argument("target", nargs="?")
+    p.add_argument("--local", action="store_true", help="read local state even if cryptsnapd runs")
 
     p = add("config", cmd_config, "check the configuration or print a commented example")
     p.add_argument("config_action", choices=("check", "example"),

@@ -167,11 +167,7 @@ def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
     document = yaml.safe_load(setup.config_path.read_text())
     document["targets"][setup.name]["port"] = tarpit  # ssh connects, then hangs: a long job
     setup.config_path.write_text(yaml.safe_dump(document))
-    from tests.host.test_layers import prepare
-
-    with pytest.raises(Exception):
-        prepare(setup)  # cannot even pin the key of a silent server...
-    state = setup.state_dir / setup.name
+    state = setup.state_dir / setup.name  # a silent server cannot be init'ed...
     state.mkdir(parents=True, exist_ok=True)
     (state / "image.json").write_text(json.dumps({"size": 1 << 20, "luks_uuid": "x"}))  # ...so pretend init ran
     (state / "known_hosts").write_text("")

@@ -67,11 +67,13 @@ class UntrustedHost:
         return result
 
 
-def start(user: str = UNTRUSTED_USER) -> UntrustedHost:
+def start(user: str = UNTRUSTED_USER, base: str | None = None) -> UntrustedHost:
     account = ensure_user(user)
     # Not under pytest's tmp_path: sshd reads authorized_keys as the user, and pytest's
-    # directories are private to root.
-    tmp = Path(tempfile.mkdtemp(prefix="csnap-sshd-"))
+    # directories are private to root. `base`: somewhere a PrivateTmp= service sees too.
+    if base:
+        os.makedirs(base, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="csnap-sshd-", dir=base))
     os.chmod(tmp, 0o755)
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)], check=True)

@@ -30,15 +30,17 @@ class Setup:
         return ["--config", str(self.config_path), *args]
 
 
-def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size: str = "160M", **extra) -> Setup:
+def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size: str = "160M",
+               state_dir: Path | None = None, runtime_dir: Path | None = None, **extra) -> Setup:
+    """tmp holds the source tree, key and config; state and runtime dirs default to test-only places."""
     name = "t" + uuid.uuid4().hex[:6]  # own target name: own mapping, mounts and locks
     source = tmp / "source"
     source.mkdir(parents=True, exist_ok=True)
     key_file = tmp / "luks.key"
     key_file.write_bytes(os.urandom(64))
     key_file.chmod(0o600)
-    state_dir = tmp / "state"
-    runtime_dir = Path("/run/cryptsnap-test")  # the target's own directory is runtime_dir/NAME
+    state_dir = state_dir or tmp / "state"
+    runtime_dir = runtime_dir or Path("/run/cryptsnap-test")  # the target's own directory is runtime_dir/NAME
     target = {
         "host": server.host,
         "port": server.port,

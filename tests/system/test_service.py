@@ -1,0 +1,239 @@
+"""cryptsnapd under the guest's real systemd and system bus, installed as a package would be."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cryptsnap.bus import interface_xml, target_path
+from tests.host.test_daemon import members
+from tests.support import sshd
+from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.targets import make_setup
+
+SRV = "/srv/cryptsnap-test"  # visible to the service (PrivateTmp hides /tmp from it)
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 600, user: str | None = None) -> subprocess.CompletedProcess:
+    if user:
+        argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {result.returncode}: {result.stdout}\n{result.stderr}")
+    return result
+
+
+def prop(path: str, interface: str, name: str):
+    out = sh("busctl", "--json=short", "get-property", "org.cryptsnap1", path, interface, name).stdout
+    return json.loads(out)["data"]
+
+
+def wait_until(predicate, timeout: float = 180, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def installed():
+    sh(str(Path(__file__).resolve().parents[2] / "packaging" / "install"))
+    sh("useradd", "--no-create-home", "--shell", "/bin/sh", "outsider", check=False)
+    server = sshd.start(base=SRV)
+    yield server
+    sh("systemctl", "stop", "cryptsnapd.service", check=False)
+    sshd.stop(server)
+
+
+@pytest.fixture
+def service(installed):
+    """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded."""
+    base = Path(SRV) / uuid.uuid4().hex[:8]
+    setup = make_setup(base, installed, filesystem="btrfs", size="400M",
+                       state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
+    (setup.source / "file.txt").write_text("version 1\n")
+    os.makedirs("/etc/cryptsnap", exist_ok=True)
+    os.replace(setup.config_path, "/etc/cryptsnap/config.yaml")
+    setup.config_path = Path("/etc/cryptsnap/config.yaml")
+    if sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active":
+        sh("systemctl", "reload", "cryptsnapd.service")
+    cryptsnap(setup, "init", setup.name)
+    yield setup
+    sh("systemctl", "stop", f"cryptsnap-restore@{setup.name}.service", f"cryptsnap-backup@{setup.name}.timer",
+       check=False)  # fmt: skip
+
+
+def fill(setup, megabytes: int = 160) -> None:
+    """Enough incompressible data for a job that runs a while under emulation."""
+    for i in range(megabytes // 16):
+        (setup.source / f"big-{i}").write_bytes(os.urandom(16 << 20))
+
+
+def start_backup(setup) -> str:
+    out = sh("busctl", "--json=short", "call", "org.cryptsnap1", target_path(setup.name), "org.cryptsnap1.Target",
+             "StartBackup", "a{sv}", "0").stdout  # fmt: skip
+    return json.loads(out)["data"][0]
+
+
+def wait_idle(setup, timeout: float = 600) -> str:
+    path = target_path(setup.name)
+    wait_until(lambda: prop(path, "org.cryptsnap1.Target", "State") == "idle", timeout, "the job to end")
+    return prop(path, "org.cryptsnap1.Target", "LastResult")
+
+
+def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
+    name = service.name
+    sh("systemctl", "enable", "--now", f"cryptsnap-backup@{name}.timer")
+    assert prop(target_path(name), "org.cryptsnap1.Target", "NextElapse") > time.time() * 1e6
+    sh("systemctl", "start", f"cryptsnap-backup@{name}.service", timeout=900)
+    assert sh("systemctl", "show", "-P", "Result", f"cryptsnap-backup@{name}.service").stdout.strip() == "success"
+    assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "done"
+    assert len(prop(target_path(name), "org.cryptsnap1.Target", "Snapshots")) == 1
+    status = sh("cryptsnap", "status", name).stdout
+    assert f"{name}: idle, last run done" in status
+    # A failing backup fails the unit the same way (OnFailure= hooks see it).
+    service.key_file.write_bytes(os.urandom(64))
+    failed = sh("systemctl", "start", f"cryptsnap-backup@{name}.service", check=False, timeout=900)
+    assert failed.returncode != 0
+    assert sh("systemctl", "show", "-P", "Result", f"cryptsnap-backup@{name}.service").stdout.strip() == "exit-code"
+    assert sh("systemctl", "show", "-P", "ExecMainStatus", f"cryptsnap-backup@{name}.service").stdout.strip() == "6"
+    assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "failed"
+    assert "unlocking" in prop(target_path(name), "org.cryptsnap1.Target", "LastError")
+    assert_nothing_left(service)
+
+
+def test_bus_api_introspection_busy_access_and_signals(service):
+    fill(service, 96)
+    path = target_path(service.name)
+    sh("systemctl", "start", "cryptsnapd.service")
+    exported = {}
+    for obj in ("/org/cryptsnap1", path):
+        xml = json.loads(sh("busctl", "--json=short", "call", "org.cryptsnap1", obj,
+                            "org.freedesktop.DBus.Introspectable", "Introspect").stdout)["data"][0]  # fmt: skip
+        exported.update(members(xml))
+    contract = members(interface_xml())
+    assert exported["org.cryptsnap1.Manager"] == contract["org.cryptsnap1.Manager"]
+    assert exported["org.cryptsnap1.Target"] == contract["org.cryptsnap1.Target"]
+    monitor = subprocess.Popen(["busctl", "monitor", "--json=short", "org.cryptsnap1"], stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    time.sleep(1)  # busctl monitor has no readiness signal; this only avoids missing the first message
+    job = start_backup(service)
+    job_xml = json.loads(sh("busctl", "--json=short", "call", "org.cryptsnap1", job,
+                            "org.freedesktop.DBus.Introspectable", "Introspect").stdout)["data"][0]  # fmt: skip
+    assert members(job_xml)["org.cryptsnap1.Job"] == contract["org.cryptsnap1.Job"]
+    busy = sh("busctl", "call", "org.cryptsnap1", path, "org.cryptsnap1.Target", "StartBackup", "a{sv}", "0",
+              check=False)  # fmt: skip
+    assert busy.returncode != 0 and job in busy.stderr
+    denied = sh("busctl", "call", "org.cryptsnap1", path, "org.cryptsnap1.Target", "StartBackup", "a{sv}", "0",
+                user="outsider", check=False)  # fmt: skip
+    assert denied.returncode != 0, denied.stdout
+    assert "denied" in denied.stderr.lower() or "not allowed" in denied.stderr, denied.stderr
+    readable = sh("busctl", "get-property", "org.cryptsnap1", path, "org.cryptsnap1.Target", "State",
+                  user="outsider")  # fmt: skip
+    assert readable.stdout.strip() == 's "running"'
+    assert wait_idle(service) == "done"
+    time.sleep(1)
+    monitor.terminate()
+    messages = [json.loads(line) for line in monitor.communicate(timeout=30)[0].splitlines() if line.strip()]
+    signals = [m for m in messages if m.get("type") == "signal"]
+    assert any(m["member"] == "JobNew" and m["payload"]["data"][1] == job for m in signals)
+    progress = [m["payload"]["data"][1]["Progress"]["data"] for m in signals
+                if m["member"] == "PropertiesChanged" and m["path"] == job and "Progress" in m["payload"]["data"][1]]
+    assert len(set(progress)) >= 2 and progress == sorted(progress), progress
+    removed = [m["payload"]["data"] for m in signals if m["member"] == "JobRemoved"]
+    assert removed and removed[-1][1:] == [job, service.name, "done"]
+    errors = [m.get("error_name") or m.get("error") for m in messages if m.get("type") == "error"]
+    assert "org.cryptsnap1.Error.Busy" in errors, errors
+
+
+def test_activation_starts_the_daemon(service):
+    sh("systemctl", "stop", "cryptsnapd.service")
+    assert sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() != "active"
+    out = sh("busctl", "--json=short", "call", "org.cryptsnap1", "/org/cryptsnap1", "org.cryptsnap1.Manager",
+             "ListTargets").stdout  # fmt: skip
+    assert service.name in out
+    assert sh("systemctl", "is-active", "cryptsnapd.service").stdout.strip() == "active"
+
+
+def test_watchdog_restarts_a_hung_daemon(service):
+    dropin = Path("/run/systemd/system/cryptsnapd.service.d/watchdog.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
+    try:
+        sh("systemctl", "daemon-reload")
+        sh("systemctl", "restart", "cryptsnapd.service")
+        pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+        restarts = int(sh("systemctl", "show", "-P", "NRestarts", "cryptsnapd.service").stdout)
+        os.kill(int(pid), 19)  # SIGSTOP: the main loop stops pinging the watchdog
+        wait_until(lambda: int(sh("systemctl", "show", "-P", "NRestarts", "cryptsnapd.service").stdout) > restarts
+                   and sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active",
+                   120, "systemd to restart the hung daemon")  # fmt: skip
+        assert sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip() != pid
+        journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager").stdout
+        assert "Watchdog timeout" in journal
+        done = cryptsnap(service, "backup", "--daemon", service.name)
+        assert "complete" in done.stdout
+    finally:
+        dropin.unlink()
+        sh("systemctl", "daemon-reload")
+        sh("systemctl", "restart", "cryptsnapd.service")
+
+
+def test_cancel_and_service_stop_mid_rsync_leave_nothing(service):
+    fill(service, 160)
+    path = target_path(service.name)
+    sh("systemctl", "start", "cryptsnapd.service")
+    job = start_backup(service)
+    wait_until(lambda: prop(job, "org.cryptsnap1.Job", "Phase") == "syncing", 300, "syncing")
+    sh("busctl", "call", "org.cryptsnap1", job, "org.cryptsnap1.Job", "Cancel")
+    assert wait_idle(service) == "canceled"
+    assert_nothing_left(service)
+    job = start_backup(service)
+    wait_until(lambda: prop(job, "org.cryptsnap1.Job", "Phase") == "syncing", 300, "syncing")
+    sh("systemctl", "stop", "cryptsnapd.service", timeout=120)
+    assert_nothing_left(service)
+    journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout
+    assert f"job {job.rsplit('/', 1)[1]} [{service.name}]: canceled" in journal
+    assert cryptsnap(service, "list", service.name).stdout.split() == []
+    assert prop(path, "org.cryptsnap1.Target", "LastResult") == "canceled"  # activates the daemon again
+
+
+def test_restore_unit_opens_read_only_and_holds_the_lock(service):
+    name = service.name
+    cryptsnap(service, "backup", "--daemon", name)
+    (service.source / "file.txt").write_text("version 2\n")
+    cryptsnap(service, "backup", "--daemon", name)
+    old, new = prop(target_path(name), "org.cryptsnap1.Target", "Snapshots")
+    image = Path(service.server.remote_dir) / f"{name}.img"
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    sh("systemctl", "start", f"cryptsnap-restore@{name}.service", timeout=300)
+    try:
+        view = Path("/run/cryptsnap/restore") / name / "snapshots"
+        rel = str(service.source / "file.txt").lstrip("/")
+        assert (view / old / rel).read_text() == "version 1\n"
+        assert (view / new / rel).read_text() == "version 2\n"
+        busy = sh("busctl", "call", "org.cryptsnap1", target_path(name), "org.cryptsnap1.Target", "StartBackup",
+                  "a{sv}", "0", check=False)  # fmt: skip
+        assert busy.returncode != 0 and "busy" in busy.stderr
+    finally:
+        sh("systemctl", "stop", f"cryptsnap-restore@{name}.service", timeout=120)
+    assert_nothing_left(service)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before, "the read-only view changed the image"
+    # and the reverse: while a backup runs, the restore unit cannot open the image
+    fill(service, 96)
+    start_backup(service)
+    wait_until(lambda: prop(target_path(name), "org.cryptsnap1.Target", "State") == "running", 60, "running")
+    blocked = sh("systemctl", "start", f"cryptsnap-restore@{name}.service", check=False, timeout=300)
+    assert blocked.returncode != 0
+    assert wait_idle(service) == "done"
+    assert_nothing_left(service)
