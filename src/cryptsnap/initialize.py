@@ -159,7 +159,8 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
                 say(f"Saved the LUKS header backup to {state.header_backup}.")
             with contextlib.ExitStack() as inner:
                 with step("attaching"):
-                    loop = inner.enter_context(LoopDevice(paths.remote / staging, False, target.size))
+                    loop = inner.enter_context(LoopDevice(paths.remote / staging, False, target.size,
+                                                          paths.loop_record))
                 with step("unlocking"):
                     mapping = inner.enter_context(LuksMapping(loop.device, paths.mapping, key, False, uuid))
                 with step("formatting"):

@@ -229,20 +229,33 @@ class LoopDevice:
 
     step = "attaching"
 
-    def __init__(self, image: Path, readonly: bool, expected_size: int | None):
+    def __init__(self, image: Path, readonly: bool, expected_size: int | None, record: Path | None = None):
         self.image = image
         self.readonly = readonly
         self.expected_size = expected_size
+        self.record = record  # remembers the device: its back-file may not show our path later
         self.device: str | None = None
 
     @staticmethod
-    def remove_leftovers(under: Path) -> None:
+    def remove_leftovers(under: Path, record: Path | None = None) -> None:
+        """Detach loop devices backed by a file under `under`, or the one recorded in `record`.
+
+        The recorded device counts when its back-file still names the image: once sshfs is
+        gone (or the loop was set up in another mount namespace) the kernel shows the path
+        relative to the lost mount, e.g. /home.img.
+        """
+        recorded = record.read_text().split() if record and record.exists() else []
         listing = json.loads(runner.run(commands.loop_list()).stdout or "{}")
         for loop in listing.get("loopdevices", []):
             back = (loop.get("back-file") or "").removesuffix(" (deleted)")
-            if back.startswith(str(under) + "/"):
+            ours = back.startswith(str(under) + "/")
+            if recorded and loop["name"] == recorded[0] and back.endswith("/" + recorded[1]):
+                ours = True
+            if ours:
                 log.warning("detaching loop device %s left by an earlier run (%s)", loop["name"], back)
                 _retry(commands.loop_detach(loop["name"]))
+        if record and record.exists():
+            record.unlink()
 
     def __enter__(self) -> LoopDevice:
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_NOFOLLOW
@@ -265,6 +278,8 @@ class LoopDevice:
                 )
             result = runner.run(commands.loop_attach(f"/dev/fd/{fd}", self.readonly), pass_fds=(fd,))
             self.device = result.stdout.strip()
+            if self.record:
+                self.record.write_text(f"{self.device} {self.image.name}\n")
         finally:
             os.close(fd)
         return self
@@ -273,6 +288,8 @@ class LoopDevice:
         if self.device:
             _retry(commands.loop_detach(self.device))
             self.device = None
+            if self.record and self.record.exists():
+                self.record.unlink()
 
 
 class LuksMapping:

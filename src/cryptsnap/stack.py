@@ -39,6 +39,7 @@ class Paths:
     fs: Path  # the file system inside the image
     view: Path  # read-only view (`cryptsnap mount`, the restore unit)
     mapping: str  # dm-crypt mapping name
+    loop_record: Path  # which loop device the image is attached to
 
     @classmethod
     def of(cls, target: Target) -> Paths:
@@ -47,6 +48,7 @@ class Paths:
             fs=target.runtime_dir / "fs",
             view=target.runtime_dir.parent / "restore" / target.name,
             mapping=f"cryptsnap-{target.name}",
+            loop_record=target.runtime_dir / "loop",
         )
 
 
@@ -87,7 +89,7 @@ def remove_leftovers(target: Target) -> None:
         for mountpoint in (paths.fs, paths.view):
             FsMount.remove_leftovers(mountpoint)
         LuksMapping.remove_leftovers(paths.mapping)
-        LoopDevice.remove_leftovers(paths.remote)
+        LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
         if is_mountpoint(paths.remote):
             _remove_own_remote_lock(paths.remote / f"{target.image}.lock")
         SshfsMount.remove_leftovers(paths.remote)
@@ -130,7 +132,8 @@ def open_stack(
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
         on_phase("attaching")
         with step("attaching"):
-            loop = stack.enter_context(LoopDevice(paths.remote / target.image, readonly, image["size"]))
+            loop = stack.enter_context(
+                LoopDevice(paths.remote / target.image, readonly, image["size"], paths.loop_record))
         on_phase("unlocking")
         with step("unlocking"):
             mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"]))

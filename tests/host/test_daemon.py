@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from cryptsnap.bus import interface_xml, target_path
-from tests.support.buses import NotifySocket, PrivateBus
+from tests.support.buses import Monitor, NotifySocket, PrivateBus
 from tests.support.checks import assert_nothing_left
 
 
@@ -135,10 +135,10 @@ def test_ready_and_introspection_match_the_xml_contract(setup, bus):
 
 def test_a_job_is_announced_reports_phases_fails_with_its_step_and_is_removed(setup, bus):
     daemon = Daemon(setup, bus).ready()
-    monitor = subprocess.Popen(["busctl", f"--address={bus.address}", "monitor", "org.cryptsnap1", "--json=short"],
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    monitor = Monitor(bus.address)
     try:
-        bus.busctl("wait", "--timeout=5", "/org/cryptsnap1", "org.freedesktop.DBus.Peer", "Ping", check=False)
+        while not monitor.messages:  # busctl monitor has no readiness signal: ping until it sees one
+            bus.busctl("call", "org.cryptsnap1", "/org/cryptsnap1", "org.freedesktop.DBus.Peer", "Ping")
         mark = daemon.notify.mark()
         out = bus.busctl("--json=short", "call", "org.cryptsnap1", target_path(setup.name), "org.cryptsnap1.Target",
                          "StartBackup", "a{sv}", "0").stdout  # fmt: skip
@@ -152,10 +152,11 @@ def test_a_job_is_announced_reports_phases_fails_with_its_step_and_is_removed(se
         assert "has not been initialized" in error
         assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastExitCode") == 2
         assert daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "LastAttempt") > 0
+        monitor.wait_for(lambda m: m.get("member") == "JobRemoved")
     finally:
         daemon.stop()
-        monitor.terminate()
-    signals = [json.loads(line) for line in monitor.communicate(timeout=30)[0].splitlines() if line.strip()]
+        monitor.close()
+    signals = monitor.messages
     names = [(s.get("member"), s.get("path")) for s in signals if s.get("type") == "signal"]
     assert ("JobNew", "/org/cryptsnap1") in names
     removed = [s for s in signals if s.get("member") == "JobRemoved"]

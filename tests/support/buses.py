@@ -89,3 +89,45 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Monitor:
+    """`busctl monitor` on org.cryptsnap1, read line by line (line-buffered through stdbuf)."""
+
+    def __init__(self, address: str | None = None):
+        import json
+        import threading
+
+        argv = ["stdbuf", "-oL", "busctl", *([f"--address={address}"] if address else []), "monitor",
+                "--json=short", "org.cryptsnap1"]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.messages: list[dict] = []
+        self.changed = threading.Condition()
+
+        def read():
+            for line in self.process.stdout:
+                if line.strip():
+                    with self.changed:
+                        self.messages.append(json.loads(line))
+                        self.changed.notify_all()
+
+        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread.start()
+
+    def signals(self, member: str) -> list[dict]:
+        with self.changed:
+            return [m for m in self.messages if m.get("type") == "signal" and m.get("member") == member]
+
+    def wait_for(self, predicate, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                if not self.changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise AssertionError(f"busctl monitor saw no such message in {timeout}s")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)

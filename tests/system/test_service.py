@@ -15,6 +15,7 @@ import pytest
 from cryptsnap.bus import interface_xml, target_path
 from tests.host.test_daemon import members
 from tests.support import sshd
+from tests.support.buses import Monitor
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.targets import make_setup
 
@@ -124,9 +125,10 @@ def test_bus_api_introspection_busy_access_and_signals(service):
     contract = members(interface_xml())
     assert exported["org.cryptsnap1.Manager"] == contract["org.cryptsnap1.Manager"]
     assert exported["org.cryptsnap1.Target"] == contract["org.cryptsnap1.Target"]
-    monitor = subprocess.Popen(["busctl", "monitor", "--json=short", "org.cryptsnap1"], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
-    time.sleep(1)  # busctl monitor has no readiness signal; this only avoids missing the first message
+    monitor = Monitor()
+    # busctl monitor has no readiness signal: wait until it sees a call of ours go by.
+    wait_until(lambda: sh("busctl", "call", "org.cryptsnap1", "/org/cryptsnap1", "org.freedesktop.DBus.Peer", "Ping")
+               and monitor.messages, 30, "busctl monitor to start")  # fmt: skip
     job = start_backup(service)
     job_xml = json.loads(sh("busctl", "--json=short", "call", "org.cryptsnap1", job,
                             "org.freedesktop.DBus.Introspectable", "Introspect").stdout)["data"][0]  # fmt: skip
@@ -142,9 +144,9 @@ def test_bus_api_introspection_busy_access_and_signals(service):
                   user="outsider")  # fmt: skip
     assert readable.stdout.strip() == 's "running"'
     assert wait_idle(service) == "done"
-    time.sleep(1)
-    monitor.terminate()
-    messages = [json.loads(line) for line in monitor.communicate(timeout=30)[0].splitlines() if line.strip()]
+    monitor.wait_for(lambda m: m.get("member") == "JobRemoved")
+    monitor.close()
+    messages = monitor.messages
     signals = [m for m in messages if m.get("type") == "signal"]
     assert any(m["member"] == "JobNew" and m["payload"]["data"][1] == job for m in signals)
     progress = [m["payload"]["data"][1]["Progress"]["data"] for m in signals
