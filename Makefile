@@ -19,8 +19,8 @@ test: deps $(VENV)/.installed   ## every tier: unit, host (sshd/sshfs/loop), gue
 test-fast: $(VENV)/.installed   ## unit tests only
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
-demo: deps $(VENV)/.installed   ## the main job end to end in a guest (see README)
-	$(VENV)/bin/python -m cryptsnap.demo
+demo: deps                 ## the main job end to end in a throwaway guest (demo/demo.sh)
+	$(PY) -m tests.harness demo
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -5,6 +5,7 @@
     python3 -m tests.harness run -- CMD ...   boot, run CMD as root in /src, print its
                                               output, power off; exit code is CMD's
     python3 -m tests.harness build            build (or reuse) the cached guest image
+    python3 -m tests.harness demo             the cryptsnap demo (demo/demo.sh) in a fresh guest
 
 In the guest the checkout is at /src (read-only) and build/vm-results at /results.
 Handy inside: ``cd /src && python3 -m pytest -p no:cacheprovider tests/system -x``.
@@ -16,9 +17,11 @@ import argparse
 import logging
 import subprocess
 import sys
+import threading
+import time
 
 from .image import ensure_image
-from .vm import Guest, GuestError
+from .vm import REPO, Guest, GuestError
 
 
 def main() -> int:
@@ -33,6 +36,7 @@ def main() -> int:
     run.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (after --)")
     sub.add_parser("build", help="build or reuse the cached guest image and print where it is")
+    sub.add_parser("demo", help="run demo/demo.sh in a fresh guest, showing its output as it goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -46,6 +50,8 @@ def main() -> int:
             return guest.proc.wait()
         finally:
             guest.kill()
+    if args.action == "demo":
+        return demo()
     command = [c for c in args.command if c != "--"] or ["systemctl", "is-system-running", "--wait"]
     try:
         with Guest() as guest:
@@ -57,6 +63,42 @@ def main() -> int:
         return 2
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
+    return result.rc
+
+
+def demo() -> int:
+    """Boot a guest, run demo/demo.sh in it, and print its log while it runs (over the 9p share)."""
+    results = REPO / "build" / "demo-results"
+    started = time.monotonic()
+    print("Booting a throwaway Debian 12 guest (QEMU; the first run also builds its image)...", flush=True)
+    with Guest(results=results) as guest:
+        print(f"Guest up after {time.monotonic() - started:.0f}s ({guest.accel}). Running demo/demo.sh in it:\n",
+              flush=True)
+        log = results / "demo.log"
+        done = threading.Event()
+
+        def tail():
+            position = 0
+            while not done.is_set() or (log.exists() and log.stat().st_size > position):
+                if log.exists():
+                    with open(log, "rb") as f:
+                        f.seek(position)
+                        chunk = f.read()
+                        position += len(chunk)
+                    sys.stdout.write(chunk.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+                done.wait(0.5)
+
+        reader = threading.Thread(target=tail, daemon=True)
+        reader.start()
+        try:
+            result = guest.run("bash /src/demo/demo.sh > /results/demo.log 2>&1", timeout=1800, cwd="/src")
+        finally:
+            done.set()
+            reader.join(timeout=10)
+    print(f"\nDemo {'finished' if result.rc == 0 else f'FAILED (exit {result.rc})'} in "
+          f"{time.monotonic() - started:.0f}s. Its log: {results / 'demo.log'}; the guest's journal: "
+          f"{results / 'journal.txt'}")
     return result.rc
 
 

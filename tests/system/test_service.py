@@ -74,7 +74,7 @@ def service(installed):
        check=False)  # fmt: skip
 
 
-def fill(setup, megabytes: int = 160) -> None:
+def fill(setup, megabytes: int) -> None:
     """Enough incompressible data for a job that runs a while under emulation."""
     for i in range(megabytes // 16):
         (setup.source / f"big-{i}").write_bytes(os.urandom(16 << 20))
@@ -114,7 +114,7 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
 
 
 def test_bus_api_introspection_busy_access_and_signals(service):
-    fill(service, 96)
+    fill(service, 32)
     path = target_path(service.name)
     sh("systemctl", "start", "cryptsnapd.service")
     exported = {}
@@ -192,7 +192,7 @@ def test_watchdog_restarts_a_hung_daemon(service):
 
 
 def test_cancel_and_service_stop_mid_rsync_leave_nothing(service):
-    fill(service, 160)
+    fill(service, 64)
     path = target_path(service.name)
     sh("systemctl", "start", "cryptsnapd.service")
     job = start_backup(service)
@@ -232,7 +232,7 @@ def test_restore_unit_opens_read_only_and_holds_the_lock(service):
     assert_nothing_left(service)
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before, "the read-only view changed the image"
     # and the reverse: while a backup runs, the restore unit cannot open the image
-    fill(service, 96)
+    fill(service, 48)
     start_backup(service)
     wait_until(lambda: prop(target_path(name), "org.cryptsnap1.Target", "State") == "running", 60, "running")
     blocked = sh("systemctl", "start", f"cryptsnap-restore@{name}.service", check=False, timeout=300)
