@@ -107,6 +107,7 @@ def backup_via_daemon(client, args) -> int:
     if result == "done":
         snaps = props.get("Snapshots", [])
         print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
+        print(f"traffic: {props['BytesUploaded']:,} bytes up, {props['BytesDownloaded']:,} down")
         return 0
     print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
     return int(props.get("LastExitCode") or (Canceled.exit_code if result == "canceled" else 1))
@@ -126,6 +127,7 @@ def cmd_backup(args) -> int:
         reporter.done()
     print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
           + (f", pruned {', '.join(record.pruned)}" if record.pruned else ""))
+    print(f"traffic: {pipeline.traffic_text(record)}")
     return 0
 
 

@@ -36,8 +36,11 @@ LUKS_SECTOR_SIZE = 4096
 LABEL = "cryptsnap"
 
 
-def ssh_config(target: Target, known_hosts: str) -> str:
-    """cryptsnap's own ssh configuration for a target: nothing from ~/.ssh/config applies."""
+def ssh_config(target: Target, known_hosts: str, counter: str | None = None, python: str = "/usr/bin/python3") -> str:
+    """cryptsnap's own ssh configuration for a target: nothing from ~/.ssh/config applies.
+
+    With a counter file, ssh connects through cryptsnap.meter, which counts every byte.
+    """
     options = {
         "HostName": target.host,
         "Port": str(target.port),
@@ -60,6 +63,8 @@ def ssh_config(target: Target, known_hosts: str) -> str:
         "ClearAllForwardings": "yes",
         "LogLevel": "ERROR",
     }
+    if counter:
+        options["ProxyCommand"] = f"{python} -m cryptsnap.meter --counter {counter} %h %p"
     body = "".join(f"    {key} {value}\n" for key, value in options.items())
     header = f"# written by cryptsnap for target {target.name}; regenerated on every run\n"
     return f"{header}Host cryptsnap-{target.name}\n{body}"

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import commands, runner, snapshot
+from . import commands, meter, runner, snapshot
 from .config import Target
 from .errors import IntegrityError, RemoteUnreachable, ToolFailed, UsageError
 from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount
@@ -129,10 +129,11 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
     state = TargetState(target)
     key = key_path(target)
     state.ensure_dir()
+    paths = Paths.of(target)
     with step("connecting"):
         pin_host_key(target, state, accept_new_host_key, say)
-        config_file = state.write_ssh_config()
-    paths = Paths.of(target)
+        meter.reset(paths.traffic)
+        config_file = state.write_ssh_config(paths.traffic)
     staging = target.image + ".new"
     with LocalLock(target.runtime_dir, "init"):
         remove_leftovers(target)
@@ -173,6 +174,8 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(final)
                 os.rename(paths.remote / staging, final)
+    traffic = meter.read(paths.traffic)
+    say(f"Traffic: {traffic.up:,} bytes up, {traffic.down:,} bytes down.")
     state.record_image(target.size, uuid)
     state.set_generation(0)
     with contextlib.suppress(FileNotFoundError):

@@ -7,6 +7,7 @@ file system mount. stack.py enters them through an ExitStack.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -16,6 +17,8 @@ import socket
 import stat
 import time
 from pathlib import Path
+
+import psutil
 
 from . import commands, runner
 from .errors import Busy, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed
@@ -108,13 +111,14 @@ class SshfsMount:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not is_mountpoint(self.mountpoint):
-            return
-        try:
-            _retry(("fusermount3", "-u", str(self.mountpoint)))
-        except ToolFailed:
-            log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
-            runner.run(commands.fuse_unmount(str(self.mountpoint)))
+        if is_mountpoint(self.mountpoint):
+            try:
+                _retry(("fusermount3", "-u", str(self.mountpoint)))
+            except ToolFailed:
+                log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
+                runner.run(commands.fuse_unmount(str(self.mountpoint)))
+        wait_for_exit(str(self.ssh_config))
+
 
 
     def _diagnose(self, failure: ToolFailed) -> Exception:
@@ -140,6 +144,27 @@ class SshfsMount:
             return RemoteUnreachable(f"{where}: the remote directory {target.remote_dir!r} does not exist; "
                                      f"run `cryptsnap init {target.name}`")
         return failure
+
+
+def wait_for_exit(marker: str, timeout: float = 15.0) -> None:
+    """Wait until no sshfs/ssh/meter process using `marker` (our ssh config) is left.
+
+    After the unmount they exit by themselves within moments; a run must not return while
+    they still hold the connection.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for proc in left:
+                log.error("killing pid %d, still running after the unmount: %s", proc.pid,
+                          " ".join(proc.info["cmdline"] or []))  # fmt: skip
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            return
+        time.sleep(0.05)
 
 
 def sshfs_contains_symlinks() -> bool:

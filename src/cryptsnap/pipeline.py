@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import commands, runner, snapshot
+from . import commands, meter, runner, snapshot
 from .config import Target
 from .errors import Canceled, CryptsnapError, UsageError
 from .stack import Paths, open_stack
@@ -30,6 +30,55 @@ class Reporter:
         pass
 
 
+# Pipeline phases, grouped as the traffic report shows them.
+TRAFFIC_PHASES = {
+    "connecting": "connect",
+    "attaching": "open", "unlocking": "open", "mounting": "open",
+    "syncing": "sync",
+    "finalizing": "close", "unmounting": "close",
+}  # fmt: skip
+
+
+class MeteredReporter(Reporter):
+    """Passes phases and progress on, and charges the ssh traffic to the phase it happened in."""
+
+    def __init__(self, inner: Reporter, read_counter):
+        self.inner = inner
+        self.read_counter = read_counter  # () -> meter.Traffic
+        self.current: str | None = None
+        self.mark = meter.Traffic()
+        self.by_phase: dict[str, meter.Traffic] = {}
+
+    def _charge(self) -> None:
+        now = self.read_counter()
+        if self.current is not None:
+            group = TRAFFIC_PHASES.get(self.current, self.current)
+            self.by_phase[group] = self.by_phase.get(group, meter.Traffic()) + (now - self.mark)
+        self.mark = now
+
+    def phase(self, name: str) -> None:
+        self._charge()
+        self.current = name
+        self.inner.phase(name)
+
+    def progress(self, fraction: float, transferred: int) -> None:
+        self.inner.progress(fraction, transferred)
+
+    def finish(self) -> meter.Traffic:
+        """Charge what is left to the last phase; return the total."""
+        self._charge()
+        self.current = None
+        total = meter.Traffic()
+        for traffic in self.by_phase.values():
+            total += traffic
+        return total
+
+
+def traffic_text(record: RunRecord) -> str:
+    phases = ", ".join(f"{name} {up:,}/{down:,}" for name, (up, down) in record.traffic.items())
+    return f"{record.bytes_up:,} bytes up, {record.bytes_down:,} down ({phases})"
+
+
 @dataclass
 class RunRecord:
     action: str
@@ -42,11 +91,15 @@ class RunRecord:
     snapshot: str = ""
     pruned: list[str] = field(default_factory=list)
     snapshots: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # on the ssh connection, whole run
+    bytes_down: int = 0
+    traffic: dict[str, tuple[int, int]] = field(default_factory=dict)  # per phase group: (up, down)
 
 
 def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False) -> RunRecord:
     """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run."""
-    reporter = reporter or Reporter()
+    counter = Paths.of(target).traffic
+    reporter = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
     record = RunRecord("backup", target.name)
     try:
@@ -70,6 +123,10 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         raise
     finally:
         record.finished = time.time()
+        total = reporter.finish()
+        record.bytes_up, record.bytes_down = total.up, total.down
+        record.traffic = {name: (t.up, t.down) for name, t in reporter.by_phase.items()}
+        log.info("target %s: traffic %s", target.name, traffic_text(record))
         previous = state.last_run()
         entry = dict(record.__dict__)
         entry["last_success"] = record.finished if record.result == "done" else previous.get("last_success", 0)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import meter
 from .config import Target
 from .errors import CryptsnapError, StepFailed, ToolFailed
 from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
@@ -40,6 +41,7 @@ class Paths:
     view: Path  # read-only view (`cryptsnap mount`, the restore unit)
     mapping: str  # dm-crypt mapping name
     loop_record: Path  # which loop device the image is attached to
+    traffic: Path  # byte counters of the ssh connection (cryptsnap.meter)
 
     @classmethod
     def of(cls, target: Target) -> Paths:
@@ -49,6 +51,7 @@ class Paths:
             view=target.runtime_dir.parent / "restore" / target.name,
             mapping=f"cryptsnap-{target.name}",
             loop_record=target.runtime_dir / "loop",
+            traffic=target.runtime_dir / "traffic",
         )
 
 
@@ -126,9 +129,10 @@ def open_stack(
     try:
         stack.enter_context(LocalLock(target.runtime_dir, what))
         remove_leftovers(target)
+        meter.reset(paths.traffic)
         on_phase("connecting")
         with step("connecting"):
-            stack.enter_context(SshfsMount(target, state.write_ssh_config(), paths.remote))
+            stack.enter_context(SshfsMount(target, state.write_ssh_config(paths.traffic), paths.remote))
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
         on_phase("attaching")
         with step("attaching"):

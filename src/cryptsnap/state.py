@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from . import commands
@@ -43,9 +44,12 @@ class TargetState:
     def ensure_dir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def write_ssh_config(self) -> Path:
+    def write_ssh_config(self, counter: Path | None = None) -> Path:
+        """Write the target's ssh config; with `counter`, traffic is counted there (cryptsnap.meter)."""
         self.ensure_dir()
-        _write_atomic(self.ssh_config, commands.ssh_config(self.target, str(self.known_hosts)))
+        text = commands.ssh_config(self.target, str(self.known_hosts), str(counter) if counter else None,
+                                   sys.executable)  # fmt: skip
+        _write_atomic(self.ssh_config, text)
         return self.ssh_config
 
     def image(self) -> dict:
