@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,11 +37,16 @@ def test_full_cycle(tmp_path, untrusted_host, filesystem):
     line = next(s.strip() for s in out.splitlines() if s.strip().startswith("restrict,"))
     (untrusted_host.tmp / "authorized_keys").write_text(line + "\n")
 
-    cryptsnap(setup, "backup", setup.name)
+    out = cryptsnap(setup, "backup", setup.name).stdout
+    assert re.search(r"traffic: [\d,]+ bytes up, [\d,]+ down \(connect ", out), out
     first = trees.manifest(setup.source)
     trees.mutate(setup.source)
     cryptsnap(setup, "backup", setup.name)
     second = trees.manifest(setup.source)
+    record = json.loads((setup.state_dir / setup.name / "last-run.json").read_text())
+    assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+    assert set(record["traffic"]) == {"connect", "open", "sync", "close"}
+    assert sum(up for up, _ in record["traffic"].values()) == record["bytes_up"]
 
     names = cryptsnap(setup, "list", setup.name).stdout.split()
     assert len(names) == 2 and names == sorted(names)

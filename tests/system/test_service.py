@@ -100,6 +100,9 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert sh("systemctl", "show", "-P", "Result", f"cryptsnap-backup@{name}.service").stdout.strip() == "success"
     assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "done"
     assert len(prop(target_path(name), "org.cryptsnap1.Target", "Snapshots")) == 1
+    record = json.loads((service.state_dir / name / "last-run.json").read_text())
+    assert prop(target_path(name), "org.cryptsnap1.Target", "BytesUploaded") == record["bytes_up"] > 0
+    assert prop(target_path(name), "org.cryptsnap1.Target", "BytesDownloaded") == record["bytes_down"] > 0
     status = sh("cryptsnap", "status", name).stdout
     assert f"{name}: idle, last run done" in status
     # A failing backup fails the unit the same way (OnFailure= hooks see it).

@@ -1,0 +1,177 @@
+"""Traffic benchmark: bytes on the ssh connection for one incremental run, per method.
+
+Runs inside the test guest (it needs dm-crypt), as root:
+
+    sudo python3 -m tests.harness run -- python3 -m bench.run [options]     # from the host
+    python3 -m bench.run --files 1000 --changed 60                          # inside the guest
+
+For each file system mode the real pipeline (sshfs, loop, LUKS, mount, rsync) backs up a
+tree, then the same files are rewritten and a second run is measured. restic (sftp) and
+borg (ssh) back up the same data through the same ssh configuration, so the same meter
+(cryptsnap.meter, the ProxyCommand relay) counts their bytes too. Results are multiples of
+the changed bytes: "up 1.50x" means 1.5 bytes sent per byte changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptsnap import meter
+from cryptsnap.stack import Paths
+from cryptsnap.state import TargetState
+from tests.support import sshd
+from tests.support.targets import make_setup
+
+
+def make_tree(root: Path, files: int, size: int, compressible: bool, seed: int = 1) -> list[Path]:
+    rng = random.Random(seed)
+    paths = []
+    for i in range(files):
+        path = root / f"d{i % 50:02d}" / f"f{i:06d}.dat"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content(rng, size, compressible))
+        paths.append(path)
+    return paths
+
+
+def content(rng: random.Random, size: int, compressible: bool) -> bytes:
+    if compressible:
+        words = [b"backup", b"snapshot", b"encrypted", b"incremental", b"remote", b"rsync", b"\n"]
+        out = bytearray()
+        while len(out) < size:
+            out += rng.choice(words) + b" "
+        return bytes(out[:size])
+    return os.urandom(size)
+
+
+def change(paths: list[Path], count: int, size: int, compressible: bool, seed: int) -> int:
+    """Rewrite `count` scattered files with `size` new bytes each; return the bytes changed."""
+    rng = random.Random(seed)
+    chosen = rng.sample(paths, count)
+    for path in chosen:
+        path.write_bytes(content(rng, size, compressible))
+    return count * size
+
+
+def cryptsnap(setup, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cryptsnap", *setup.cli_args(*args)], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
+    setup = make_setup(work, server, filesystem=mode, size=args.image_size)
+    shutil.rmtree(setup.source)
+    shutil.copytree(args.tree, setup.source, symlinks=True)
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "backup", setup.name)
+    changed = args.mutate(setup.source)
+    started = time.monotonic()
+    cryptsnap(setup, "backup", setup.name)
+    record = TargetState(setup.load()).last_run()
+    return {"method": f"cryptsnap {mode}", "changed": changed, "up": record["bytes_up"],
+            "down": record["bytes_down"], "seconds": time.monotonic() - started, "phases": record["traffic"]}
+
+
+def run_reference(tool: str, server, work: Path, args) -> dict:
+    """restic or borg over the same ssh configuration and meter."""
+    setup = make_setup(work, server)
+    shutil.rmtree(setup.source)
+    shutil.copytree(args.tree, setup.source, symlinks=True)
+    target = setup.load()
+    state = TargetState(target)
+    state.ensure_dir()
+    from cryptsnap.initialize import pin_host_key, remote_run
+
+    pin_host_key(target, state, False, lambda line: None)
+    counter = Paths.of(target).traffic
+    meter.reset(counter)
+    config = str(state.write_ssh_config(counter))
+    host = f"cryptsnap-{target.name}"
+    remote_run(Path(config), target, ["mkdir", "-p", target.remote_dir])
+    env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="bench", BORG_RSH=f"ssh -F {config}",
+               BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes", BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    if tool == "restic":
+        repo = f"sftp:{host}:{target.remote_dir}/restic"
+        base = ["restic", "-q", "-r", repo, "-o", f"sftp.command=ssh -F {config} {host} -s sftp"]
+        commands = [[*base, "init"], [*base, "backup", str(setup.source)]]
+        incremental = [*base, "backup", str(setup.source)]
+    else:
+        repo = f"ssh://{host}/./{target.remote_dir}/borg"
+        commands = [["borg", "init", "--encryption=repokey", repo],
+                    ["borg", "create", f"{repo}::one", str(setup.source)]]
+        incremental = ["borg", "create", f"{repo}::two", str(setup.source)]
+    for argv in commands:
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    changed = args.mutate(setup.source)
+    before = meter.read(counter)
+    started = time.monotonic()
+    subprocess.run(incremental, env=env, check=True, stdout=subprocess.DEVNULL)
+    used = meter.read(counter) - before
+    return {"method": tool, "changed": changed, "up": used.up, "down": used.down,
+            "seconds": time.monotonic() - started}
+
+
+def table(rows: list[dict], title: str) -> str:
+    lines = [f"### {title}", "", "| method | changed bytes | up | down | up x | down x | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['changed']:,} | {r['up']:,} | {r['down']:,} | "
+                     f"{r['up'] / r['changed']:.2f}x | {r['down'] / r['changed']:.2f}x | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=1000, help="files in the tree (default 1000)")
+    parser.add_argument("--file-kb", type=int, default=20, help="size of each file in KiB (default 20)")
+    parser.add_argument("--changed", type=int, default=30, help="files rewritten between runs (default 30)")
+    parser.add_argument("--changed-kb", type=int, default=100, help="new size of each changed file (default 100)")
+    parser.add_argument("--compressible", action="store_true", help="text-like data instead of random bytes")
+    parser.add_argument("--modes", default="btrfs,ext2,ext4", help="cryptsnap file systems to measure")
+    parser.add_argument("--references", default="restic,borg", help="reference tools to measure ('' for none)")
+    parser.add_argument("--image-size", default="300M")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="cryptsnap-bench-", dir="/var/tmp"))
+    args.tree = work / "tree"
+    paths = make_tree(args.tree, args.files, args.file_kb << 10, args.compressible)
+    relative = [p.relative_to(args.tree) for p in paths]
+
+    def mutate(source: Path) -> int:
+        return change([source / r for r in relative], args.changed, args.changed_kb << 10, args.compressible, 7)
+
+    args.mutate = mutate
+    server = sshd.start()
+    rows = []
+    try:
+        for mode in filter(None, args.modes.split(",")):
+            rows.append(run_cryptsnap(mode, server, work / mode, args))
+            print(json.dumps(rows[-1]), flush=True)
+        for tool in filter(None, args.references.split(",")):
+            rows.append(run_reference(tool, server, work / tool, args))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        sshd.stop(server)
+    kind = "compressible" if args.compressible else "incompressible"
+    title = (f"{args.files} files of {args.file_kb} KiB; {args.changed} rewritten as {args.changed_kb} KiB "
+             f"of {kind} data")
+    print()
+    print(table(rows, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
