@@ -107,7 +107,10 @@ def fuse_unmount(mountpoint: str) -> Argv:
 
 
 def loop_attach(path: str, readonly: bool) -> Argv:
-    return ("losetup", "--find", "--show", *(["--read-only"] if readonly else []), path)
+    # Direct I/O: the image's blocks are cached once (above dm-crypt), not again in the
+    # sshfs file, whose FUSE page cache may hold only ~1% of dirty memory ("strictlimit"):
+    # buffered, a large flush crawled at a fraction of the link's speed (docs/performance.md).
+    return ("losetup", "--find", "--show", "--direct-io=on", *(["--read-only"] if readonly else []), path)
 
 
 def loop_detach(device: str) -> Argv:
