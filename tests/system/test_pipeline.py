@@ -86,8 +86,8 @@ def test_full_cycle(tmp_path, untrusted_host, filesystem):
 
 def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untrusted_host):
     setup = make_setup(tmp_path, untrusted_host, filesystem="btrfs", size="400M")
-    for i in range(6):
-        (setup.source / f"big-{i}").write_bytes(os.urandom(24 * 1024 * 1024))
+    for i in range(4):
+        (setup.source / f"big-{i}").write_bytes(os.urandom(16 * 1024 * 1024))
     cryptsnap(setup, "init", setup.name)
     proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -105,8 +105,8 @@ def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untruste
 
 def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host):
     setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="400M")
-    for i in range(6):
-        (setup.source / f"big-{i}").write_bytes(os.urandom(24 * 1024 * 1024))
+    for i in range(4):
+        (setup.source / f"big-{i}").write_bytes(os.urandom(16 * 1024 * 1024))
     cryptsnap(setup, "init", setup.name)
     proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
