@@ -84,13 +84,19 @@ def test_full_cycle(tmp_path, untrusted_host, filesystem):
     assert b"hard linked content" not in image
 
 
-def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untrusted_host):
-    setup = make_setup(tmp_path, untrusted_host, filesystem="btrfs", size="400M")
+def start_big_backup(tmp_path, untrusted_host, filesystem: str):
+    """An initialized target with 64 MiB to back up, and a backup of it started in the background."""
+    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="400M")
     for i in range(4):
         (setup.source / f"big-{i}").write_bytes(os.urandom(16 * 1024 * 1024))
     cryptsnap(setup, "init", setup.name)
     proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return setup, proc
+
+
+def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untrusted_host):
+    setup, proc = start_big_backup(tmp_path, untrusted_host, "btrfs")
     killed = _kill_rsync_when_running(setup)
     _, err = proc.communicate(timeout=300)
     assert killed, "rsync never ran"
@@ -104,12 +110,7 @@ def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untruste
 
 
 def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host):
-    setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="400M")
-    for i in range(4):
-        (setup.source / f"big-{i}").write_bytes(os.urandom(16 * 1024 * 1024))
-    cryptsnap(setup, "init", setup.name)
-    proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    setup, proc = start_big_backup(tmp_path, untrusted_host, "ext2")
     assert _wait_for_rsync(setup)
     proc.kill()  # SIGKILL: no unwinding at all, as after a power cut of the client process
     proc.wait()
