@@ -153,3 +153,35 @@ def test_a_missing_tool_names_its_package(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(MissingTool, match="apt-get install sshfs"):
         runner.run(("sshfs", "--version"))
+
+
+def test_allocation_on_the_server_sparse_fallocate_and_the_dd_fallback(setup, tmp_path):
+    target, state, paths = prepare(setup, luks=False)  # fallocate works in the user's home
+    image = Path(setup.server.remote_dir) / target.image
+    assert image.stat().st_blocks * 512 >= target.size, "fallocate should preallocate every block"
+    # sparse: true -> the server makes a sparse file (SFTP setstat), nothing is written
+    sparse = target.__class__(**{**target.__dict__, "sparse": True, "image": "sparse.img"})
+    said = []
+    with SshfsMount(sparse, state.ssh_config, paths.remote):
+        _allocate(state.ssh_config, sparse, paths.remote, "sparse.img", said.append)
+    on_server = Path(setup.server.remote_dir) / "sparse.img"
+    assert on_server.stat().st_size == target.size and on_server.stat().st_blocks < 64
+    # ext2 has no fallocate: the remote dd fallback writes the zeros on the server side
+    ext2 = tmp_path / "ext2.img"
+    subprocess.run(["truncate", "-s", "256M", str(ext2)], check=True)
+    subprocess.run(["mkfs.ext2", "-q", "-F", str(ext2)], check=True)
+    mountpoint = Path(setup.server.remote_dir) / "ext2"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(ext2), str(mountpoint)], check=True)
+    try:
+        owner = Path(setup.server.remote_dir).stat()
+        os.chown(mountpoint, owner.st_uid, owner.st_gid)
+        fallback = target.__class__(**{**target.__dict__, "remote_dir": f"{target.remote_dir}/ext2"})
+        with SshfsMount(fallback, state.ssh_config, paths.remote):
+            _allocate(state.ssh_config, fallback, paths.remote, "dd.img", said.append)
+        made = mountpoint / "dd.img"
+        assert made.stat().st_size == target.size and made.stat().st_blocks * 512 >= target.size
+        assert any("dd" in line for line in said)
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert_nothing_left(setup)
