@@ -1,0 +1,44 @@
+"""Installing: `pip install .` into a venv, and the distribution layout of packaging/install."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_pip_install_into_a_venv_gives_both_commands(tmp_path):
+    venv = tmp_path / "venv"
+    # Debian's python3 with its packages (python3-pydbus, python3-gi...), as a user of the distribution has.
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-build-isolation", "--no-deps", str(REPO)],
+                   check=True)  # fmt: skip
+    help_text = subprocess.run([str(venv / "bin" / "cryptsnap"), "--help"], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    assert "exit codes:" in help_text and "restore" in help_text
+    module = subprocess.run([str(venv / "bin" / "python"), "-m", "cryptsnap", "--help"], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    assert module == help_text  # python -m cryptsnap is the cryptsnap script
+    daemon = subprocess.run([str(venv / "bin" / "cryptsnapd"), "--help"], capture_output=True, text=True, check=True)
+    assert "org.cryptsnap1" in daemon.stdout
+    xml = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "from cryptsnap.bus import interface_xml; print(len(interface_xml()))"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert int(xml.stdout) > 1000, "the D-Bus contract must ship in the package"
+
+
+def test_distribution_layout(tmp_path):
+    subprocess.run([str(REPO / "packaging" / "install"), str(tmp_path)], check=True)
+    for path in ("usr/bin/cryptsnap", "usr/bin/cryptsnapd", "usr/lib/python3/dist-packages/cryptsnap/cli.py",
+                 "usr/lib/python3/dist-packages/cryptsnap/org.cryptsnap1.xml",
+                 "lib/systemd/system/cryptsnapd.service", "lib/systemd/system/cryptsnap-backup@.service",
+                 "lib/systemd/system/cryptsnap-backup@.timer", "lib/systemd/system/cryptsnap-restore@.service",
+                 "usr/share/dbus-1/system.d/org.cryptsnap1.conf",
+                 "usr/share/dbus-1/system-services/org.cryptsnap1.service",
+                 "usr/lib/sysusers.d/cryptsnap.conf", "usr/lib/tmpfiles.d/cryptsnap.conf"):  # fmt: skip
+        assert (tmp_path / path).is_file(), path
+    assert not (tmp_path / "lib/systemd/system/org.cryptsnap1.service").exists()
+    run = subprocess.run([str(tmp_path / "usr/bin/cryptsnap"), "--version"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "usr/lib/python3/dist-packages")})  # fmt: skip
+    assert run.stdout.startswith("cryptsnap ")
