@@ -224,3 +224,55 @@ def test_reload_adds_targets_and_a_bad_config_fails_the_start(setup, bus):
     err = broken.stop()
     assert broken.process.returncode == 3
     assert f"{setup.config_path}:" in err and "bogus: unknown option" in err
+
+
+def test_jobs_of_two_targets_run_side_by_side_and_survive_a_reload(setup, bus, tarpit):
+    document = yaml.safe_load(setup.config_path.read_text())
+    first = document["targets"][setup.name]
+    first["port"] = tarpit  # jobs that hang in "connecting" until canceled
+    document["targets"]["second"] = dict(first, image="second.img")
+    setup.config_path.write_text(yaml.safe_dump(document))
+    for name in (setup.name, "second"):
+        state = setup.state_dir / name
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "image.json").write_text(json.dumps({"size": 1 << 20, "luks_uuid": "x"}))
+        (state / "known_hosts").write_text("")
+    # A member of the group cryptsnap may start jobs; reading needs no group.
+    subprocess.run(["groupadd", "-f", "cryptsnap"], check=True)
+    subprocess.run(["useradd", "--no-create-home", "-G", "cryptsnap", "csnap-operator"], check=False)
+    daemon = Daemon(setup, bus).ready()
+    try:
+        start = ("call", "org.cryptsnap1", target_path(setup.name), "org.cryptsnap1.Target", "StartBackup",
+                 "a{sv}", "0")  # fmt: skip
+        account = __import__("pwd").getpwnam("csnap-operator")
+        as_member = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+                     "busctl", f"--address={bus.address}", "--json=short", *start]  # fmt: skip
+        first_job = json.loads(subprocess.run(as_member, capture_output=True, text=True, check=True).stdout)["data"][0]
+        second_job = json.loads(bus.busctl("--json=short", "call", "org.cryptsnap1", target_path("second"),
+                                           "org.cryptsnap1.Target", "StartBackup", "a{sv}", "0").stdout)["data"][0]
+        jobs = lambda: sorted(j[3] for j in json.loads(bus.busctl(  # noqa: E731
+            "--json=short", "call", "org.cryptsnap1", "/org/cryptsnap1", "org.cryptsnap1.Manager", "ListJobs").stdout
+        )["data"][0])
+        assert jobs() == sorted([first_job, second_job])
+        mark = daemon.notify.mark()
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.notify.wait_for(lambda m: m == "READY=1", since=mark)
+        assert jobs() == sorted([first_job, second_job]), "a reload must not drop running jobs"
+        for job in (first_job, second_job):
+            bus.busctl("call", "org.cryptsnap1", job, "org.cryptsnap1.Job", "Cancel")
+        daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=mark)
+        assert jobs() == []
+        none_running = bus.busctl("call", "org.cryptsnap1", target_path("second"), "org.cryptsnap1.Target",
+                                  "Cancel", check=False)  # fmt: skip
+        assert none_running.returncode != 0 and "no job is running" in none_running.stderr
+        # The CLI through the daemon: --no-wait returns once the job is started.
+        cli = subprocess.run([sys.executable, "-m", "cryptsnap", "--config", str(setup.config_path), "backup",
+                              "--daemon", "--no-wait", "second"], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, CRYPTSNAP_BUS_ADDRESS=bus.address))  # fmt: skip
+        assert cli.returncode == 0 and "started job /org/cryptsnap1/job/" in cli.stderr, cli.stderr
+        assert len(jobs()) == 1
+        bus.busctl("call", "org.cryptsnap1", target_path("second"), "org.cryptsnap1.Target", "Cancel")
+        daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=daemon.notify.mark())
+    finally:
+        daemon.stop()
+    assert_nothing_left(setup)
