@@ -136,17 +136,22 @@ def _wait_for_rsync(setup, timeout: float = 120) -> int | None:
 
 
 def _kill_rsync_when_running(setup) -> bool:
-    pid = _wait_for_rsync(setup, timeout=60)
-    if pid is None:
-        return False
+    """SIGKILL rsync once it has started writing into the partial snapshot."""
+    import glob
     import signal
     import time
 
-    time.sleep(0.5)  # let it write part of the data
+    pid = _wait_for_rsync(setup, timeout=60)
+    if pid is None:
+        return False
+    pattern = str(setup.runtime_dir / setup.name / "fs" / "snapshots" / "*.partial" / "**" / "big-*")
+    deadline = time.monotonic() + 60
+    while not glob.glob(pattern, recursive=True) and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return False  # it finished first: the test would not show a kill midway
     return True
 
 
