@@ -144,9 +144,17 @@ def _kill_rsync_when_running(setup) -> bool:
     pid = _wait_for_rsync(setup, timeout=60)
     if pid is None:
         return False
-    pattern = str(setup.runtime_dir / setup.name / "fs" / "snapshots" / "*.partial" / "**" / "big-*")
+    snapshots = setup.runtime_dir / setup.name / "fs" / "snapshots"
+
+    def writing() -> bool:  # a data file (or rsync's .big-N.XXXX temporary) exists in the partial
+        for partial in glob.glob(str(snapshots / "*.partial")):
+            for _, _, files in os.walk(partial):
+                if any("big-" in name for name in files):
+                    return True
+        return False
+
     deadline = time.monotonic() + 60
-    while not glob.glob(pattern, recursive=True) and time.monotonic() < deadline:
+    while not writing() and time.monotonic() < deadline:
         time.sleep(0.02)
     try:
         os.kill(pid, signal.SIGKILL)
