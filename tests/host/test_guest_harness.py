@@ -34,6 +34,7 @@ def test_a_guest_that_panics_fails_fast_with_its_console_tail(tmp_path):
 
 
 def test_a_failing_guest_test_fails_the_host_run_with_the_guest_message(tmp_path):
+    before = {p.pid for p in qemu_processes()}  # guests of other runs on this machine are not ours
     env = dict(os.environ, CRYPTSNAP_DEMO_GUEST_FAILURE="1")
     node = "tests/system/test_harness.py::test_deliberate_guest_failure"
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", node],
@@ -41,4 +42,4 @@ def test_a_failing_guest_test_fails_the_host_run_with_the_guest_message(tmp_path
     assert run.returncode == 1, run.stdout[-3000:]
     assert "deliberate failure inside the guest" in run.stdout
     assert "1 failed" in run.stdout
-    assert not qemu_processes()
+    assert not {p.pid for p in qemu_processes()} - before, "the run left its qemu behind"
