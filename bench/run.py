@@ -97,8 +97,9 @@ def run_reference(tool: str, server, work: Path, args) -> dict:
     config = str(state.write_ssh_config(counter))
     host = f"cryptsnap-{target.name}"
     remote_run(Path(config), target, ["mkdir", "-p", target.remote_dir])
-    env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="bench", BORG_RSH=f"ssh -F {config}",
-               BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes", BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    env = dict(os.environ, HOME=str(work), RESTIC_PASSWORD="bench", BORG_PASSPHRASE="bench",
+               BORG_RSH=f"ssh -F {config}", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+               BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
     if tool == "restic":
         repo = f"sftp:{host}:{target.remote_dir}/restic"
         base = ["restic", "-q", "-r", repo, "-o", f"sftp.command=ssh -F {config} {host} -s sftp"]
