@@ -127,7 +127,7 @@ def open_stack(
     fs_mountpoint = mountpoint or paths.fs
     stack = contextlib.ExitStack()
     try:
-        stack.enter_context(LocalLock(target.runtime_dir, what))
+        local_lock = stack.enter_context(LocalLock(target.runtime_dir, what))
         remove_leftovers(target)
         meter.reset(paths.traffic)
         on_phase("connecting")
@@ -157,11 +157,13 @@ def open_stack(
             stack.close()
         raise
     if keep_open:
-        holder_file(LocalLock(target.runtime_dir, what).path).write_text(
+        # The view stays after this process ends, so the holder file takes over from the
+        # flock; `cryptsnap umount` (or the restore unit's stop) removes it as leftovers.
+        holder_file(local_lock.path).write_text(
             f"{what} is mounted at {fs_mountpoint} (run `cryptsnap umount {target.name}` to close it)\n"
         )
-        stack.pop_all()  # the view stays: `cryptsnap umount` removes it as leftovers
-        # ...but the local flock is ours only while this process lives; the holder file takes over.
+        stack.pop_all()
+        local_lock.__exit__(None, None, None)
         return
     on_phase("unmounting")
     with step("unmounting"):
