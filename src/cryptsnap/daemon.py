@@ -10,7 +10,6 @@ the config without touching running jobs, SIGTERM cancels and unwinds every job,
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -19,13 +18,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from gi.repository import GLib
 
 from . import __version__, config, logs
 from .errors import Busy, ConfigError, CryptsnapError
-from .layers import LocalLock, holder_file
+from .layers import LocalLock
 from .state import TargetState
 
 log = logging.getLogger("cryptsnapd")
@@ -264,18 +262,12 @@ class Daemon:
 
 
 def _check_lock_free(target: config.Target) -> None:
-    """Refuse early, as Busy, when a CLI run, a mount or the restore unit holds the target."""
-    lock = LocalLock(target.runtime_dir, "probe")
-    if holder_file(lock.path).exists():
-        raise Busy(f"target {target.name} is busy: {holder_file(lock.path).read_text().strip()}")
-    if not lock.path.exists():
-        return
-    with open(lock.path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(f, fcntl.LOCK_UN)
-        except BlockingIOError:
-            raise Busy(f"target {target.name} is busy: {Path(lock.path).read_text().strip()}") from None
+    """Refuse early, as Busy, when a CLI run, a mount or the restore unit holds the target.
+
+    Takes and releases the same lock the worker will take, so both say the same thing.
+    """
+    with LocalLock(target.runtime_dir, "busy check"):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
