@@ -106,20 +106,26 @@ class SshfsMount:
         argv = commands.sshfs(str(self.ssh_config), self.target, str(self.mountpoint), sshfs_contains_symlinks())
         try:
             runner.run(argv, timeout=120)
-        except ToolFailed as exc:
-            raise self._diagnose(exc) from None
+        except BaseException as exc:
+            # sshfs mounts before its ssh has logged in: a failure or a cancel in that window
+            # leaves a mount, and an ssh that nobody reads from and that never exits by itself.
+            self._close(straggler_timeout=2.0)
+            if isinstance(exc, ToolFailed):
+                raise self._diagnose(exc) from None
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
+        self._close(straggler_timeout=15.0)
+
+    def _close(self, straggler_timeout: float) -> None:
         if is_mountpoint(self.mountpoint):
             try:
                 _retry(("fusermount3", "-u", str(self.mountpoint)))
             except ToolFailed:
                 log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
                 runner.run(commands.fuse_unmount(str(self.mountpoint)))
-        wait_for_exit(str(self.ssh_config))
-
-
+        wait_for_exit(str(self.ssh_config), straggler_timeout)
 
     def _diagnose(self, failure: ToolFailed) -> Exception:
         """Say why sshfs failed. sshfs hides ssh's own message, so ask ssh once more, directly."""

@@ -10,10 +10,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -29,33 +27,6 @@ def bus():
     private = PrivateBus()
     yield private
     private.close()
-
-
-@pytest.fixture
-def tarpit():
-    """A TCP port that accepts connections and never says anything: an ssh server that hangs."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted = []
-    stop = threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 class Daemon:
@@ -165,13 +136,7 @@ def test_a_job_is_announced_reports_phases_fails_with_its_step_and_is_removed(se
 
 
 def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
-    document = yaml.safe_load(setup.config_path.read_text())
-    document["targets"][setup.name]["port"] = tarpit  # ssh connects, then hangs: a long job
-    setup.config_path.write_text(yaml.safe_dump(document))
-    state = setup.state_dir / setup.name  # a silent server cannot be init'ed...
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "image.json").write_text(json.dumps({"size": 1 << 20, "luks_uuid": "x"}))  # ...so pretend init ran
-    (state / "known_hosts").write_text("")
+    setup.point_at_silent_server(tarpit)  # a long job: ssh connects, then hangs
     daemon = Daemon(setup, bus).ready()
     path = target_path(setup.name)
     try:

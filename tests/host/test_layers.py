@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,4 +187,24 @@ def test_allocation_on_the_server_sparse_fallocate_and_the_dd_fallback(setup, tm
         assert any("dd" in line for line in said)
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert_nothing_left(setup)
+
+
+def test_canceled_while_connecting_leaves_no_mount_and_no_ssh(setup, tarpit):
+    """sshfs mounts before its ssh has logged in; a cancel in that window must still clean up both."""
+    setup.point_at_silent_server(tarpit)
+    run = subprocess.Popen([sys.executable, "-m", "cryptsnap", *setup.cli_args("backup", "--local", setup.name)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not any("sshfs" in line and setup.name in line for line in leftovers(setup)):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # sshfs is up and its ssh is waiting for the server's banner
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 9, err  # canceled
+    assert "connecting" in err
     assert_nothing_left(setup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,19 @@ class Setup:
 
     def cli_args(self, *args: str) -> list[str]:
         return ["--config", str(self.config_path), *args]
+
+    def point_at_silent_server(self, port: int) -> None:
+        """Aim the target at a port where ssh connects and then hangs, as if `init` had run.
+
+        A run then stays in its connecting step for as long as a test needs it to.
+        """
+        document = yaml.safe_load(self.config_path.read_text())
+        document["targets"][self.name]["port"] = port
+        self.config_path.write_text(yaml.safe_dump(document))
+        state = self.state_dir / self.name  # a silent server cannot be init'ed...
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "image.json").write_text(json.dumps({"size": 1 << 20, "luks_uuid": "x"}))  # ...so pretend it ran
+        (state / "known_hosts").write_text("")
 
 
 def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size: str = "160M",
