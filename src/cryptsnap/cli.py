@@ -295,23 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_signal(signum, frame):
-    # First signal: stop the running tool and unwind. Later ones are ignored so the
-    # unwinding itself (unmount, close, detach) is never cut short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner.terminate_children()
-    raise Canceled(f"canceled by signal {signal.Signals(signum).name}")
-
-
 def main(argv: list[str] | None = None) -> int:
     from . import logs
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    runner.cancel_on_signals()
     try:
         return args.func(args)
     except CryptsnapError as exc:

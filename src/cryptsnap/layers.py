@@ -126,6 +126,8 @@ class SshfsMount:
                 log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
                 runner.run(commands.fuse_unmount(str(self.mountpoint)))
         wait_for_exit(str(self.ssh_config), straggler_timeout)
+        if is_mountpoint(self.mountpoint):  # a killed straggler may have mounted meanwhile
+            runner.run(commands.fuse_unmount(str(self.mountpoint)))
 
     def _diagnose(self, failure: ToolFailed) -> Exception:
         """Say why sshfs failed. sshfs hides ssh's own message, so ask ssh once more, directly."""

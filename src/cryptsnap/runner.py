@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 
 from .commands import PACKAGES
-from .errors import MissingTool, ToolFailed
+from .errors import Canceled, MissingTool, ToolFailed
 
 log = logging.getLogger(__name__)
 
 _children: set[subprocess.Popen] = set()
 _children_lock = threading.Lock()
+# A cancel that arrives while a child is being started waits until the child is known:
+# raised in the middle of Popen, it would leave a running child that nobody stops.
+_spawning = False
+_deferred: Canceled | None = None
 
 
 def _environment() -> dict[str, str]:
@@ -33,14 +37,28 @@ def _environment() -> dict[str, str]:
 
 
 def _popen(argv: Sequence[str], **kwargs) -> subprocess.Popen:
+    global _spawning, _deferred
     log.debug("+ %s", shlex.join(argv))
+    _spawning = True
     try:
         proc = subprocess.Popen(list(argv), env=_environment(), **kwargs)
+        with _children_lock:
+            _children.add(proc)
     except FileNotFoundError:
         raise MissingTool(argv[0], PACKAGES.get(argv[0], argv[0])) from None
-    with _children_lock:
-        _children.add(proc)
+    finally:
+        _spawning = False
+    if _deferred is not None:
+        canceled, _deferred = _deferred, None
+        _stop(proc)
+        raise canceled
     return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    _forget(proc)
 
 
 def _forget(proc: subprocess.Popen) -> None:
@@ -100,6 +118,28 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> None:
         _forget(proc)
     if proc.returncode != 0:
         raise _failure(argv, proc.returncode, b"".join(errors).decode(errors="replace"))
+
+
+def cancel_on_signals() -> None:
+    """Make SIGTERM and SIGINT cancel the run: stop the running tool, then raise Canceled.
+
+    The caller's ExitStack then unwinds its layers. Later signals are ignored so the
+    unwinding itself (unmount, close, detach) is never cut short.
+    """
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+def _on_signal(signum, frame) -> None:
+    global _deferred
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    terminate_children()
+    canceled = Canceled(f"canceled by signal {signal.Signals(signum).name}")
+    if _spawning:
+        _deferred = canceled  # _popen raises it as soon as the new child can be stopped
+        return
+    raise canceled
 
 
 def terminate_children() -> None:

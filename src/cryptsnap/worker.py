@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 
-from . import config, logs, pipeline
-from .cli import _on_signal
+from . import config, logs, pipeline, runner
 from .errors import CryptsnapError
 
 log = logging.getLogger("cryptsnap.worker")
@@ -53,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target")
     args = parser.parse_args(argv)
     logs.setup(1, program=f"job {args.job} [{args.target}]", tag=f"job {args.job} [{args.target}]: ")
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    runner.cancel_on_signals()
     try:
         target = config.load(args.config).target(args.target)
         pipeline.backup(target, PipeReporter(), break_lock=args.break_lock)

@@ -163,7 +163,7 @@ def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
     assert daemon.process.returncode == 0, err
     assert "STOPPING=1" in daemon.notify.messages
     assert "canceled" in err
-    assert_nothing_left(setup)
+    assert_nothing_left(setup, err)
 
 
 def test_reload_adds_targets_and_a_bad_config_fails_the_start(setup, bus):

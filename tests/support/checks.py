@@ -46,6 +46,7 @@ def leftovers(setup: Setup) -> list[str]:
     return found
 
 
-def assert_nothing_left(setup: Setup) -> None:
+def assert_nothing_left(setup: Setup, log: str = "") -> None:
+    """log: what the run said, shown with the leftovers to tell why they were left."""
     left = leftovers(setup)
-    assert not left, "left behind:\n" + "\n".join(left)
+    assert not left, "left behind:\n" + "\n".join(left) + (f"\nlog:\n{log}" if log else "")

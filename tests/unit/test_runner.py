@@ -1,0 +1,54 @@
+"""The runner's cancel: a signal stops the running tool, even one that is just being started."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from cryptsnap import runner
+from cryptsnap.errors import Canceled, MissingTool, ToolFailed
+
+
+@pytest.fixture
+def signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    runner.cancel_on_signals()
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+def test_a_signal_while_a_child_starts_stops_that_child_then_cancels(signals):
+    # The handler runs between two bytecodes of Popen: as if the signal came mid-start.
+    runner._spawning = True
+    try:
+        runner._on_signal(signal.SIGTERM, None)  # deferred, not raised inside Popen
+    finally:
+        runner._spawning = False
+    seconds = "31.4159"  # a duration no other process sleeps: finds this child
+    with pytest.raises(Canceled, match="SIGTERM"):
+        runner.run(("sleep", seconds))
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
+    assert runner._deferred is None and not runner._children
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the unwinding is not cut short
+
+
+def test_a_signal_during_a_run_stops_the_tool_and_raises_canceled(signals):
+    proc = subprocess.Popen(["sh", "-c", "sleep 0.3; kill -INT $PPID"])
+    try:
+        with pytest.raises(Canceled, match="SIGINT"):
+            runner.run(("sleep", "30"))
+    finally:
+        proc.wait()
+    assert not runner._children
+
+
+def test_failures_name_the_tool_and_the_package():
+    with pytest.raises(ToolFailed, match=r"sh failed \(exit 3\): bad thing"):
+        runner.run(("sh", "-c", "echo bad thing >&2; exit 3"))
+    with pytest.raises(MissingTool) as missing:
+        runner.run(("cryptsetup-does-not-exist",))
+    assert "cryptsetup-does-not-exist" in str(missing.value)
