@@ -28,7 +28,7 @@ from pathlib import Path
 from cryptsnap import meter
 from cryptsnap.stack import Paths
 from cryptsnap.state import TargetState
-from tests.support import sshd
+from tests.support import sshd, udev
 from tests.support.targets import make_setup
 
 
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return change([source / r for r in relative], args.changed, args.changed_kb << 10, args.compressible, 7)
 
     args.mutate = mutate
+    udev.install_rule()
     server = sshd.start()
     rows = []
     try:

@@ -90,7 +90,9 @@ def _daemon_client(args):
 
 def backup_via_daemon(client, args) -> int:
     reporter = TerminalReporter()
-    job = client.start_backup(args.target, {"break-lock": True} if args.break_lock else {})
+    options = {name: True for name, wanted in (("break-lock", args.break_lock), ("full-compare", args.full_compare))
+               if wanted}  # fmt: skip
+    job = client.start_backup(args.target, options)
     print(f"{args.target}: started job {job}", file=sys.stderr)
     if args.no_wait:
         return 0
@@ -122,7 +124,7 @@ def cmd_backup(args) -> int:
     target = _target(args)
     reporter = TerminalReporter()
     try:
-        record = pipeline.backup(target, reporter, break_lock=args.break_lock)
+        record = pipeline.backup(target, reporter, break_lock=args.break_lock, full_compare=args.full_compare)
     finally:
         reporter.done()
     print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("--break-lock", action="store_true",
                    help="take over a remote lock left by a run on another machine that is gone for good")
+    p.add_argument("--full-compare", action="store_true",
+                   help="let rsync compare every file with the image (reads all metadata through the network) "
+                        "instead of trusting the local record of what the last snapshot holds")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--daemon", action="store_true",
                        help="run it through cryptsnapd (D-Bus) and fail if the daemon is unreachable")

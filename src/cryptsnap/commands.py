@@ -132,8 +132,11 @@ def luks_format(device: str, key_file: str, pbkdf: str, iterations: int | None) 
     return (*argv, device)
 
 
-def luks_open(device: str, name: str, key_file: str, readonly: bool) -> Argv:
+def luks_open(device: str, name: str, key_file: str, readonly: bool, header: str | None = None) -> Argv:
+    # --header: unlock with the local copy of the header instead of reading it (and the
+    # ~256 KiB key slot area) from the server on every run; it is the same header.
     return ("cryptsetup", "open", "--type", "luks2", "--key-file", key_file,
+            *(["--header", header] if header else []),
             *(["--readonly"] if readonly else []), device, name)  # fmt: skip
 
 
@@ -187,13 +190,23 @@ def rsync(
     link_dest: str | None = None,
     inplace: bool = False,
     progress: bool = True,
+    files_from: str | None = None,
 ) -> Argv:
+    """Copy sources into the snapshot; with files_from, only the NUL-separated paths listed there.
+
+    files_from paths are relative to /, and rsync does not recurse into listed directories:
+    the caller lists every entry to copy and deletes vanished ones itself (cryptsnap.changes).
+    """
     argv = [
         "rsync",
         "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
         "--relative",  # /etc/fstab lands at SNAPSHOT/etc/fstab
-        "--delete", "--delete-excluded",
     ]  # fmt: skip
+    if files_from:
+        argv += [f"--files-from={files_from}", "--from0"]
+        sources = ["/"]
+    else:
+        argv += ["--delete", "--delete-excluded"]
     if one_file_system:
         argv.append("--one-file-system")
     if link_dest:

@@ -135,8 +135,7 @@ class Daemon:
         job = Job(self.next_id, name)
         self.next_id += 1
         argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id), name]
-        if options.get("break-lock"):
-            argv.append("--break-lock")
+        argv += [f"--{option}" for option in ("break-lock", "full-compare") if options.get(option)]
         job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         os.set_blocking(job.process.stdout.fileno(), False)
         GLib.io_add_watch(job.process.stdout.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP,

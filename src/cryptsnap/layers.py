@@ -330,12 +330,16 @@ class LuksMapping:
 
     step = "unlocking"
 
-    def __init__(self, device: str, name: str, key_file: str, readonly: bool, expected_uuid: str | None):
+    def __init__(self, device: str, name: str, key_file: str, readonly: bool, expected_uuid: str | None,
+                 header: Path | None = None):  # fmt: skip
         self.device = device
         self.name = name
         self.key_file = key_file
         self.readonly = readonly
         self.expected_uuid = expected_uuid
+        # The header backup saved at `init`, when this machine has it: the image's own header
+        # is then neither downloaded nor trusted (`cryptsnap check` compares the two).
+        self.header = header if header is not None and header.is_file() else None
         self.opened = False
 
     @property
@@ -349,14 +353,15 @@ class LuksMapping:
             _retry(commands.luks_close(name))
 
     def __enter__(self) -> LuksMapping:
-        if self.expected_uuid is not None:
+        if self.expected_uuid is not None and self.header is None:
             uuid = runner.run(commands.luks_uuid(self.device), check=False)
             if uuid.returncode != 0 or uuid.stdout.strip() != self.expected_uuid:
                 found = uuid.stdout.strip() or "no LUKS header"
                 raise IntegrityError(f"the image's LUKS header is not the one made at `cryptsnap init` "
                                      f"(UUID {found}, expected {self.expected_uuid}); it was replaced or damaged")
         try:
-            runner.run(commands.luks_open(self.device, self.name, self.key_file, self.readonly))
+            runner.run(commands.luks_open(self.device, self.name, self.key_file, self.readonly,
+                                          str(self.header) if self.header else None))  # fmt: skip
         except ToolFailed as exc:
             if exc.returncode == 2 or "No key available" in exc.stderr:
                 raise KeyWrong(f"the key in {self.key_file} does not open the image") from None

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import commands, meter, runner, snapshot
+from . import changes, commands, meter, runner, snapshot
 from .config import Target
 from .errors import Canceled, CryptsnapError, UsageError
 from .stack import Paths, open_stack
@@ -47,13 +47,16 @@ class MeteredReporter(Reporter):
         self.read_counter = read_counter  # () -> meter.Traffic
         self.current: str | None = None
         self.mark = meter.Traffic()
-        self.by_phase: dict[str, meter.Traffic] = {}
+        self.by_phase: dict[str, meter.Traffic] = {}  # connect, open, sync, close
+        self.by_step: dict[str, meter.Traffic] = {}  # each phase on its own, to see where bytes go
 
     def _charge(self) -> None:
         now = self.read_counter()
         if self.current is not None:
+            used = now - self.mark
             group = TRAFFIC_PHASES.get(self.current, self.current)
-            self.by_phase[group] = self.by_phase.get(group, meter.Traffic()) + (now - self.mark)
+            self.by_phase[group] = self.by_phase.get(group, meter.Traffic()) + used
+            self.by_step[self.current] = self.by_step.get(self.current, meter.Traffic()) + used
         self.mark = now
 
     def phase(self, name: str) -> None:
@@ -94,10 +97,16 @@ class RunRecord:
     bytes_up: int = 0  # on the ssh connection, whole run
     bytes_down: int = 0
     traffic: dict[str, tuple[int, int]] = field(default_factory=dict)  # per phase group: (up, down)
+    traffic_steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # per phase: (up, down)
 
 
-def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False) -> RunRecord:
-    """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run."""
+def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False,
+           full_compare: bool = False) -> RunRecord:  # fmt: skip
+    """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run.
+
+    full_compare: let rsync compare every file with the image even where the local record
+    of the last snapshot's files would say what changed.
+    """
     counter = Paths.of(target).traffic
     reporter = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
@@ -106,10 +115,17 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock) as op:
             generation = snapshot.check_generation(op.fs, state)
             reporter.phase("syncing")
-            record.snapshot = snapshot.write_snapshot(op.fs, target, reporter.progress)
+            known = changes.Record.load(state.file_record)
+            record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
+                                                               work_dir=target.runtime_dir,
+                                                               full_compare=full_compare)  # fmt: skip
             reporter.phase("finalizing")
+            state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
             record.pruned = snapshot.prune(op.fs, target)
             snapshot.bump_generation(op.fs, state, generation)
+            if entries is not None:
+                settings = changes.settings_digest(target.sources, target.excludes, target.one_file_system)
+                changes.Record(generation + 1, record.snapshot, settings, entries).save(state.file_record)
             record.snapshots = snapshot.list_snapshots(op.fs)
         record.result = "done"
         log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
@@ -126,6 +142,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         total = reporter.finish()
         record.bytes_up, record.bytes_down = total.up, total.down
         record.traffic = {name: (t.up, t.down) for name, t in reporter.by_phase.items()}
+        record.traffic_steps = {name: (t.up, t.down) for name, t in reporter.by_step.items()}
         log.info("target %s: traffic %s", target.name, traffic_text(record))
         previous = state.last_run()
         entry = dict(record.__dict__)
@@ -149,8 +166,13 @@ def prune(target: Target, reporter: Reporter | None = None) -> list[str]:
     state = TargetState(target)
     with open_stack(target, readonly=False, what="prune", on_phase=reporter.phase) as op:
         generation = snapshot.check_generation(op.fs, state)
+        known = changes.Record.load(state.file_record)
+        state.file_record.unlink(missing_ok=True)
         pruned = snapshot.prune(op.fs, target)
         snapshot.bump_generation(op.fs, state, generation)
+        if known and known.generation == generation and known.snapshot not in pruned:
+            known.generation += 1  # pruning never touches the newest snapshot: the record still holds
+            known.save(state.file_record)
         return pruned
 
 

@@ -8,19 +8,23 @@ Layout inside the image's file system:
 
 ext2/ext4: rsync --link-dest to the previous snapshot (unchanged files are hard links).
 btrfs: a writable snapshot of the previous subvolume, rsync --inplace into it, then
-read-only (unchanged files share extents).
+read-only (unchanged files share extents). With a matching local record of the previous
+snapshot's files, rsync gets only what changed (cryptsnap.changes).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shutil
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import commands, naming, retention, runner
+from . import changes, commands, naming, retention, runner
 from .config import Target
 from .errors import IntegrityError
 from .state import TargetState
@@ -101,8 +105,15 @@ def remove_partials(fs: Path) -> None:
             _remove(directory / name)
 
 
-def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lambda f, b: None) -> str:
-    """rsync the target's sources into a new snapshot; return its name once complete."""
+def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lambda f, b: None,
+                   known: changes.Record | None = None, generation: int | None = None,
+                   work_dir: Path | None = None, full_compare: bool = False) -> tuple[str, dict | None]:  # fmt: skip
+    """rsync the target's sources into a new snapshot; return its name once complete.
+
+    btrfs: with `known`, the file record of the previous snapshot at this image generation,
+    only what changed since is copied (cryptsnap.changes). Also returns what the sources held
+    (for the next run's record), or None where no record can be kept.
+    """
     directory = snapshots_dir(fs)
     remove_partials(fs)
     existing = list_snapshots(fs)
@@ -110,34 +121,89 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
     name = naming.next_name(existing)
     partial = directory / (name + naming.PARTIAL_SUFFIX)
     btrfs = target.filesystem == "btrfs"
+    entries = difference = None
     if btrfs:
+        # Scanned before rsync reads anything: a file that changes during the run differs
+        # from its recorded state next time and is copied again.
+        entries = _scan(target)
+        if entries is not None and previous:
+            why_not = "a full compare was asked for" if full_compare else _record_unusable(
+                known, previous, generation, target)
+            if why_not:
+                log.info("comparing every file with the image: %s", why_not)
+            else:
+                difference = changes.compare(known.entries, entries)
+                log.info("%d entries changed, %d deleted since snapshot %s (from the local record)",
+                         len(difference.changed), len(difference.deleted), previous)
         if previous:
             runner.run(commands.btrfs_snapshot(str(directory / previous), str(partial)))
         else:
             runner.run(commands.btrfs_subvolume_create(str(partial)))
     else:
         partial.mkdir(mode=0o755)
-    argv = commands.rsync(
-        target.sources,
-        str(partial),
-        excludes=target.excludes,
-        one_file_system=target.one_file_system,
-        link_dest=str(directory / previous) if previous and not btrfs else None,
-        inplace=btrfs,
-    )
 
     def progress(line: str) -> None:
         match = PROGRESS.match(line)
         if match:
             on_progress(int(match.group(2)) / 100, int(match.group(1).replace(",", "")))
 
-    runner.stream(argv, progress)
+    rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
+                              one_file_system=target.one_file_system, inplace=btrfs)  # fmt: skip
+    if difference is None:
+        runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None), progress)
+    else:
+        _delete(partial, difference.deleted)
+        if difference.changed:
+            with tempfile.NamedTemporaryFile(dir=work_dir, prefix="changed.") as listing:
+                listing.write(b"\0".join(difference.changed) + b"\0")
+                listing.flush()
+                runner.stream(rsync(files_from=listing.name), progress)
+        on_progress(1.0, 0)
     runner.run(commands.sync(str(partial)))
     if btrfs:
         runner.run(commands.btrfs_set_readonly(str(partial)))
     os.rename(partial, directory / name)
     runner.run(commands.sync(str(directory)))
-    return name
+    return name, entries
+
+
+def _scan(target: Target) -> dict | None:
+    try:
+        return changes.scan(target.sources, target.excludes, target.one_file_system)
+    except changes.UnsupportedPattern as exc:
+        log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
+        return None
+
+
+def _record_unusable(known: changes.Record | None, previous: str, generation: int | None, target: Target) -> str:
+    """Why the local record cannot say what changed since `previous` ("" when it can)."""
+    if known is None:
+        return "there is no local record of the last snapshot's files"
+    if known.snapshot != previous:
+        return f"the local record describes snapshot {known.snapshot}, the image's newest is {previous}"
+    if known.generation != generation:
+        return f"the local record is of image generation {known.generation}, the image is at {generation}"
+    if known.settings != changes.settings_digest(target.sources, target.excludes, target.one_file_system):
+        return "the sources or excludes changed since the last snapshot"
+    return ""
+
+
+def _delete(snapshot: Path, paths: list[bytes]) -> None:
+    """Remove vanished entries from the new snapshot; a directory goes with everything under it."""
+    removed: list[bytes] = []
+    root = os.fsencode(snapshot)
+    for relative in paths:  # sorted: a directory comes before what is under it
+        if removed and relative.startswith(removed[-1] + b"/"):
+            continue
+        path = root + b"/" + relative
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+                removed.append(relative)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def prune(fs: Path, target: Target) -> list[str]:

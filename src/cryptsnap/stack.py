@@ -140,7 +140,8 @@ def open_stack(
                 LoopDevice(paths.remote / target.image, readonly, image["size"], paths.loop_record))
         on_phase("unlocking")
         with step("unlocking"):
-            mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"]))
+            mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"],
+                                                       state.header_backup))  # fmt: skip
         on_phase("mounting")
         with step("mounting"):
             stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))

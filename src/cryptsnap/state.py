@@ -6,6 +6,7 @@ luks-header.img  LUKS header backup (restore it with cryptsetup luksHeaderRestor
 image.json       image size and LUKS UUID, to detect a replaced or truncated image
 generation       counter also kept inside the image, to detect a rollback
 last-run.json    result, times, snapshot and traffic of the last run
+files.gz         the files of the newest snapshot, to find what changed locally (cryptsnap.changes)
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class TargetState:
     @property
     def header_backup(self) -> Path:
         return self.dir / "luks-header.img"
+
+    @property
+    def file_record(self) -> Path:
+        return self.dir / "files.gz"
 
     @property
     def image_file(self) -> Path:

@@ -82,6 +82,9 @@ def test_a_failure_midway_unwinds_every_layer_and_names_the_step(setup):
     record = json.loads(state.image_file.read_text())
     record["luks_uuid"] = "00000000-0000-0000-0000-000000000000"  # as if the server swapped the image
     state.image_file.write_text(json.dumps(record))
+    # Without the local header copy (a machine that lost its state), the image's own header is
+    # read and must be the one made at init. (With the copy, the image's header is not used.)
+    state.header_backup.unlink()
     with pytest.raises(StepFailed) as failure:
         with open_stack(target, readonly=False, what="test"):
             pytest.fail("the stack must not open")

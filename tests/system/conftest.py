@@ -1,3 +1,12 @@
 """Guest-tier fixtures. These tests run inside the QEMU guest (see tests/harness/plugin.py)."""
 
+import pytest
+
+from tests.support import udev
 from tests.support.fixtures import setup, untrusted_host  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def udev_rule():
+    """The guest runs cryptsnap as installed: with its udev rule (systemd/56-cryptsnap.rules)."""
+    udev.install_rule()

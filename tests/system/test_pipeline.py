@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
+from cryptsnap import changes
 from tests.support import trees
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.targets import make_setup
@@ -47,6 +49,9 @@ def test_full_cycle(tmp_path, untrusted_host, filesystem):
     assert record["bytes_up"] > 0 and record["bytes_down"] > 0
     assert set(record["traffic"]) == {"connect", "open", "sync", "close"}
     assert sum(up for up, _ in record["traffic"].values()) == record["bytes_up"]
+    # Unlocking reads nothing from the server: the header is the local copy, and udev does
+    # not probe the new mapping (systemd/56-cryptsnap.rules); one probe read ~1.2 MB.
+    assert record["traffic_steps"]["unlocking"][1] < 16384, record["traffic_steps"]
 
     names = cryptsnap(setup, "list", setup.name).stdout.split()
     assert len(names) == 2 and names == sorted(names)
@@ -201,4 +206,71 @@ def test_errors_have_their_own_exit_codes_and_leave_nothing(tmp_path, untrusted_
     untrusted_host.process.wait()
     down = cryptsnap(setup, "backup", setup.name, expect=5)
     assert "connecting" in down.stderr
+    assert_nothing_left(setup)
+
+
+def test_the_local_record_copies_only_changes_and_stands_down_when_it_does_not_match(tmp_path, untrusted_host):
+    """btrfs: each run finds what changed locally; every snapshot still equals its source tree."""
+    setup = make_setup(tmp_path, untrusted_host, excludes=["*.cache", "/tmp/never/"])
+    trees.build(setup.source)
+    (setup.source / "tree" / "deep").mkdir(parents=True)
+    (setup.source / "tree" / "deep" / "f").write_text("in a tree that will vanish\n")
+    (setup.source / "becomes-dir").write_text("a file first\n")
+    (setup.source / "becomes-file").mkdir()
+    (setup.source / "skip.cache").write_text("excluded\n")
+    cryptsnap(setup, "init", setup.name)
+
+    def backup(*extra: str) -> str:
+        return cryptsnap(setup, "-v", "backup", setup.name, *extra).stderr
+
+    def check_latest() -> None:
+        name = cryptsnap(setup, "list", setup.name).stdout.split()[-1]
+        dest = tmp_path / f"restored-{name}"
+        cryptsnap(setup, "restore", f"{setup.name}@{name}:{setup.source}", "--to", str(dest))
+        expected = trees.manifest(setup.source)
+        expected["entries"].pop(b"skip.cache")
+        assert trees.manifest(dest) == expected, f"snapshot {name} differs from the source"
+
+    backup()  # the first run has nothing to compare with: it copies everything
+    check_latest()
+    trees.mutate(setup.source)
+    shutil.rmtree(setup.source / "tree")
+    (setup.source / "becomes-dir").unlink()
+    (setup.source / "becomes-dir").mkdir()
+    (setup.source / "becomes-dir" / "inside").write_text("now a directory\n")
+    (setup.source / "becomes-file").rmdir()
+    (setup.source / "becomes-file").write_text("now a file\n")
+    os.link(setup.source / "docs" / "unchanged.bin", setup.source / "link-to-unchanged")  # new link, old data
+    os.chmod(setup.source / "docs" / "a.txt", 0o600)
+    (setup.source / "skip.cache").write_text("still excluded\n")
+    log = backup()
+    assert re.search(r"\d+ entries changed, 8 deleted since snapshot", log), log
+    check_latest()
+    assert re.search(r" 0 entries changed, 0 deleted", backup()), "nothing changed, nothing to copy"
+    check_latest()
+
+    # Pruning keeps the record in step with the image it bumps.
+    record_file = setup.state_dir / setup.name / "files.gz"
+    stale = record_file.read_bytes()
+    cryptsnap(setup, "prune", setup.name)
+    (setup.source / "docs" / "new.txt").write_text("changed after the prune\n")
+    assert re.search(r" [12] entries changed, 0 deleted", backup())
+    check_latest()
+    # The record stands down when it does not describe the image: an older snapshot...
+    record_file.write_bytes(stale)
+    assert "the local record describes snapshot" in backup()
+    check_latest()
+    # ...another generation (the image was written from elsewhere since)...
+    record = changes.Record.load(record_file)
+    record.generation -= 1
+    record.save(record_file)
+    assert "the local record is of image generation" in backup()
+    # ...other excludes, or the user asks for a full compare.
+    assert "a full compare was asked for" in backup("--full-compare")
+    assert "from the local record" in backup()
+    document = yaml.safe_load(setup.config_path.read_text())
+    document["targets"][setup.name]["excludes"] = ["*.cache"]
+    setup.config_path.write_text(yaml.safe_dump(document))
+    assert "the sources or excludes changed" in backup()
+    check_latest()
     assert_nothing_left(setup)
