@@ -28,6 +28,13 @@ def test_rsync_btrfs_mode_is_inplace_without_link_dest():
     assert not any(a.startswith("--link-dest") or a.startswith("--info") for a in argv)
 
 
+def test_rsync_given_a_list_copies_only_those_paths_from_the_root():
+    argv = commands.rsync(["/etc", "/home"], "/d", inplace=True, excludes=["*.tmp"], files_from="/run/x/changed")
+    assert "--files-from=/run/x/changed" in argv and "--from0" in argv and "--relative" in argv
+    assert argv[-2:] == ("/", "/d/")  # listed paths are relative to /: sources keep their full paths
+    assert "--delete" not in argv and "--exclude=*.tmp" in argv  # deletions are the caller's; excludes still hold
+
+
 def test_ssh_config_pins_the_host_key_and_ignores_user_config():
     text = commands.ssh_config(TARGET, "/var/lib/cryptsnap/home/known_hosts")
     assert "Host cryptsnap-home\n" in text
