@@ -131,12 +131,22 @@ class Daemon:
         running = self.job_for(name)
         if running:
             raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
-        _check_lock_free(target)
+        # Take the target's lock here and hand it to the worker: a job reported as running
+        # holds its target from the first moment, before the worker has even started up.
+        lock = LocalLock(target.runtime_dir, f"backup job {self.next_id} of cryptsnapd")
+        lock.__enter__()  # Busy when a CLI run, a mount or the restore unit holds the target
         job = Job(self.next_id, name)
         self.next_id += 1
-        argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id), name]
+        fd = lock.file.fileno()
+        argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id),
+                "--lock-fd", str(fd), name]  # fmt: skip
         argv += [f"--{option}" for option in ("break-lock", "full-compare") if options.get(option)]
-        job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        try:
+            job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,))
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        lock.hand_over()
         os.set_blocking(job.process.stdout.fileno(), False)
         GLib.io_add_watch(job.process.stdout.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP,
                           self._on_worker_output, job)  # fmt: skip
@@ -258,15 +268,6 @@ class Daemon:
         log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")
         self.loop.run()
         log.info("cryptsnapd stopped")
-
-
-def _check_lock_free(target: config.Target) -> None:
-    """Refuse early, as Busy, when a CLI run, a mount or the restore unit holds the target.
-
-    Takes and releases the same lock the worker will take, so both say the same thing.
-    """
-    with LocalLock(target.runtime_dir, "busy check"):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

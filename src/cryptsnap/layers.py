@@ -47,15 +47,18 @@ def _retry(argv: tuple[str, ...], attempts: int = 5) -> None:
 class LocalLock:
     """This machine's lock on a target: one backup, mount or restore view at a time."""
 
-    def __init__(self, runtime_dir: Path, what: str):
+    def __init__(self, runtime_dir: Path, what: str, inherited_fd: int | None = None):
         self.path = runtime_dir.parent / f"{runtime_dir.name}.lock"
         self.target = runtime_dir.name
         self.what = what
+        # A lock taken by the parent (cryptsnapd) and handed down: taking it again through the
+        # same open file succeeds, so the child holds it without a moment in which it was free.
+        self.inherited_fd = inherited_fd
         self.file = None
 
     def __enter__(self) -> LocalLock:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.file = open(self.path, "a+")
+        self.file = open(self.path, "a+") if self.inherited_fd is None else os.fdopen(self.inherited_fd, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -78,6 +81,10 @@ class LocalLock:
         if self.file and not self.file.closed:
             self.file.truncate(0)
             self.file.close()
+
+    def hand_over(self) -> None:
+        """Close this process's handle but keep the lock: a child started with it now holds it."""
+        self.file.close()
 
 
 def holder_file(lock_path: Path) -> Path:

@@ -101,18 +101,20 @@ class RunRecord:
 
 
 def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False,
-           full_compare: bool = False) -> RunRecord:  # fmt: skip
+           full_compare: bool = False, lock_fd: int | None = None) -> RunRecord:  # fmt: skip
     """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run.
 
     full_compare: let rsync compare every file with the image even where the local record
-    of the last snapshot's files would say what changed.
+    of the last snapshot's files would say what changed. lock_fd: the target's local lock,
+    already taken by the caller's parent (cryptsnapd).
     """
     counter = Paths.of(target).traffic
     reporter = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
     record = RunRecord("backup", target.name)
     try:
-        with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock) as op:
+        with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
+                        lock_fd=lock_fd) as op:  # fmt: skip
             generation = snapshot.check_generation(op.fs, state)
             reporter.phase("syncing")
             known = changes.Record.load(state.file_record)

@@ -118,6 +118,7 @@ def open_stack(
     break_lock: bool = False,
     mountpoint: Path | None = None,
     keep_open: bool = False,
+    lock_fd: int | None = None,
 ) -> Iterator[Opened]:
     """Open the stack; unwind it when the block ends (unless keep_open, for detached views)."""
     state = TargetState(target)
@@ -127,7 +128,7 @@ def open_stack(
     fs_mountpoint = mountpoint or paths.fs
     stack = contextlib.ExitStack()
     try:
-        local_lock = stack.enter_context(LocalLock(target.runtime_dir, what))
+        local_lock = stack.enter_context(LocalLock(target.runtime_dir, what, lock_fd))
         remove_leftovers(target)
         meter.reset(paths.traffic)
         on_phase("connecting")

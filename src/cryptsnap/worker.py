@@ -1,6 +1,6 @@
 """One backup job, run by cryptsnapd in a child process (easy to cancel, off the main loop).
 
-    python3 -m cryptsnap.worker --config PATH --job ID TARGET [--break-lock] [--full-compare]
+    python3 -m cryptsnap.worker --config PATH --job ID TARGET [--break-lock] [--full-compare] [--lock-fd N]
 
 Progress goes to stdout as one JSON object per line ({"phase": ...} or {"progress": f,
 "bytes": n}); log lines go to stderr (the journal), tagged with the job and target. The
@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=int, required=True)
     parser.add_argument("--break-lock", action="store_true")
     parser.add_argument("--full-compare", action="store_true")
+    parser.add_argument("--lock-fd", type=int, help="the target's local lock, taken by cryptsnapd")
     parser.add_argument("target")
     args = parser.parse_args(argv)
     logs.setup(1, program=f"job {args.job} [{args.target}]", tag=f"job {args.job} [{args.target}]: ")
     runner.cancel_on_signals()
     try:
         target = config.load(args.config).target(args.target)
-        pipeline.backup(target, PipeReporter(), break_lock=args.break_lock, full_compare=args.full_compare)
+        pipeline.backup(target, PipeReporter(), break_lock=args.break_lock, full_compare=args.full_compare,
+                        lock_fd=args.lock_fd)  # fmt: skip
     except CryptsnapError as exc:
         log.error("%s", exc)
         return exc.exit_code

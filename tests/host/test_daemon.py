@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from cryptsnap.bus import interface_xml, target_path
+from cryptsnap.errors import Busy
+from cryptsnap.layers import LocalLock
 from tests.support.buses import Monitor, NotifySocket, PrivateBus
 from tests.support.checks import assert_nothing_left
 
@@ -142,6 +144,11 @@ def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
     try:
         start = ("call", "org.cryptsnap1", path, "org.cryptsnap1.Target", "StartBackup", "a{sv}", "0")
         job_path = json.loads(bus.busctl("--json=short", *start).stdout)["data"][0]
+        # From the moment the job exists it holds the target (before its worker is even up),
+        # so a `cryptsnap mount` or the restore unit cannot slip in.
+        with pytest.raises(Busy, match="backup job 1 of cryptsnapd"):
+            with LocalLock(setup.load().runtime_dir, "a view"):
+                pass
         busy = bus.busctl(*start, check=False)
         assert busy.returncode != 0 and job_path in busy.stderr and "busy" in busy.stderr
         denied = bus.busctl("call", "org.cryptsnap1", job_path, "org.cryptsnap1.Job", "Cancel", user="nobody",
