@@ -15,6 +15,7 @@ the changed bytes: "up 1.50x" means 1.5 bytes sent per byte changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import link
 from cryptsnap import meter
 from cryptsnap.stack import Paths
 from cryptsnap.state import TargetState
@@ -68,7 +70,7 @@ def cryptsnap(setup, *args: str) -> None:
 
 
 def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
-    setup = make_setup(work, server, filesystem=mode, size=args.image_size)
+    setup = make_setup(work, server, filesystem=mode, size=args.size)
     shutil.rmtree(setup.source)
     shutil.copytree(args.tree, setup.source, symlinks=True)
     cryptsnap(setup, "init", setup.name)
@@ -121,13 +123,53 @@ def run_reference(tool: str, server, work: Path, args) -> dict:
             "seconds": time.monotonic() - started}
 
 
-def table(rows: list[dict], title: str) -> str:
-    lines = [f"### {title}", "", "| method | changed bytes | up | down | up x | down x | wall s |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], title: str, mbit: float) -> str:
+    link = f"wall s at {mbit:g} Mbit/s" if mbit else "wall s (loopback)"
+    lines = [f"### {title}", "", f"| method | changed bytes | up | down | up x | down x | {link} | x ideal |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ideal = r["changed"] * 8 / (mbit * 1e6) if mbit else 0
+        multiple = f"{r['seconds'] / ideal:.1f}x" if ideal else "-"
         lines.append(f"| {r['method']} | {r['changed']:,} | {r['up']:,} | {r['down']:,} | "
-                     f"{r['up'] / r['changed']:.2f}x | {r['down'] / r['changed']:.2f}x | {r['seconds']:.1f} |")
+                     f"{r['up'] / r['changed']:.2f}x | {r['down'] / r['changed']:.2f}x | {r['seconds']:.1f} | "
+                     f"{multiple} |")
+    if mbit:
+        lines += ["", f"ideal: changed bytes / {mbit:g} Mbit/s = {rows[0]['changed'] * 8 / (mbit * 1e6):.1f} s "
+                      f"(the guest's emulated CPU adds a fixed cost per run; see docs/performance.md)"]
     return "\n".join(lines)
+
+
+def unchanged_cost(small: dict, large: dict, extra_files: int) -> str:
+    up = (large["up"] - small["up"]) / extra_files
+    down = (large["down"] - small["down"]) / extra_files
+    return (f"cost per unchanged file ({small['files']:,} -> {large['files']:,} files, same change): "
+            f"up {up:.1f} B, down {down:.1f} B")
+
+
+def title(args, files: int) -> str:
+    kind = "compressible" if args.compressible else "incompressible"
+    return f"{files} files of {args.file_kb} KiB; {args.changed} rewritten as {args.changed_kb} KiB of {kind} data"
+
+
+def measure(args, server, work: Path, files: int) -> list[dict]:
+    """Make a tree, back it up with each method, change it, and measure the second run."""
+    tree = work / "tree"
+    paths = make_tree(tree, files, args.file_kb << 10, args.compressible)
+    relative = [p.relative_to(tree) for p in paths]
+    args.tree = tree
+    room = (files * (args.file_kb << 10) * 2 + (128 << 20)) >> 20  # snapshots of the tree, and metadata
+    args.size = f"{max(int(args.image_size.rstrip('M')), room)}M"
+    args.mutate = lambda source: change([source / r for r in relative], args.changed, args.changed_kb << 10,
+                                        args.compressible, 7)  # fmt: skip
+    rows = []
+    for mode in filter(None, args.modes.split(",")):
+        rows.append(dict(run_cryptsnap(mode, server, work / mode, args), files=files))
+        print(json.dumps(rows[-1]), flush=True)
+    for tool in filter(None, args.references.split(",")):
+        rows.append(dict(run_reference(tool, server, work / tool, args), files=files))
+        print(json.dumps(rows[-1]), flush=True)
+    shutil.rmtree(tree)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,38 +182,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compressible", action="store_true", help="text-like data instead of random bytes")
     parser.add_argument("--modes", default="btrfs,ext2,ext4", help="cryptsnap file systems to measure")
     parser.add_argument("--references", default="restic,borg", help="reference tools to measure ('' for none)")
-    parser.add_argument("--image-size", default="300M")
+    parser.add_argument("--image-size", default="300M", help="image size in MiB, e.g. 300M (at least twice the tree)")
+    parser.add_argument("--link-mbit", type=float, default=10.0,
+                        help="server behind a link of this speed each way, in a network namespace (0: loopback)")
+    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time of that link")
+    parser.add_argument("--scale", type=int, default=0, metavar="K",
+                        help="also back up a tree K times larger with the same change (default mode only) and "
+                             "print the cost per unchanged file")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="cryptsnap-bench-", dir="/var/tmp"))
-    args.tree = work / "tree"
-    paths = make_tree(args.tree, args.files, args.file_kb << 10, args.compressible)
-    relative = [p.relative_to(args.tree) for p in paths]
-
-    def mutate(source: Path) -> int:
-        return change([source / r for r in relative], args.changed, args.changed_kb << 10, args.compressible, 7)
-
-    args.mutate = mutate
     udev.install_rule()
-    server = sshd.start()
-    rows = []
-    try:
-        for mode in filter(None, args.modes.split(",")):
-            rows.append(run_cryptsnap(mode, server, work / mode, args))
-            print(json.dumps(rows[-1]), flush=True)
-        for tool in filter(None, args.references.split(",")):
-            rows.append(run_reference(tool, server, work / tool, args))
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        sshd.stop(server)
-    kind = "compressible" if args.compressible else "incompressible"
-    title = (f"{args.files} files of {args.file_kb} KiB; {args.changed} rewritten as {args.changed_kb} KiB "
-             f"of {kind} data")
+    with contextlib.ExitStack() as stack:
+        address, netns = "127.0.0.1", None
+        if args.link_mbit:
+            address, netns = stack.enter_context(link.shaped_link(args.link_mbit, args.rtt_ms)), link.NETNS
+        server = sshd.start(address=address, netns=netns)
+        stack.callback(sshd.stop, server)
+        rows = measure(args, server, work, args.files)
+        lines = [table(rows, title(args, args.files), args.link_mbit)]
+        if args.scale:
+            small = next(r for r in rows if r["method"] == "cryptsnap btrfs")
+            args.modes, args.references = "btrfs", ""
+            large = measure(args, server, work / "scaled", args.files * args.scale)[0]
+            lines += ["", table([large], title(args, large["files"]), args.link_mbit), "",
+                      unchanged_cost(small, large, large["files"] - small["files"])]
+            rows.append(large)
     print()
-    print(table(rows, title))
+    print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"title": title(args, args.files), "rows": rows}, indent=1))
     return 0
 
 

@@ -67,7 +67,9 @@ class UntrustedHost:
         return result
 
 
-def start(user: str = UNTRUSTED_USER, base: str | None = None) -> UntrustedHost:
+def start(user: str = UNTRUSTED_USER, base: str | None = None, address: str = "127.0.0.1",
+          netns: str | None = None) -> UntrustedHost:  # fmt: skip
+    """netns: run sshd in that network namespace, listening on `address` there (bench/link.py)."""
     account = ensure_user(user)
     # Not under pytest's tmp_path: sshd reads authorized_keys as the user, and pytest's
     # directories are private to root. `base`: somewhere a PrivateTmp= service sees too.
@@ -84,7 +86,7 @@ def start(user: str = UNTRUSTED_USER, base: str | None = None) -> UntrustedHost:
     config = tmp / "sshd_config"
     config.write_text(
         f"""\
-ListenAddress 127.0.0.1
+ListenAddress {address}
 Port {port}
 HostKey {tmp / "host_key"}
 PidFile {tmp / "sshd.pid"}
@@ -101,14 +103,14 @@ LogLevel VERBOSE
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
     process = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+        [*(["ip", "netns", "exec", netns] if netns else []), "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "sshd.log", "wb"),
     )
     deadline = time.monotonic() + 20
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((address, port), timeout=1).close()
             break
         except OSError as exc:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -118,11 +120,11 @@ LogLevel VERBOSE
     host_key = (tmp / "host_key.pub").read_text().split()
     remote_dir = os.path.join(account.pw_dir, "backups-" + uuid.uuid4().hex[:8])
     return UntrustedHost(
-        host="127.0.0.1",
+        host=address,
         port=port,
         user=user,
         identity=tmp / "client_key",
-        host_key_line=f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}",
+        host_key_line=f"[{address}]:{port} {host_key[0]} {host_key[1]}",
         remote_dir=remote_dir,
         process=process,
         tmp=tmp,
