@@ -152,6 +152,27 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    target = _target(args)
+    report, traffic = pipeline.check(target, fraction=args.fraction)
+    size = TargetState(target).image()["size"]
+    if report.header_bytes:
+        print(f"header: {report.header_bytes:,} bytes compared with the local backup: identical")
+    else:
+        print("header: no local header backup on this machine to compare with (made by `cryptsnap init`)")
+    print(f"generation: {report.generation} (no rollback)")
+    verified = "checksums verified" if target.filesystem == "btrfs" else "readable (ext2/ext4 keep no data checksums)"
+    if report.files_read:
+        wrapped = ", then started over from the first file" if report.wrapped else ""
+        print(f"snapshot {report.snapshot}: read {report.bytes_read:,} bytes of {report.files_read} files, "
+              f"{report.first} .. {report.last}{wrapped}: {verified}")
+    else:
+        print(f"snapshot {report.snapshot or '(none)'}: no file read back (the budget went on opening the image; "
+              f"raise --fraction)")
+    print(f"traffic: {traffic.up:,} bytes up, {traffic.down:,} down ({100 * traffic.down / size:.2f}% of the image)")
+    return 0
+
+
 def cmd_mount(args) -> int:
     target = _target(args)
     view = pipeline.open_view(target)
@@ -268,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prune", cmd_prune, "delete the snapshots the retention rules do not keep (also done after each backup)")
     p.add_argument("target")
+
+    p = add("check", cmd_check, "check the image's integrity, downloading at most a small part of it",
+            "Open the image read-only and check, within a download budget (--fraction of the image size, the whole "
+            "run counted): that the image's LUKS header equals the local header backup; that its generation "
+            "counter is not behind this machine's (no rollback); and, with what is left, read back the next slice "
+            "of the newest snapshot's files. btrfs verifies each block against its checksum as it is read; "
+            "ext2/ext4 can only show unreadable blocks. Successive checks continue where the last stopped, so "
+            "about 1/fraction checks read the whole snapshot. Exit code 7 (integrity) names each problem found.")
+    p.add_argument("target")
+    p.add_argument("--fraction", type=float, default=0.01, metavar="F",
+                   help="download at most F times the image size (default 0.01: 1%%)")
 
     p = add("mount", cmd_mount, "mount all snapshots of a target read-only",
             "Open the image read-only (losetup -r, cryptsetup --readonly, mount -o ro) at "

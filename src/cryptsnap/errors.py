@@ -115,7 +115,7 @@ EXIT_CODES = {
     Busy.exit_code: "target busy: another backup, mount or restore holds its lock",
     RemoteUnreachable.exit_code: "remote unreachable: ssh/sshfs could not connect or log in",
     KeyWrong.exit_code: "key wrong: the LUKS key is missing or does not open the image",
-    IntegrityError.exit_code: "integrity problem: host key, LUKS header or generation does not match",
+    IntegrityError.exit_code: "integrity problem: host key, LUKS header, generation or data checksums do not match",
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",
     Canceled.exit_code: "canceled",
     AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import changes, commands, meter, runner, snapshot
+from . import changes, commands, integrity, meter, runner, snapshot
 from .config import Target
 from .errors import Canceled, CryptsnapError, UsageError
 from .stack import Paths, open_stack
@@ -36,6 +36,7 @@ TRAFFIC_PHASES = {
     "attaching": "open", "unlocking": "open", "mounting": "open",
     "syncing": "sync",
     "finalizing": "close", "unmounting": "close",
+    "checking": "check",
 }  # fmt: skip
 
 
@@ -176,6 +177,36 @@ def prune(target: Target, reporter: Reporter | None = None) -> list[str]:
             known.generation += 1  # pruning never touches the newest snapshot: the record still holds
             known.save(state.file_record)
         return pruned
+
+
+def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.01):
+    """Check the image within a download budget of `fraction` of its size (cryptsnap.integrity).
+
+    Returns (CheckReport, traffic); raises IntegrityError naming every problem found.
+    """
+    counter = Paths.of(target).traffic
+    metered = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
+    state = TargetState(target)
+    budget = int(state.image()["size"] * fraction)
+    report = integrity.CheckReport()
+    try:
+        with open_stack(target, readonly=True, what="check", on_phase=metered.phase) as op:
+            metered.phase("checking")
+            if state.header_backup.is_file():
+                report.header_bytes, problems = integrity.compare_header(op.paths.remote / target.image,
+                                                                         state.header_backup)  # fmt: skip
+                report.problems += problems
+            report.generation = snapshot.check_generation(op.fs, state)
+            # The whole run counts (the meter restarted when the stack opened), and what closing
+            # will still download is set aside.
+            left = lambda: budget - integrity.CLOSE_ALLOWANCE - meter.read(counter).down  # noqa: E731
+            integrity.read_back(op.fs, target, state, left, report)
+    finally:
+        total = metered.finish()
+        log.info("target %s: check traffic %d bytes up, %d down (%.2f%% of the image)", target.name, total.up,
+                 total.down, 100 * total.down / max(1, state.image()["size"]))  # fmt: skip
+    integrity.raise_on_problems(report)
+    return report, total
 
 
 def parse_restore_spec(spec: str) -> tuple[str, str, str]:
