@@ -78,6 +78,7 @@ def check_generation(fs: Path, state: TargetState) -> int:
 
 
 def bump_generation(fs: Path, state: TargetState, current: int) -> None:
+    """Count one more write into the image, and sync everything done before it."""
     path = fs / ".cryptsnap" / "generation"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"{current + 1}\n")
@@ -159,11 +160,12 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
                 listing.flush()
                 runner.stream(rsync(files_from=listing.name), progress)
         on_progress(1.0, 0)
-    runner.run(commands.sync(str(partial)))
+    runner.run(commands.sync(str(partial)))  # the data is on the server before the name says "complete"
     if btrfs:
         runner.run(commands.btrfs_set_readonly(str(partial)))
+    # Made durable by bump_generation's sync, in the same commit as the new generation and the
+    # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
     os.rename(partial, directory / name)
-    runner.run(commands.sync(str(directory)))
     return name, entries
 
 
@@ -212,9 +214,7 @@ def prune(fs: Path, target: Target) -> list[str]:
     for name in doomed:
         log.info("pruning snapshot %s", name)
         _remove(snapshots_dir(fs) / name)
-    if doomed:
-        runner.run(commands.sync(str(fs)))
-    return doomed
+    return doomed  # made durable by the bump_generation that follows
 
 
 def resolve(fs: Path, name: str) -> str:
