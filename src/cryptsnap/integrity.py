@@ -30,7 +30,10 @@ from .state import TargetState
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 128 << 10
+# A chunk read through btrfs, dm-crypt, the loop device and sshfs costs a little more than its
+# size on the wire (SFTP and ssh framing, the odd metadata block): keep this much in hand.
+CHUNK_COST = CHUNK * 5 // 4
 CLOSE_ALLOWANCE = 64 << 10  # what unmounting and closing download after the check (measured ~40 KB)
 
 
@@ -72,35 +75,43 @@ def compare_header(image: Path, header_backup: Path) -> tuple[int, list[str]]:
     return compared, problems
 
 
-def files_in_order(root: Path, record: changes.Record | None, after: bytes) -> Iterator[bytes]:
-    """Regular files of a snapshot (paths relative to it), sorted, from just after `after`."""
+def files_in_order(root: Path, record: changes.Record | None, start: bytes) -> Iterator[bytes]:
+    """Regular files of a snapshot (paths relative to it), sorted, from `start` on (inclusive)."""
     if record is not None:
-        yield from sorted(p for p, st in record.entries.items() if stat.S_ISREG(st[0]) and p > after)
+        yield from sorted(p for p, st in record.entries.items() if stat.S_ISREG(st[0]) and p >= start)
         return
-    yield from _walk_sorted(os.fsencode(root), b"", after)
+    yield from _walk_sorted(os.fsencode(root), b"", start)
 
 
-def _walk_sorted(top: bytes, relative: bytes, after: bytes) -> Iterator[bytes]:
+def _walk_sorted(top: bytes, relative: bytes, start: bytes) -> Iterator[bytes]:
     try:
         names = sorted(os.listdir(os.path.join(top, relative) if relative else top))
     except OSError:
         return
     for name in names:
         path = relative + b"/" + name if relative else name
-        # Skip what sorts before the cursor without reading it: a directory is entered only
-        # if the cursor lies inside it or before it.
-        if path <= after and not after.startswith(path + b"/"):
+        # Skip what sorts before `start` without reading it: a directory is entered only if
+        # `start` lies inside it or before it.
+        if path < start and not start.startswith(path + b"/"):
             continue
-        full = os.path.join(top, path)
-        mode = os.lstat(full).st_mode
+        mode = os.lstat(os.path.join(top, path)).st_mode
         if stat.S_ISDIR(mode):
-            yield from _walk_sorted(top, path, after)
-        elif stat.S_ISREG(mode) and path > after:
+            yield from _walk_sorted(top, path, start)
+        elif stat.S_ISREG(mode) and path >= start:
             yield path
 
 
+def after(path: bytes) -> bytes:
+    """The smallest path that sorts after `path` (no file name holds a NUL byte)."""
+    return path + b"\0"
+
+
 def read_back(fs: Path, target, state: TargetState, budget_left: Callable[[], int], report: CheckReport) -> None:
-    """Read the next slice of the newest snapshot's files while budget_left() stays positive."""
+    """Read the next slice of the newest snapshot's files while the budget lasts.
+
+    The cursor (file and byte offset) is kept in STATE_DIR/TARGET/check-cursor.json, so a file
+    larger than one check's budget is read across several checks.
+    """
     names = snapshot.list_snapshots(fs)
     if not names:
         return
@@ -112,32 +123,49 @@ def read_back(fs: Path, target, state: TargetState, budget_left: Callable[[], in
     cursor_file = state.dir / "check-cursor.json"
     try:
         cursor = json.loads(cursor_file.read_text())
-        after = os.fsencode(cursor["after"]) if cursor.get("snapshot") == newest else b""
+        if cursor["snapshot"] != newest:
+            raise ValueError("another snapshot")
+        origin, offset = os.fsencode(cursor["next"]), int(cursor["offset"])
     except (OSError, ValueError, KeyError):
-        after = b""
-    start = after
-    for attempt in range(2):  # past the end: start over once, up to where this check began
-        for path in files_in_order(root, record, after):
-            if budget_left() <= 0 or (attempt == 1 and path > start):
+        origin, offset = b"", 0
+    position = (origin, offset)
+    first_pass, wrapped = True, False
+    while True:
+        start = origin if first_pass else b""
+        stopped = False
+        for path in files_in_order(root, record, start):
+            if not first_pass and path >= origin:
                 break
-            _read_file(root, path, report)
-            after = path
-        else:
-            if attempt == 0 and start and budget_left() > 0:
-                report.wrapped, after = True, b""
-                continue
-        break
+            begin = offset if first_pass and path == origin else 0
+            reached = _read_file(root, path, report, budget_left, begin)
+            if reached is not None:  # the budget ended inside this file
+                position, stopped = (path, reached), True
+                break
+            position = (after(path), 0)
+        if stopped or not first_pass or not origin or budget_left() < CHUNK_COST:
+            break
+        first_pass, wrapped = False, True  # past the last file: start over, up to where this check began
+    report.wrapped = wrapped
     tmp = cursor_file.with_name(cursor_file.name + ".tmp")
-    tmp.write_text(json.dumps({"snapshot": newest, "after": os.fsdecode(after)}) + "\n")
+    tmp.write_text(json.dumps({"snapshot": newest, "next": os.fsdecode(position[0]), "offset": position[1]}) + "\n")
     os.replace(tmp, cursor_file)
 
 
-def _read_file(root: Path, path: bytes, report: CheckReport) -> None:
+def _read_file(root: Path, path: bytes, report: CheckReport, budget_left: Callable[[], int],
+               offset: int = 0) -> int | None:  # fmt: skip
+    """Read one file back from `offset`; None when done, else the offset where the budget ended."""
     full = os.path.join(os.fsencode(root), path)
     shown = os.fsdecode(path)
     try:
         with open(full, "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK):
+            f.seek(offset)
+            while True:
+                if budget_left() < CHUNK_COST:
+                    return offset
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                offset += len(chunk)
                 report.bytes_read += len(chunk)
     except OSError as exc:
         report.problems.append(f"/{shown} in snapshot {report.snapshot} cannot be read back: {exc.strerror} "
@@ -146,6 +174,7 @@ def _read_file(root: Path, path: bytes, report: CheckReport) -> None:
     report.files_read += 1
     report.first = report.first or "/" + shown
     report.last = "/" + shown
+    return None
 
 
 def raise_on_problems(report: CheckReport) -> None:

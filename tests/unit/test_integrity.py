@@ -23,8 +23,8 @@ def snapshot_tree(tmp_path):
 def test_files_come_sorted_and_resume_after_the_cursor(tmp_path):
     _, root, _ = snapshot_tree(tmp_path)
     assert list(integrity.files_in_order(root, None, b"")) == [b"a/1", b"a/3", b"b/2", b"b/sub/4", b"c"]
-    assert list(integrity.files_in_order(root, None, b"a/3")) == [b"b/2", b"b/sub/4", b"c"]
-    assert list(integrity.files_in_order(root, None, b"b/sub/4")) == [b"c"]
+    assert list(integrity.files_in_order(root, None, integrity.after(b"a/3"))) == [b"b/2", b"b/sub/4", b"c"]
+    assert list(integrity.files_in_order(root, None, b"b/sub/4")) == [b"b/sub/4", b"c"]
 
 
 def test_each_check_reads_the_next_slice_within_its_budget_then_wraps(tmp_path):
@@ -32,7 +32,8 @@ def test_each_check_reads_the_next_slice_within_its_budget_then_wraps(tmp_path):
 
     def run(files_allowed: int) -> integrity.CheckReport:
         report = integrity.CheckReport()
-        integrity.read_back(fs, None, state, lambda: files_allowed - report.files_read, report)
+        budget = lambda: (files_allowed - report.files_read) * integrity.CHUNK_COST  # noqa: E731
+        integrity.read_back(fs, None, state, budget, report)
         return report
 
     first = run(2)
@@ -42,3 +43,21 @@ def test_each_check_reads_the_next_slice_within_its_budget_then_wraps(tmp_path):
     third = run(10)  # the rest, then from the start up to where it began: every file once
     assert third.files_read == 5 and third.wrapped and third.last == "/b/sub/4"
     assert not first.problems and not third.problems
+
+
+def test_a_file_larger_than_one_budget_is_read_across_checks(tmp_path):
+    fs, root, state = snapshot_tree(tmp_path)
+    (root / "a" / "1").write_bytes(b"y" * (5 * integrity.CHUNK + 100))
+
+    def run(chunks_allowed: int) -> integrity.CheckReport:
+        report = integrity.CheckReport()
+        budget = lambda: (chunks_allowed - report.bytes_read // integrity.CHUNK) * integrity.CHUNK_COST  # noqa: E731
+        integrity.read_back(fs, None, state, budget, report)
+        return report
+
+    first = run(2)
+    assert first.files_read == 0 and first.bytes_read == 2 * integrity.CHUNK
+    second = run(3)  # the next 3 chunks: the rest but 100 bytes
+    assert second.files_read == 0 and second.bytes_read == 3 * integrity.CHUNK
+    third = run(1)  # its last 100 bytes, then the small files
+    assert (third.first, third.files_read, third.bytes_read) == ("/a/1", 5, 100 + 4 * 1000)
