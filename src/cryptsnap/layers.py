@@ -378,7 +378,7 @@ class LuksMapping:
 
     def __exit__(self, *exc) -> None:
         if self.opened:
-            _retry(commands.luks_close(self.name))
+            _retry(commands.luks_close(self.name, str(self.header) if self.header else None))
             self.opened = False
 
 

@@ -66,6 +66,8 @@ def test_luks_and_loop_and_mount_builders():
     assert "--pbkdf-force-iterations" not in commands.luks_format("/dev/loop0", "/k", "argon2id", None)
     assert commands.luks_open("/dev/loop0", "cryptsnap-home", "/k", readonly=True)[-3:] == (
         "--readonly", "/dev/loop0", "cryptsnap-home")
+    assert commands.luks_close("cryptsnap-home", "/state/h.img") == ("cryptsetup", "close", "--header", "/state/h.img",
+                                                                     "cryptsnap-home")  # fmt: skip
     with_header = commands.luks_open("/dev/loop0", "cryptsnap-home", "/k", readonly=False, header="/state/h.img")
     assert with_header[with_header.index("--header") + 1] == "/state/h.img" and "--readonly" not in with_header
     assert commands.loop_attach("/dev/fd/4", readonly=True) == ("losetup", "--find", "--show", "--direct-io=on",
