@@ -14,6 +14,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import psutil
 import pytest
 import yaml
 
@@ -162,9 +163,13 @@ def test_busy_access_denied_cancel_and_stop(setup, bus, tarpit):
         daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=mark)
         assert daemon.get(path, "org.cryptsnap1.Target", "LastResult") == "canceled"
         assert_nothing_left(setup)
-        # Stopping the service cancels a running job and unwinds it before exiting.
-        bus.busctl(*start)
+        # Stopping the service cancels a running job and unwinds it before exiting. (This job
+        # also shows that StartBackup's options reach the worker.)
+        bus.busctl(*start[:-1], "1", "full-compare", "b", "true")
         daemon.notify.wait_for(lambda m: m.startswith(f"STATUS={setup.name}: connecting"), since=mark)
+        workers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                   if "cryptsnap.worker" in (p.info["cmdline"] or []) and setup.name in p.info["cmdline"]]
+        assert len(workers) == 1 and "--full-compare" in workers[0] and "--lock-fd" in workers[0], workers
     finally:
         err = daemon.stop()
     assert daemon.process.returncode == 0, err
