@@ -78,9 +78,13 @@ def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
     changed = args.mutate(setup.source)
     started = time.monotonic()
     cryptsnap(setup, "backup", setup.name)
+    seconds = time.monotonic() - started
     record = TargetState(setup.load()).last_run()
+    cryptsnap(setup, "backup", setup.name)  # once more with nothing changed: the fixed cost of a run
+    idle = TargetState(setup.load()).last_run()
     return {"method": f"cryptsnap {mode}", "changed": changed, "up": record["bytes_up"],
-            "down": record["bytes_down"], "seconds": time.monotonic() - started, "phases": record["traffic"]}
+            "down": record["bytes_down"], "seconds": seconds, "phases": record["traffic"],
+            "steps": record.get("traffic_steps", {}), "idle_up": idle["bytes_up"], "idle_down": idle["bytes_down"]}
 
 
 def run_reference(tool: str, server, work: Path, args) -> dict:
@@ -140,10 +144,16 @@ def table(rows: list[dict], title: str, mbit: float) -> str:
 
 
 def unchanged_cost(small: dict, large: dict, extra_files: int) -> str:
+    """Two views: the growth of a run with the same change, and of a run with nothing changed."""
     up = (large["up"] - small["up"]) / extra_files
     down = (large["down"] - small["down"]) / extra_files
-    return (f"cost per unchanged file ({small['files']:,} -> {large['files']:,} files, same change): "
-            f"up {up:.1f} B, down {down:.1f} B")
+    idle_up = (large["idle_up"] - small["idle_up"]) / extra_files
+    idle_down = (large["idle_down"] - small["idle_down"]) / extra_files
+    return (f"cost per unchanged file ({small['files']:,} -> {large['files']:,} files): "
+            f"same change: up {up:.1f} B, down {down:.1f} B; nothing changed: up {idle_up:.1f} B, "
+            f"down {idle_down:.1f} B (a run with nothing changed: up {small['idle_up']:,} / down "
+            f"{small['idle_down']:,} bytes at {small['files']:,} files, {large['idle_up']:,} / "
+            f"{large['idle_down']:,} at {large['files']:,})")
 
 
 def title(args, files: int) -> str:
