@@ -182,9 +182,9 @@ def compare(old: dict[bytes, Stat], new: dict[bytes, Stat]) -> Difference:
     return Difference(sorted(changed), sorted(deleted))
 
 
-def settings_digest(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool) -> str:
+def settings_digest(target) -> str:
     """What the record depends on besides the files: other sources or excludes mean another tree."""
-    text = json.dumps([list(sources), list(excludes), one_file_system])
+    text = json.dumps([list(target.sources), list(target.excludes), target.one_file_system])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -155,7 +155,6 @@ def cmd_prune(args) -> int:
 def cmd_check(args) -> int:
     target = _target(args)
     report, traffic = pipeline.check(target, fraction=args.fraction)
-    size = TargetState(target).image()["size"]
     if report.header_bytes:
         print(f"header: {report.header_bytes:,} bytes compared with the local backup: identical")
     else:
@@ -169,7 +168,8 @@ def cmd_check(args) -> int:
     else:
         print(f"snapshot {report.snapshot or '(none)'}: no file read back (the budget went on opening the image; "
               f"raise --fraction)")
-    print(f"traffic: {traffic.up:,} bytes up, {traffic.down:,} down ({100 * traffic.down / size:.2f}% of the image)")
+    share = 100 * traffic.down / report.image_size
+    print(f"traffic: {traffic.up:,} bytes up, {traffic.down:,} down ({share:.2f}% of the image)")
     return 0
 
 

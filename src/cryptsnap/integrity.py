@@ -34,11 +34,12 @@ CHUNK = 128 << 10
 # A chunk read through btrfs, dm-crypt, the loop device and sshfs costs a little more than its
 # size on the wire (SFTP and ssh framing, the odd metadata block): keep this much in hand.
 CHUNK_COST = CHUNK * 5 // 4
-CLOSE_ALLOWANCE = 64 << 10  # what unmounting and closing download after the check (measured ~40 KB)
+CLOSE_ALLOWANCE = 64 << 10  # what unmounting and closing download after the check (measured ~4 KB)
 
 
 @dataclass
 class CheckReport:
+    image_size: int = 0
     header_bytes: int = 0
     generation: int = 0
     snapshot: str = ""
@@ -106,7 +107,7 @@ def after(path: bytes) -> bytes:
     return path + b"\0"
 
 
-def read_back(fs: Path, target, state: TargetState, budget_left: Callable[[], int], report: CheckReport) -> None:
+def read_back(fs: Path, state: TargetState, budget_left: Callable[[], int], report: CheckReport) -> None:
     """Read the next slice of the newest snapshot's files while the budget lasts.
 
     The cursor (file and byte offset) is kept in STATE_DIR/TARGET/check-cursor.json, so a file

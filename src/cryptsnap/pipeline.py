@@ -127,8 +127,8 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             record.pruned = snapshot.prune(op.fs, target)
             snapshot.bump_generation(op.fs, state, generation)
             if entries is not None:
-                settings = changes.settings_digest(target.sources, target.excludes, target.one_file_system)
-                changes.Record(generation + 1, record.snapshot, settings, entries).save(state.file_record)
+                changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
+                               entries).save(state.file_record)  # fmt: skip
             record.snapshots = snapshot.list_snapshots(op.fs)
         record.result = "done"
         log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
@@ -187,8 +187,8 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
     counter = Paths.of(target).traffic
     metered = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
-    budget = int(state.image()["size"] * fraction)
-    report = integrity.CheckReport()
+    report = integrity.CheckReport(image_size=state.image()["size"])
+    budget = int(report.image_size * fraction)
     try:
         with open_stack(target, readonly=True, what="check", on_phase=metered.phase) as op:
             metered.phase("checking")
@@ -200,11 +200,11 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
             # The whole run counts (the meter restarted when the stack opened), and what closing
             # will still download is set aside.
             left = lambda: budget - integrity.CLOSE_ALLOWANCE - meter.read(counter).down  # noqa: E731
-            integrity.read_back(op.fs, target, state, left, report)
+            integrity.read_back(op.fs, state, left, report)
     finally:
         total = metered.finish()
         log.info("target %s: check traffic %d bytes up, %d down (%.2f%% of the image)", target.name, total.up,
-                 total.down, 100 * total.down / max(1, state.image()["size"]))  # fmt: skip
+                 total.down, 100 * total.down / max(1, report.image_size))  # fmt: skip
     integrity.raise_on_problems(report)
     return report, total
 

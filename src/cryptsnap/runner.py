@@ -82,8 +82,7 @@ def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True, 
         out, err = proc.communicate(input, timeout=timeout)
         log.debug("  %s took %.2fs", argv[0], time.monotonic() - started)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         raise
     finally:
         _forget(proc)
@@ -110,8 +109,7 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> None:
                     on_line(line.decode(errors="replace"))
         proc.wait()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         raise
     finally:
         reader.join(timeout=5)

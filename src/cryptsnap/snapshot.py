@@ -185,7 +185,7 @@ def _record_unusable(known: changes.Record | None, previous: str, generation: in
         return f"the local record describes snapshot {known.snapshot}, the image's newest is {previous}"
     if known.generation != generation:
         return f"the local record is of image generation {known.generation}, the image is at {generation}"
-    if known.settings != changes.settings_digest(target.sources, target.excludes, target.one_file_system):
+    if known.settings != changes.settings_digest(target):
         return "the sources or excludes changed since the last snapshot"
     return ""
 

@@ -33,7 +33,7 @@ def test_each_check_reads_the_next_slice_within_its_budget_then_wraps(tmp_path):
     def run(files_allowed: int) -> integrity.CheckReport:
         report = integrity.CheckReport()
         budget = lambda: (files_allowed - report.files_read) * integrity.CHUNK_COST  # noqa: E731
-        integrity.read_back(fs, None, state, budget, report)
+        integrity.read_back(fs, state, budget, report)
         return report
 
     first = run(2)
@@ -52,7 +52,7 @@ def test_a_file_larger_than_one_budget_is_read_across_checks(tmp_path):
     def run(chunks_allowed: int) -> integrity.CheckReport:
         report = integrity.CheckReport()
         budget = lambda: (chunks_allowed - report.bytes_read // integrity.CHUNK) * integrity.CHUNK_COST  # noqa: E731
-        integrity.read_back(fs, None, state, budget, report)
+        integrity.read_back(fs, state, budget, report)
         return report
 
     first = run(2)
