@@ -30,6 +30,7 @@ PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "rsync": "rsync",
     "sync": "coreutils",
+    "modprobe": "kmod",
 }
 
 LUKS_SECTOR_SIZE = 4096
@@ -143,6 +144,10 @@ def luks_open(device: str, name: str, key_file: str, readonly: bool, header: str
 def luks_close(name: str, header: str | None = None) -> Argv:
     # --header: without it, close reads the LUKS header from the image again (~36 KB down).
     return ("cryptsetup", "close", *(["--header", header] if header else []), name)
+
+
+def btrfs_chunk_tree(device: str) -> Argv:
+    return ("btrfs", "inspect-internal", "dump-tree", "-t", "chunk", device)
 
 
 def luks_dump(device: str) -> Argv:

@@ -45,6 +45,7 @@ class Target:
     size: int
     sparse: bool
     filesystem: str
+    metadata_cache: bool
     sources: tuple[str, ...]
     excludes: tuple[str, ...]
     one_file_system: bool

@@ -12,9 +12,12 @@ import fcntl
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -298,24 +301,8 @@ class LoopDevice:
             record.unlink()
 
     def __enter__(self) -> LoopDevice:
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_NOFOLLOW
+        fd = open_image(self.image, self.readonly, self.expected_size)
         try:
-            fd = os.open(self.image, flags)
-        except FileNotFoundError:
-            raise RemoteUnreachable(f"the image {self.image.name} is not on the remote side; "
-                                    f"run `cryptsnap init` for this target") from None
-        except OSError as exc:
-            raise IntegrityError(f"cannot open the image {self.image.name} as a regular file: {exc.strerror} "
-                                 f"(a symlink or special file where the image should be?)") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise IntegrityError(f"the image {self.image.name} is not a regular file on the remote side")
-            if self.expected_size is not None and info.st_size != self.expected_size:
-                raise IntegrityError(
-                    f"the image {self.image.name} is {info.st_size} bytes, not the {self.expected_size} it was "
-                    f"created with: it was truncated or replaced on the remote side"
-                )
             result = runner.run(commands.loop_attach(f"/dev/fd/{fd}", self.readonly), pass_fds=(fd,))
             self.device = result.stdout.strip()
             if self.record:
@@ -330,6 +317,143 @@ class LoopDevice:
             self.device = None
             if self.record and self.record.exists():
                 self.record.unlink()
+
+
+class CachedDevice:
+    """The image as /dev/nbdN, served by cryptsnap.nbd through the local cache of its metadata
+    blocks (cryptsnap.blockcache), instead of a loop device: a run then downloads almost
+    nothing but what it cannot know. The server process runs in its own session and is
+    stopped last, after the file system and the mapping above it are closed."""
+
+    step = "attaching"
+
+    def __init__(self, image: Path, expected_size: int, cache_dir: Path, identity: str, anchor: int,
+                 record: Path, log_file: Path):  # fmt: skip
+        self.image = image
+        self.expected_size = expected_size
+        self.cache_dir = cache_dir
+        self.identity = identity
+        self.anchor = anchor
+        self.record = record  # "DEVICE PID" of the server, for remove_leftovers after a crash
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+        self.device: str | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this kernel has nbd devices (loading the module if it can)."""
+        if not Path("/sys/module/nbd").exists():
+            with contextlib.suppress(ToolFailed):
+                runner.run(("modprobe", "nbd"), check=False, timeout=30)
+        return any(Path("/sys/block").glob("nbd*"))
+
+    @staticmethod
+    def remove_leftovers(record: Path) -> None:
+        """Stop the server a crashed run left (the cache it held is then not trusted)."""
+        if not record.exists():
+            return
+        device, _, pid = record.read_text().partition(" ")
+        with contextlib.suppress(psutil.Error, ValueError):
+            proc = psutil.Process(int(pid))
+            if "cryptsnap.nbd" in " ".join(proc.cmdline()):
+                log.warning("stopping the block device server of %s left by an earlier run (pid %s)", device, pid)
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+        record.unlink()
+
+    def __enter__(self) -> CachedDevice:
+        fd = open_image(self.image, False, self.expected_size, os.O_DIRECT)
+        argv = [sys.executable, "-m", "cryptsnap.nbd", "--image-fd", str(fd), "--size", str(self.expected_size),
+                "--cache", str(self.cache_dir), "--identity", self.identity, "--anchor", str(self.anchor)]  # fmt: skip
+        try:
+            with open(self.log_file, "w") as errors:
+                self.proc = runner.start_service(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                                 pass_fds=(fd,), text=True)  # fmt: skip
+        finally:
+            os.close(fd)
+        self.record.write_text(f"? {self.proc.pid}")
+        try:
+            ready = self._line(timeout=120).split(maxsplit=2)
+            if ready[:1] != ["ready"]:
+                raise ToolFailed(f"the block device server did not start: {self._errors()}")
+        except BaseException:
+            self._stop(save=False)
+            raise
+        self.device = ready[1]
+        self.record.write_text(f"{self.device} {self.proc.pid}")
+        log.info("block cache of %s: %s", self.image.name, ready[2] if len(ready) > 2 else "?")
+        return self
+
+    def cover(self, ranges: list[tuple[int, int]]) -> None:
+        """Keep written blocks in these byte ranges of the image (the file system's metadata)."""
+        self.proc.stdin.write("cover " + " ".join(f"{start} {end}" for start, end in ranges) + "\n")
+        self.proc.stdin.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc:
+            self._stop(save=True)
+
+    def _stop(self, save: bool) -> None:
+        proc, self.proc = self.proc, None
+        try:
+            if save:
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+            else:
+                proc.terminate()
+            proc.stdin.close()
+            proc.wait(timeout=120)
+            said = proc.stdout.read().strip()
+            log.info("block cache: %s", said or f"server exited {proc.returncode}: {self._errors()}")
+        except (OSError, subprocess.TimeoutExpired):
+            log.error("the block device server of %s did not stop; killing it: %s", self.device, self._errors())
+            proc.kill()
+            proc.wait()
+        if self.record.exists():
+            self.record.unlink()
+        self.device = None
+
+    def _line(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def _errors(self) -> str:
+        try:
+            return " ".join(self.log_file.read_text().strip().splitlines()[-3:]) or "(no error output)"
+        except OSError:
+            return "(no error output)"
+
+
+def open_image(image: Path, readonly: bool, expected_size: int | None, flags: int = 0) -> int:
+    """Open the image on the sshfs mount, refusing anything but a regular file of the expected size."""
+    flags |= (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW
+    try:
+        fd = os.open(image, flags)
+    except FileNotFoundError:
+        raise RemoteUnreachable(
+            f"the image {image.name} is not on the remote side; run `cryptsnap init` for this target"
+        ) from None
+    except OSError as exc:
+        raise IntegrityError(
+            f"cannot open the image {image.name} as a regular file: {exc.strerror} "
+            f"(a symlink or special file where the image should be?)"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"the image {image.name} is not a regular file on the remote side")
+        if expected_size is not None and info.st_size != expected_size:
+            raise IntegrityError(
+                f"the image {image.name} is {info.st_size} bytes, not the {expected_size} it was "
+                f"created with: it was truncated or replaced on the remote side"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class LuksMapping:

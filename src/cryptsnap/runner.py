@@ -118,6 +118,17 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> None:
         raise _failure(argv, proc.returncode, b"".join(errors).decode(errors="replace"))
 
 
+def start_service(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+    """Start a long-running helper the caller stops itself, in its own session.
+
+    A cancel does not stop it with the commands (terminate_children): it serves a layer
+    that the unwinding still needs, and its layer stops it last.
+    """
+    proc = _popen(argv, start_new_session=True, **popen_kwargs)
+    _forget(proc)
+    return proc
+
+
 def cancel_on_signals() -> None:
     """Make SIGTERM and SIGINT cancel the run: stop the running tool, then raise Canceled.
 

@@ -50,6 +50,10 @@ TARGET = {
     "filesystem": Option("choice", "File system inside the image: btrfs (snapshots, compression, "
                          "cheapest incremental runs), ext2 (mountable by any rescue system) or ext4.",
                          "btrfs", choices=("btrfs", "ext2", "ext4")),
+    "metadata_cache": Option("bool", "btrfs: keep the image's metadata blocks (encrypted, as stored) in a local "
+                             "cache under state_dir and serve the image through a network block device, so "
+                             "a run downloads almost nothing; without the nbd kernel module, or false, the "
+                             "image is attached as a loop device.", True),
     "sources": Option("paths", "Absolute local paths to back up; they keep their full path in each snapshot.",
                       example=["/etc", "/home"]),
     "excludes": Option("strings", "rsync exclude patterns (see rsync(1), FILTER RULES).", [],

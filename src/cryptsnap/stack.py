@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import meter
+from . import blockcache, commands, meter, runner
 from .config import Target
 from .errors import CryptsnapError, StepFailed, ToolFailed
-from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
+from .layers import CachedDevice, FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
 from .mounts import is_mountpoint
 from .state import TargetState, key_path
 
@@ -42,6 +42,8 @@ class Paths:
     mapping: str  # dm-crypt mapping name
     loop_record: Path  # which loop device the image is attached to
     traffic: Path  # byte counters of the ssh connection (cryptsnap.meter)
+    nbd_record: Path  # which nbd device and server process serve the image (CachedDevice)
+    nbd_log: Path  # that server's error output
 
     @classmethod
     def of(cls, target: Target) -> Paths:
@@ -52,6 +54,8 @@ class Paths:
             mapping=f"cryptsnap-{target.name}",
             loop_record=target.runtime_dir / "loop",
             traffic=target.runtime_dir / "traffic",
+            nbd_record=target.runtime_dir / "nbd",
+            nbd_log=target.runtime_dir / "nbd.log",
         )
 
 
@@ -92,6 +96,7 @@ def remove_leftovers(target: Target) -> None:
         for mountpoint in (paths.fs, paths.view):
             FsMount.remove_leftovers(mountpoint)
         LuksMapping.remove_leftovers(paths.mapping)
+        CachedDevice.remove_leftovers(paths.nbd_record)
         LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
         if is_mountpoint(paths.remote):
             _remove_own_remote_lock(paths.remote / f"{target.image}.lock")
@@ -137,8 +142,7 @@ def open_stack(
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
         on_phase("attaching")
         with step("attaching"):
-            loop = stack.enter_context(
-                LoopDevice(paths.remote / target.image, readonly, image["size"], paths.loop_record))
+            loop = stack.enter_context(_block_device(target, state, image, readonly))
         on_phase("unlocking")
         with step("unlocking"):
             mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"],
@@ -146,6 +150,10 @@ def open_stack(
         on_phase("mounting")
         with step("mounting"):
             stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))
+            if isinstance(loop, CachedDevice):
+                _cover_metadata(loop, mapping.path, state)
+                # Once more before the unmount: chunks allocated during the run, for the next run.
+                stack.callback(_cover_metadata, loop, mapping.path, state)
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path)
     except BaseException:
         with step("unwinding after a failure"):
@@ -170,6 +178,40 @@ def open_stack(
     on_phase("unmounting")
     with step("unmounting"):
         stack.close()
+
+
+BTRFS_SUPERBLOCK = 64 * 1024  # rewritten by every commit: the block cache's anchor
+
+
+def _block_device(target: Target, state: TargetState, image: dict, readonly: bool) -> CachedDevice | LoopDevice:
+    """The image as a block device: through the metadata cache where it applies, else a loop device."""
+    paths = Paths.of(target)
+    wanted = target.metadata_cache and target.filesystem == "btrfs" and not readonly
+    if wanted and state.header_backup.is_file():  # the anchor's place comes from the header
+        if CachedDevice.available():
+            return CachedDevice(paths.remote / target.image, image["size"], state.block_cache,
+                                f"{image['luks_uuid']}:{image['size']}", _payload(state) + BTRFS_SUPERBLOCK,
+                                paths.nbd_record, paths.nbd_log)  # fmt: skip
+        log.info("this kernel has no nbd devices: the image is attached as a loop device, without the "
+                 "metadata cache (each run downloads the metadata it reads)")  # fmt: skip
+    return LoopDevice(paths.remote / target.image, readonly, image["size"], paths.loop_record)
+
+
+def _payload(state: TargetState) -> int:
+    """Where the encrypted file system starts in the image, from the local header backup."""
+    dump = json.loads(runner.run(commands.luks_metadata(str(state.header_backup))).stdout)
+    return int(dump["segments"]["0"]["offset"])
+
+
+def _cover_metadata(device: CachedDevice, mapping: str, state: TargetState) -> None:
+    """Tell the block cache where btrfs keeps its metadata (chunks move only when allocated)."""
+    try:
+        chunks = blockcache.btrfs_metadata_ranges(runner.run(commands.btrfs_chunk_tree(mapping)).stdout)
+    except (ToolFailed, OSError) as exc:
+        log.warning("could not read the btrfs chunk tree (%s); writes outside known metadata are not cached", exc)
+        return
+    payload = _payload(state)
+    device.cover([(payload + start, payload + end) for start, end in chunks])
 
 
 def close_view(target: Target) -> bool:

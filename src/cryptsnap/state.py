@@ -7,6 +7,7 @@ image.json       image size and LUKS UUID, to detect a replaced or truncated ima
 generation       counter also kept inside the image, to detect a rollback
 last-run.json    result, times, snapshot and traffic of the last run
 files.gz         the files of the newest snapshot, to find what changed locally (cryptsnap.changes)
+block-cache/     the image's metadata blocks as stored, encrypted (cryptsnap.blockcache)
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class TargetState:
     @property
     def file_record(self) -> Path:
         return self.dir / "files.gz"
+
+    @property
+    def block_cache(self) -> Path:
+        return self.dir / "block-cache"
 
     @property
     def image_file(self) -> Path:

@@ -1,0 +1,285 @@
+"""Serve the image to the kernel as a network block device (/dev/nbdN), through the local
+block cache (cryptsnap.blockcache): metadata reads are answered here, everything else goes
+to the image file on the sshfs mount.
+
+Run by layers.CachedDevice as its own process, in its own session (a Ctrl-C on the terminal
+must not take the disk away from a mounted file system):
+
+    python3 -m cryptsnap.nbd --image-fd 3 --size BYTES --cache DIR --identity ID --anchor OFFSET
+
+It prints `ready DEVICE VERDICT` once the device is up, then reads commands on stdin:
+`cover START END START END ...` (byte ranges whose writes are kept) and `stop` (disconnect,
+save the cache, exit 0). SIGTERM disconnects without saving the cache as clean. The kernel
+side is set up with the nbd ioctls (linux/nbd.h), which need no nbd-client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .blockcache import BLOCK, Store
+
+NBD_SET_SOCK = 0xAB00
+NBD_SET_BLKSIZE = 0xAB01
+NBD_DO_IT = 0xAB03
+NBD_CLEAR_SOCK = 0xAB04
+NBD_CLEAR_QUE = 0xAB05
+NBD_SET_SIZE_BLOCKS = 0xAB07
+NBD_DISCONNECT = 0xAB08
+NBD_SET_FLAGS = 0xAB0A
+
+FLAG_HAS_FLAGS, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1 << 0, 1 << 2, 1 << 3
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
+CMD_FLAG_FUA = 1 << 16
+
+REQUEST = struct.Struct(">IIQQI")  # magic, flags << 16 | command, handle, offset, length
+REQUEST_MAGIC = 0x25609513
+REPLY = struct.Struct(">IIQ")  # magic, error, handle
+REPLY_MAGIC = 0x67446698
+
+
+class RemoteImage:
+    """The image file on the sshfs mount, opened O_DIRECT by the parent: like `losetup
+    --direct-io`, its pages are not cached a second time in the FUSE file (see commands.loop_attach)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.failed = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        with mmap.mmap(-1, length) as buf:  # page aligned, as O_DIRECT wants
+            done = 0
+            while done < length:
+                n = os.preadv(self.fd, [memoryview(buf)[done:]], offset + done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"short read at {offset + done}")
+                done += n
+            return buf[:length]
+
+    def write(self, offset: int, data: bytes) -> None:
+        with mmap.mmap(-1, len(data)) as buf:
+            buf[:] = data
+            done = 0
+            while done < len(data):
+                done += os.pwritev(self.fd, [memoryview(buf)[done:]], offset + done)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+
+def _recv_exact(sock: socket.socket, length: int) -> bytes:
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = sock.recv_into(view[got:], length - got)
+        if n == 0:
+            raise EOFError
+        got += n
+    return bytes(buf)
+
+
+def serve(sock: socket.socket, remote: RemoteImage, store: Store | None, lock: threading.Lock) -> bool:
+    """Answer the kernel's requests one at a time. True when it disconnected in order."""
+    while True:
+        try:
+            magic, kind, handle, offset, length = REQUEST.unpack(_recv_exact(sock, REQUEST.size))
+        except EOFError:
+            return False
+        if magic != REQUEST_MAGIC:
+            raise ConnectionError(f"bad request magic {magic:#x}")
+        command, flags = kind & 0xFFFF, kind >> 16
+        payload = _recv_exact(sock, length) if command == CMD_WRITE else b""
+        error, data = 0, b""
+        with lock:  # against `cover` from the control thread
+            try:
+                if command == CMD_READ:
+                    data = store.read(offset, length, remote.read) if store else remote.read(offset, length)
+                elif command == CMD_WRITE:
+                    try:
+                        remote.write(offset, payload)
+                        if flags & CMD_FLAG_FUA:
+                            remote.flush()
+                    except OSError:
+                        if store:
+                            store.forget(offset, length)
+                        raise
+                    if store:
+                        store.written(offset, payload)
+                elif command == CMD_FLUSH:
+                    remote.flush()
+                elif command == CMD_DISC:
+                    return True
+                elif command != CMD_TRIM:
+                    error = errno.EINVAL
+            except OSError as exc:
+                remote.failed = True
+                print(f"cryptsnap.nbd: {'read' if command == CMD_READ else 'write'} at {offset} failed: {exc}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                error = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
+                data = b""
+        sock.sendall(REPLY.pack(REPLY_MAGIC, error, handle) + (data if not error else b""))
+
+
+class Device:
+    """The kernel side: a free /dev/nbdN given one end of a socket pair."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.path: str | None = None
+        self.fd: int | None = None
+        self.kernel_end, self.our_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.started = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        """Claim a device and block in NBD_DO_IT until it disconnects (its own thread).
+
+        All ioctls come from this thread: the kernel lets only the task that gave the
+        socket finish the setup. Signals are blocked here, as they would end the wait and
+        take the device away from the mounted file system.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._claim()
+        except OSError as exc:
+            self.error = str(exc)
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            fcntl.ioctl(self.fd, NBD_DO_IT)
+        except OSError:
+            pass  # returns an error after any disconnect
+        for request in (NBD_CLEAR_QUE, NBD_CLEAR_SOCK):
+            try:
+                fcntl.ioctl(self.fd, request)
+            except OSError:
+                pass
+
+    def _claim(self) -> None:
+        names = sorted((p.name for p in Path("/sys/block").glob("nbd*")), key=lambda n: int(n[3:]))
+        if not names:
+            raise OSError(errno.ENODEV, "no /sys/block/nbd* devices: is the nbd kernel module loaded?")
+        for name in names:
+            if (Path("/sys/block") / name / "pid").exists():
+                continue  # served by someone else
+            fd = os.open(f"/dev/{name}", os.O_RDWR)
+            try:
+                fcntl.ioctl(fd, NBD_SET_SOCK, self.kernel_end.fileno())
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise
+            fcntl.ioctl(fd, NBD_SET_BLKSIZE, BLOCK)
+            fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, self.size // BLOCK)
+            fcntl.ioctl(fd, NBD_SET_FLAGS, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA)
+            self.fd, self.path = fd, f"/dev/{name}"
+            return
+        raise OSError(errno.EBUSY, f"all {len(names)} nbd devices are in use")
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """NBD_DO_IT has started serving once the kernel shows the device's pid."""
+        deadline = time.monotonic() + timeout
+        pid = Path("/sys/block") / Path(self.path).name / "pid"
+        while not pid.exists():
+            if time.monotonic() > deadline:
+                raise OSError(errno.ETIMEDOUT, f"{self.path} did not start")
+            time.sleep(0.02)
+
+    def disconnect(self) -> None:
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, NBD_DISCONNECT)
+        finally:
+            os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m cryptsnap.nbd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-fd", type=int, required=True, help="open file descriptor of the image")
+    parser.add_argument("--size", type=int, required=True, help="size of the image in bytes")
+    parser.add_argument("--cache", type=Path, help="cache directory (none: no cache)")
+    parser.add_argument("--identity", default="", help="what the cache must belong to (LUKS UUID, size)")
+    parser.add_argument("--anchor", type=int, default=0, help="offset of the block every commit rewrites")
+    args = parser.parse_args(argv)
+
+    remote = RemoteImage(args.image_fd)
+    store = Store(args.cache, args.identity, args.size) if args.cache else None
+    verdict = store.open(args.anchor, remote.read) if store else "off"
+    lock = threading.Lock()
+    device = Device(args.size)
+    stopping = {"save": False}
+
+    def on_term(signum, frame):
+        stopping["save"] = False
+        if device.path:
+            device.disconnect()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kernel = threading.Thread(target=device.run, name="nbd-do-it", daemon=True)
+    kernel.start()
+    device.started.wait()
+    if device.error:
+        print(f"cryptsnap.nbd: {device.error}", file=sys.stderr, flush=True)
+        return 1
+    outcome = {"orderly": False}
+
+    def serving():
+        try:
+            outcome["orderly"] = serve(device.our_end, remote, store, lock)
+        except (ConnectionError, OSError) as exc:
+            print(f"cryptsnap.nbd: {exc}", file=sys.stderr, flush=True)
+        finally:
+            device.our_end.close()
+
+    server = threading.Thread(target=serving, name="nbd-serve", daemon=True)
+    server.start()
+    try:
+        device.wait_running()
+    except OSError as exc:
+        print(f"cryptsnap.nbd: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"ready {device.path} {verdict}", flush=True)
+
+    def control():
+        for line in sys.stdin:  # EOF (the parent died) keeps serving: the mounts above still need us
+            words = line.split()
+            if words[:1] == ["cover"] and store:
+                numbers = [int(w) for w in words[1:]]
+                with lock:
+                    store.cover(zip(numbers[::2], numbers[1::2], strict=True))
+            elif words[:1] == ["stop"]:
+                stopping["save"] = True
+                device.disconnect()
+                return
+
+    threading.Thread(target=control, name="nbd-control", daemon=True).start()
+    while server.is_alive():  # until the kernel disconnects (stop, SIGTERM, or the device's end)
+        server.join(0.5)
+    kernel.join(timeout=30)
+    if store:
+        if stopping["save"] and outcome["orderly"] and not remote.failed:
+            store.save(args.anchor)
+            print(f"saved {store.hits} hits {store.misses} misses {store.count()} blocks", flush=True)
+        else:
+            print(f"not saved {store.hits} hits {store.misses} misses", flush=True)
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
