@@ -26,7 +26,7 @@ def cryptsnap(setup: Setup, *args: str, expect: int | None = 0, timeout: float =
 
 
 def leftovers(setup: Setup) -> list[str]:
-    """Mounts, loop devices, mappings and sshfs processes of this target that still exist."""
+    """Mounts, loop and nbd devices, mappings and sshfs processes of this target that still exist."""
     found = []
     runtime = str(setup.runtime_dir)
     for point, fstype in mount_points():
@@ -43,6 +43,10 @@ def leftovers(setup: Setup) -> list[str]:
         cmdline = " ".join(proc.info["cmdline"] or [])
         if proc.info["name"] in ("sshfs", "rsync", "ssh") and f"cryptsnap-{setup.name}" in cmdline:
             found.append(f"process {proc.pid}: {cmdline}")
+        if "cryptsnap.nbd" in cmdline and str(setup.state_dir / setup.name) in cmdline:
+            found.append(f"block device server {proc.pid}: {cmdline}")
+    if (setup.runtime_dir / setup.name / "nbd").exists():
+        found.append("nbd record " + (setup.runtime_dir / setup.name / "nbd").read_text())
     return found
 
 
