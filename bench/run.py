@@ -5,7 +5,7 @@ Runs inside the test guest (it needs dm-crypt), as root:
     sudo python3 -m tests.harness run -- python3 -m bench.run [options]     # from the host
     python3 -m bench.run --files 1000 --changed 60                          # inside the guest
 
-For each file system mode the real pipeline (sshfs, loop, LUKS, mount, rsync) backs up a
+For each file system mode the real pipeline (sshfs, nbd or loop, LUKS, mount, rsync) backs up a
 tree, then the same files are rewritten and a second run is measured. restic (sftp) and
 borg (ssh) back up the same data through the same ssh configuration, so the same meter
 (cryptsnap.meter, the ProxyCommand relay) counts their bytes too. Results are multiples of
@@ -70,7 +70,9 @@ def cryptsnap(setup, *args: str) -> None:
 
 
 def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
-    setup = make_setup(work, server, filesystem=mode, size=args.size)
+    filesystem, _, variant = mode.partition("-")  # btrfs-loop: without the metadata cache
+    setup = make_setup(work, server, filesystem=filesystem, size=args.size,
+                       **({"metadata_cache": False} if variant == "loop" else {}))  # fmt: skip
     shutil.rmtree(setup.source)
     shutil.copytree(args.tree, setup.source, symlinks=True)
     cryptsnap(setup, "init", setup.name)
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changed", type=int, default=30, help="files rewritten between runs (default 30)")
     parser.add_argument("--changed-kb", type=int, default=100, help="new size of each changed file (default 100)")
     parser.add_argument("--compressible", action="store_true", help="text-like data instead of random bytes")
-    parser.add_argument("--modes", default="btrfs,ext2,ext4", help="cryptsnap file systems to measure")
+    parser.add_argument("--modes", default="btrfs,btrfs-loop,ext2,ext4",
+                        help="cryptsnap file systems to measure (btrfs-loop: btrfs without the metadata cache)")
     parser.add_argument("--references", default="restic,borg", help="reference tools to measure ('' for none)")
     parser.add_argument("--image-size", default="300M", help="image size in MiB, e.g. 300M (at least twice the tree)")
     parser.add_argument("--link-mbit", type=float, default=10.0,
