@@ -117,13 +117,13 @@ class Store:
     def _load(self, anchor: int, read_remote) -> str:
         try:
             state = json.loads(self.state_path.read_text())
+            if not state.get("clean"):
+                return "emptied: the last run did not close it cleanly"
             present = bytearray(zlib.decompress(self.present_path.read_bytes()))
         except FileNotFoundError:
             return "empty: no cache yet"
         except (OSError, ValueError, zlib.error) as exc:
             return f"emptied: unreadable ({exc})"
-        if not state.get("clean"):
-            return "emptied: the last run did not close it cleanly"
         if state.get("identity") != self.identity or len(present) != len(self.present):
             return "emptied: it belongs to another image (cryptsnap init ran again?)"
         if state.get("anchor") != anchor:
