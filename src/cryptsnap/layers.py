@@ -119,7 +119,7 @@ class SshfsMount:
         except BaseException as exc:
             # sshfs mounts before its ssh has logged in: a failure or a cancel in that window
             # leaves a mount, and an ssh that nobody reads from and that never exits by itself.
-            self._close(straggler_timeout=2.0)
+            self._close(straggler_timeout=2.0, stragglers_expected=True)
             if isinstance(exc, ToolFailed):
                 raise self._diagnose(exc) from None
             raise
@@ -128,14 +128,16 @@ class SshfsMount:
     def __exit__(self, *exc) -> None:
         self._close(straggler_timeout=15.0)
 
-    def _close(self, straggler_timeout: float) -> None:
+    def _close(self, straggler_timeout: float, stragglers_expected: bool = False) -> None:
         if is_mountpoint(self.mountpoint):
             try:
                 _retry(("fusermount3", "-u", str(self.mountpoint)))
             except ToolFailed:
                 log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
                 runner.run(commands.fuse_unmount(str(self.mountpoint)))
-        wait_for_exit(str(self.ssh_config), straggler_timeout)
+        # After a failed login the waiting ssh is expected to be left; after a run, it is not.
+        level = logging.WARNING if stragglers_expected else logging.ERROR
+        wait_for_exit(str(self.ssh_config), straggler_timeout, level)
         if is_mountpoint(self.mountpoint):  # a killed straggler may have mounted meanwhile
             runner.run(commands.fuse_unmount(str(self.mountpoint)))
 
@@ -164,7 +166,7 @@ class SshfsMount:
         return failure
 
 
-def wait_for_exit(marker: str, timeout: float = 15.0) -> None:
+def wait_for_exit(marker: str, timeout: float = 15.0, level: int = logging.ERROR) -> None:
     """Wait until no sshfs/ssh/meter process using `marker` (our ssh config) is left.
 
     After the unmount they exit by themselves within moments; a run must not return while
@@ -177,7 +179,7 @@ def wait_for_exit(marker: str, timeout: float = 15.0) -> None:
             return
         if time.monotonic() > deadline:
             for proc in left:
-                log.error("killing pid %d, still running after the unmount: %s", proc.pid,
+                log.log(level, "killing pid %d, still running after the unmount: %s", proc.pid,
                           " ".join(proc.info["cmdline"] or []))  # fmt: skip
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
