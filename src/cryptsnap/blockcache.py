@@ -8,7 +8,7 @@ only ever holds what the server holds.
 
 What is kept: every block read (a backup reads metadata, never file data: rsync copies
 whole files) and every block written inside the ranges the file system uses for metadata
-(`cover`), which run N+1 reads again.
+(`cover`, from cryptsnap.chunks), which run N+1 reads again.
 
 When it is trusted: the cache is saved "clean" only after an orderly disconnect, together
 with the image's identity (LUKS UUID and size). At the next start the server reads one
@@ -30,7 +30,6 @@ import bisect
 import json
 import logging
 import os
-import re
 import zlib
 from pathlib import Path
 
@@ -61,21 +60,6 @@ class Ranges:
 
     def as_list(self) -> list[list[int]]:
         return [[s, e] for s, e in zip(self.starts, self.ends, strict=True)]
-
-
-def btrfs_metadata_ranges(dump_tree: str) -> list[tuple[int, int]]:
-    """[start, end) on the device of every METADATA or SYSTEM chunk, from
-    `btrfs inspect-internal dump-tree -t chunk` (single device)."""
-    ranges = []
-    for item in re.split(r"\n\s*item \d+ key ", dump_tree):
-        if "CHUNK_ITEM" not in item.split("\n", 1)[0]:
-            continue
-        kind = re.search(r"\blength (\d+) owner \d+ stripe_len \d+ type (\S+)", item)
-        stripe = re.search(r"stripe 0 devid \d+ offset (\d+)", item)
-        if kind and stripe and ("METADATA" in kind.group(2) or "SYSTEM" in kind.group(2)):
-            start = int(stripe.group(1))
-            ranges.append((start, start + int(kind.group(1))))
-    return ranges
 
 
 class Store:

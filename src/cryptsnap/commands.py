@@ -146,10 +146,6 @@ def luks_close(name: str, header: str | None = None) -> Argv:
     return ("cryptsetup", "close", *(["--header", header] if header else []), name)
 
 
-def btrfs_chunk_tree(device: str) -> Argv:
-    return ("btrfs", "inspect-internal", "dump-tree", "-t", "chunk", device)
-
-
 def luks_dump(device: str) -> Argv:
     return ("cryptsetup", "luksDump", device)
 

@@ -329,13 +329,14 @@ class CachedDevice:
 
     step = "attaching"
 
-    def __init__(self, image: Path, expected_size: int, cache_dir: Path, identity: str, anchor: int,
-                 record: Path, log_file: Path):  # fmt: skip
+    def __init__(self, image: Path, expected_size: int, cache_dir: Path, identity: str, fs_offset: int,
+                 anchor: int, record: Path, log_file: Path):  # fmt: skip
         self.image = image
         self.expected_size = expected_size
         self.cache_dir = cache_dir
         self.identity = identity
-        self.anchor = anchor
+        self.fs_offset = fs_offset  # where the file system starts in the image (after the LUKS header)
+        self.anchor = fs_offset + anchor  # the block every commit rewrites (file system offset)
         self.record = record  # "DEVICE PID" of the server, for remove_leftovers after a crash
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
@@ -390,8 +391,9 @@ class CachedDevice:
         return self
 
     def cover(self, ranges: list[tuple[int, int]]) -> None:
-        """Keep written blocks in these byte ranges of the image (the file system's metadata)."""
-        self.proc.stdin.write("cover " + " ".join(f"{start} {end}" for start, end in ranges) + "\n")
+        """Keep written blocks in these byte ranges of the file system (its metadata)."""
+        shifted = (f"{self.fs_offset + start} {self.fs_offset + end}" for start, end in ranges)
+        self.proc.stdin.write("cover " + " ".join(shifted) + "\n")
         self.proc.stdin.flush()
 
     def __exit__(self, *exc) -> None:

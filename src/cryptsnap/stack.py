@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import blockcache, commands, meter, runner
+from . import chunks, commands, meter, runner
 from .config import Target
 from .errors import CryptsnapError, StepFailed, ToolFailed
 from .layers import CachedDevice, FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
@@ -150,10 +150,8 @@ def open_stack(
         on_phase("mounting")
         with step("mounting"):
             stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))
-            if isinstance(loop, CachedDevice):
-                _cover_metadata(loop, mapping.path, state)
-                # Once more before the unmount: chunks allocated during the run, for the next run.
-                stack.callback(_cover_metadata, loop, mapping.path, state)
+            if isinstance(loop, CachedDevice):  # tell the cache where metadata is, for as long as it is mounted
+                stack.enter_context(chunks.Watch(fs_mountpoint, loop.cover))
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path)
     except BaseException:
         with step("unwinding after a failure"):
@@ -190,7 +188,7 @@ def _block_device(target: Target, state: TargetState, image: dict, readonly: boo
     if wanted and state.header_backup.is_file():  # the anchor's place comes from the header
         if CachedDevice.available():
             return CachedDevice(paths.remote / target.image, image["size"], state.block_cache,
-                                f"{image['luks_uuid']}:{image['size']}", _payload(state) + BTRFS_SUPERBLOCK,
+                                f"{image['luks_uuid']}:{image['size']}", _payload(state), BTRFS_SUPERBLOCK,
                                 paths.nbd_record, paths.nbd_log)  # fmt: skip
         log.info("this kernel has no nbd devices: the image is attached as a loop device, without the "
                  "metadata cache (each run downloads the metadata it reads)")  # fmt: skip
@@ -201,17 +199,6 @@ def _payload(state: TargetState) -> int:
     """Where the encrypted file system starts in the image, from the local header backup."""
     dump = json.loads(runner.run(commands.luks_metadata(str(state.header_backup))).stdout)
     return int(dump["segments"]["0"]["offset"])
-
-
-def _cover_metadata(device: CachedDevice, mapping: str, state: TargetState) -> None:
-    """Tell the block cache where btrfs keeps its metadata (chunks move only when allocated)."""
-    try:
-        chunks = blockcache.btrfs_metadata_ranges(runner.run(commands.btrfs_chunk_tree(mapping)).stdout)
-    except (ToolFailed, OSError) as exc:
-        log.warning("could not read the btrfs chunk tree (%s); writes outside known metadata are not cached", exc)
-        return
-    payload = _payload(state)
-    device.cover([(payload + start, payload + end) for start, end in chunks])
 
 
 def close_view(target: Target) -> bool:

@@ -1,13 +1,9 @@
-"""The metadata block cache: what it keeps, when it trusts itself, and the chunk tree it learns from."""
+"""The metadata block cache: what it keeps and when it trusts itself."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 
-import pytest
-
-from cryptsnap import blockcache
 from cryptsnap.blockcache import BLOCK, Ranges, Store
 
 SIZE = 4 * 1024 * 1024
@@ -121,24 +117,3 @@ def test_unreadable_cache_files_empty_it(tmp_path):
     store.close()
     (tmp_path / "cache" / "present").write_bytes(b"not zlib")
     assert open_store(tmp_path, remote)[1].startswith("emptied: unreadable")
-
-
-@pytest.fixture(scope="module")
-def chunk_tree(tmp_path_factory) -> str:
-    """The chunk tree of a real, fresh btrfs as dump-tree prints it."""
-    image = tmp_path_factory.mktemp("btrfs") / "fs.img"
-    with open(image, "wb") as f:
-        f.truncate(256 * 1024 * 1024)
-    subprocess.run(["mkfs.btrfs", "-q", "-n", "4096", "-m", "single", "-d", "single", str(image)], check=True)
-    return subprocess.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", str(image)],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-
-
-def test_metadata_ranges_come_from_the_chunk_tree(chunk_tree):
-    ranges = blockcache.btrfs_metadata_ranges(chunk_tree)
-    kinds = chunk_tree.count("type METADATA") + chunk_tree.count("type SYSTEM")
-    assert kinds >= 2 and len(ranges) == kinds, chunk_tree
-    assert chunk_tree.count("type DATA") >= 1  # and data chunks are left out
-    for start, end in ranges:
-        assert start % BLOCK == 0 and end > start
-        assert f"stripe 0 devid 1 offset {start}" in chunk_tree

@@ -1,0 +1,72 @@
+"""cryptsnap.chunks reads a mounted btrfs's chunk tree with an ioctl; btrfs-progs is the oracle."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+
+import pytest
+
+from cryptsnap import chunks
+
+
+def dump_tree_ranges(device: str) -> list[tuple[int, int]]:
+    """[start, end) of each METADATA or SYSTEM stripe, as `btrfs inspect-internal dump-tree -t chunk` shows it."""
+    text = subprocess.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", device],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    ranges = []
+    for item in re.split(r"\n\s*item \d+ key ", text):
+        kind = re.search(r"\blength (\d+) owner \d+ stripe_len \d+\s+type (\S+)", item)
+        if "CHUNK_ITEM" in item.split("\n", 1)[0] and kind and re.search("METADATA|SYSTEM", kind.group(2)):
+            for offset in re.findall(r"stripe \d+ devid \d+ offset (\d+)", item):
+                ranges.append((int(offset), int(offset) + int(kind.group(1))))
+    return sorted(ranges)
+
+
+@pytest.fixture
+def btrfs(tmp_path):
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(512 * 1024 * 1024)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        subprocess.run(["mkfs.btrfs", "-q", "-n", "4096", "-m", "single", "-d", "single", loop], check=True)
+        subprocess.run(["mount", loop, str(mountpoint)], check=True)
+        yield loop, mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_the_metadata_ranges_are_the_chunk_trees_and_new_chunks_are_seen(btrfs):
+    device, mountpoint = btrfs
+    first = sorted(chunks.metadata_ranges(mountpoint))
+    assert len(first) >= 2 and first == dump_tree_ranges(device)
+    seen: list[list[tuple[int, int]]] = []
+    called = threading.Event()
+
+    def on_ranges(ranges):
+        seen.append(ranges)
+        called.set()
+
+    with chunks.Watch(mountpoint, on_ranges, interval=0.1):
+        assert seen == [first]
+        called.clear()
+        # Enough small files to fill the first metadata chunk: btrfs allocates another.
+        for d in range(40):
+            os.mkdir(mountpoint / f"d{d}")
+            for f in range(1000):
+                (mountpoint / f"d{d}" / f"{f}").write_bytes(b"x" * 100)  # inline: metadata only
+            subprocess.run(["sync"], check=True)
+            if len(sorted(chunks.metadata_ranges(mountpoint))) > len(first):
+                break
+        assert called.wait(5), "the watch did not report the new chunk"
+    grown = sorted(chunks.metadata_ranges(mountpoint))
+    assert len(grown) > len(first) and seen[-1] == grown
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert grown == dump_tree_ranges(device)
