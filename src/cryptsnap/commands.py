@@ -176,8 +176,8 @@ def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv
         options.append("ro")
     elif filesystem == "btrfs":
         options.append("compress=zstd:1")  # compress before encryption: less to upload
-        # One transaction for the whole run where it can: each periodic commit (default 30 s)
-        # rewrites the path of tree nodes above every change again (-7% up, docs/performance.md).
+        # One transaction for the whole sync where it can: each periodic commit (default 30 s)
+        # writes the path of tree nodes above every change again (docs/performance.md).
         # The run ends with its own sync; an interrupted run's partial snapshot is discarded anyway.
         options.append("commit=300")
     return ("mount", "-t", filesystem, "-o", ",".join(options), device, mountpoint)
