@@ -62,6 +62,11 @@ class Ranges:
         return [[s, e] for s, e in zip(self.starts, self.ends, strict=True)]
 
 
+class CacheFailed(Exception):
+    """The local cache could not be read or written (a full disk, say). The run goes on
+    without it; it is not saved as clean, so the next run starts empty."""
+
+
 class Store:
     """The cache directory of one target. Not thread-safe: cryptsnap.nbd serves one request at a time."""
 
@@ -76,6 +81,7 @@ class Store:
         self.ranges = Ranges([FIRST_MIB])
         self.fd: int | None = None
         self.hits = self.misses = 0
+        self.failed = False  # set by cryptsnap.nbd after a CacheFailed: not used, not saved
 
     # --- opening and saving -------------------------------------------------------------
 
@@ -173,11 +179,11 @@ class Store:
             while run < end and self.has(run) == cached:
                 run += BLOCK
             if cached:
-                out += os.pread(self.fd, run - at, at)
+                out += self._local(os.pread, self.fd, run - at, at)
                 self.hits += (run - at) // BLOCK
             else:
                 data = read_remote(at, run - at)
-                os.pwrite(self.fd, data, at)
+                self._local(os.pwrite, self.fd, data, at)
                 for block in range(at, run, BLOCK):
                     self._mark(block)
                 self.misses += (run - at) // BLOCK
@@ -189,8 +195,15 @@ class Store:
         """The server acknowledged this write: keep the blocks that are metadata or already held."""
         for at in range(offset, offset + len(data), BLOCK):
             if self.ranges.covers(at) or self.has(at):
-                os.pwrite(self.fd, data[at - offset : at - offset + BLOCK], at)
+                self._local(os.pwrite, self.fd, data[at - offset : at - offset + BLOCK], at)
                 self._mark(at)
+
+    @staticmethod
+    def _local(call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            raise CacheFailed(f"the block cache failed: {exc}") from exc
 
     def forget(self, offset: int, length: int) -> None:
         """A write that failed half-way: the server's copy is unknown, so the cache holds none."""

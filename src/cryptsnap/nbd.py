@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from .blockcache import BLOCK, Store
+from .blockcache import BLOCK, CacheFailed, Store
 
 NBD_SET_SOCK = 0xAB00
 NBD_SET_BLKSIZE = 0xAB01
@@ -103,20 +103,24 @@ def serve(sock: socket.socket, remote: RemoteImage, store: Store | None, lock: t
         payload = _recv_exact(sock, length) if command == CMD_WRITE else b""
         error, data = 0, b""
         with lock:  # against `cover` from the control thread
+            cache = store if store and not store.failed else None
             try:
                 if command == CMD_READ:
-                    data = store.read(offset, length, remote.read) if store else remote.read(offset, length)
+                    data = _read(cache, remote, offset, length)
                 elif command == CMD_WRITE:
                     try:
                         remote.write(offset, payload)
                         if flags & CMD_FLAG_FUA:
                             remote.flush()
                     except OSError:
-                        if store:
-                            store.forget(offset, length)
+                        if cache:
+                            cache.forget(offset, length)
                         raise
-                    if store:
-                        store.written(offset, payload)
+                    if cache:
+                        try:
+                            cache.written(offset, payload)
+                        except CacheFailed as exc:
+                            _give_up(cache, exc)
                 elif command == CMD_FLUSH:
                     remote.flush()
                 elif command == CMD_DISC:
@@ -130,6 +134,21 @@ def serve(sock: socket.socket, remote: RemoteImage, store: Store | None, lock: t
                 error = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
                 data = b""
         sock.sendall(REPLY.pack(REPLY_MAGIC, error, handle) + (data if not error else b""))
+
+
+def _read(cache: Store | None, remote: RemoteImage, offset: int, length: int) -> bytes:
+    if cache:
+        try:
+            return cache.read(offset, length, remote.read)
+        except CacheFailed as exc:
+            _give_up(cache, exc)
+    return remote.read(offset, length)
+
+
+def _give_up(cache: Store, exc: CacheFailed) -> None:
+    """A local failure must not fail the backup: serve from the server alone from now on."""
+    cache.failed = True
+    print(f"cryptsnap.nbd: {exc}; going on without it", file=sys.stderr, flush=True)
 
 
 class Device:
@@ -272,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         server.join(0.5)
     kernel.join(timeout=30)
     if store:
-        if stopping["save"] and outcome["orderly"] and not remote.failed:
+        if stopping["save"] and outcome["orderly"] and not remote.failed and not store.failed:
             store.save(args.anchor)
             print(f"saved {store.hits} hits {store.misses} misses {store.count()} blocks", flush=True)
         else:

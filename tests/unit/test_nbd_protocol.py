@@ -87,3 +87,19 @@ def test_a_failed_write_is_reported_and_forgotten(served):
     client.sock.close()
     thread.join(5)
     assert result["orderly"] is False  # the connection ended without a disconnect request
+
+
+def test_a_failing_local_cache_is_dropped_and_the_server_still_gets_every_write(served):
+    client, image, store, remote, result, thread = served
+    store.cover([(0, SIZE)])
+    os.close(store.fd)
+    store.fd = os.open(image.parent / "cache" / "blocks", os.O_RDONLY)  # writes to it now fail, as on a full disk
+    new = os.urandom(2 * BLOCK)
+    assert client.request(nbd.CMD_WRITE, 8 * BLOCK, len(new), new) == (0, b"")
+    assert image.read_bytes()[8 * BLOCK : 10 * BLOCK] == new
+    assert store.failed and not remote.failed
+    assert client.request(nbd.CMD_READ, 8 * BLOCK, len(new)) == (0, new)  # from the server now
+    client.request(nbd.CMD_DISC)
+    thread.join(5)
+    assert result["orderly"] is True
+    store.close()
