@@ -90,21 +90,36 @@ class Store:
 
         `read_remote(offset, length)` reads from the server (one 4 KiB block, the anchor).
         From here until save(), the cache on disk is not marked clean: a crash empties it.
+        Raises CacheFailed when the cache directory cannot be used (the run can go on
+        without it); an OSError from read_remote is the server's and passes through.
         """
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        verdict = self._load(anchor, read_remote)
-        if not verdict.startswith("kept"):
-            self.present = bytearray(len(self.present))
-            self.ranges = Ranges([FIRST_MIB])
-            if self.blocks_path.exists():
-                self.blocks_path.unlink()
-        # Marked not clean before the first write: only save() marks it clean again.
-        self._write_state(clean=False, anchor=anchor)
-        self.fd = os.open(self.blocks_path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.fd, self.size)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            cached = self._load(anchor)
+        except OSError as exc:
+            raise CacheFailed(f"the block cache in {self.dir} cannot be used: {exc}") from exc
+        verdict = cached if isinstance(cached, str) else None
+        if verdict is None:
+            if read_remote(anchor, BLOCK) == cached:
+                verdict = f"kept: {self.count()} blocks"
+            else:
+                verdict = "emptied: the image was written by someone else since (its superblock differs)"
+        try:
+            if not verdict.startswith("kept"):
+                self.present = bytearray(len(self.present))
+                self.ranges = Ranges([FIRST_MIB])
+                if self.blocks_path.exists():
+                    self.blocks_path.unlink()
+            # Marked not clean before the first write: only save() marks it clean again.
+            self._write_state(clean=False, anchor=anchor)
+            self.fd = os.open(self.blocks_path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            raise CacheFailed(f"the block cache in {self.dir} cannot be used: {exc}") from exc
         return verdict
 
-    def _load(self, anchor: int, read_remote) -> str:
+    def _load(self, anchor: int) -> str | bytes:
+        """Why the cache cannot be kept; or, if it may be, its copy of the anchor block to compare."""
         try:
             state = json.loads(self.state_path.read_text())
             if not state.get("clean"):
@@ -121,13 +136,14 @@ class Store:
         self.present = present
         if not self.has(anchor):
             return "emptied: it does not hold the anchor block"
-        with open(self.blocks_path, "rb") as blocks:
-            blocks.seek(anchor)
-            cached = blocks.read(BLOCK)
-        if read_remote(anchor, BLOCK) != cached:
-            return "emptied: the image was written by someone else since (its superblock differs)"
+        try:
+            with open(self.blocks_path, "rb") as blocks:
+                blocks.seek(anchor)
+                cached = blocks.read(BLOCK)
+        except OSError as exc:
+            return f"emptied: unreadable ({exc})"
         self.ranges = Ranges(state.get("ranges", [FIRST_MIB]))
-        return f"kept: {self.count()} blocks"
+        return cached
 
     def save(self, anchor: int) -> None:
         """After an orderly disconnect: everything the server acknowledged is in the cache."""

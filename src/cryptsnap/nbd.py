@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
     remote = RemoteImage(args.image_fd)
     store = Store(args.cache, args.identity, args.size) if args.cache else None
-    verdict = store.open(args.anchor, remote.read) if store else "off"
+    verdict = "off"
+    if store:
+        try:
+            verdict = store.open(args.anchor, remote.read)
+        except CacheFailed as exc:  # a local problem: the backup goes on without the cache
+            store, verdict = None, f"off: {exc}"
     lock = threading.Lock()
     device = Device(args.size)
     stopping = {"save": False}

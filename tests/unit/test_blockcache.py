@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from cryptsnap.blockcache import BLOCK, Ranges, Store
+import pytest
+
+from cryptsnap.blockcache import BLOCK, CacheFailed, Ranges, Store
 
 SIZE = 4 * 1024 * 1024
 ANCHOR = 16 * BLOCK
@@ -117,3 +119,24 @@ def test_unreadable_cache_files_empty_it(tmp_path):
     store.close()
     (tmp_path / "cache" / "present").write_bytes(b"not zlib")
     assert open_store(tmp_path, remote)[1].startswith("emptied: unreadable")
+
+
+def test_an_unusable_cache_directory_is_reported_as_the_cache_failing(tmp_path):
+    (tmp_path / "cache").write_text("a file where the directory should be")
+    with pytest.raises(CacheFailed, match="cannot be used"):
+        open_store(tmp_path, Remote())
+
+
+def test_a_failing_read_of_the_server_is_not_taken_for_a_cache_failure(tmp_path):
+    remote = Remote()
+    store, _ = open_store(tmp_path, remote)
+    through(store, remote, ANCHOR, b"s" * BLOCK)
+    store.save(ANCHOR)
+    store.close()
+
+    def unreachable(offset, length):
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError) as raised:
+        Store(tmp_path / "cache", "uuid:4M", SIZE).open(ANCHOR, unreachable)
+    assert not isinstance(raised.value, CacheFailed)
