@@ -98,12 +98,12 @@ class Store:
             cached = self._load(anchor)
         except OSError as exc:
             raise CacheFailed(f"the block cache in {self.dir} cannot be used: {exc}") from exc
-        verdict = cached if isinstance(cached, str) else None
-        if verdict is None:
-            if read_remote(anchor, BLOCK) == cached:
-                verdict = f"kept: {self.count()} blocks"
-            else:
-                verdict = "emptied: the image was written by someone else since (its superblock differs)"
+        if isinstance(cached, str):
+            verdict = cached
+        elif read_remote(anchor, BLOCK) == cached:
+            verdict = f"kept: {self.count()} blocks"
+        else:
+            verdict = "emptied: the image was written by someone else since (its superblock differs)"
         try:
             if not verdict.startswith("kept"):
                 self.present = bytearray(len(self.present))

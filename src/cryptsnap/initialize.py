@@ -7,7 +7,6 @@ failed init leaves no half-made image where backups would look for one.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ from pathlib import Path
 from . import commands, meter, runner, snapshot
 from .config import Target
 from .errors import IntegrityError, RemoteUnreachable, ToolFailed, UsageError
-from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount
+from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, luks_metadata
 from .stack import Paths, remove_leftovers, step
 from .state import TargetState, key_path
 
@@ -97,7 +96,7 @@ def _format_header(target: Target, state: TargetState, key: str, image: Path) ->
         with contextlib.suppress(FileNotFoundError):
             state.header_backup.unlink()  # luksHeaderBackup refuses to overwrite
         runner.run(commands.luks_header_backup(str(twin), str(state.header_backup)))
-        dump = json.loads(runner.run(commands.luks_metadata(str(twin))).stdout)
+        dump = luks_metadata(twin)
         header_end = min(int(segment["offset"]) for segment in dump["segments"].values())
         fd = os.open(image, os.O_WRONLY | os.O_NOFOLLOW)
         with open(twin, "rb") as source, os.fdopen(fd, "wb") as dest:

@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import changes, commands, runner, snapshot
+from . import changes, snapshot
 from .errors import IntegrityError
+from .layers import luks_metadata
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class CheckReport:
 
 def header_ranges(header_backup: Path) -> list[tuple[int, int]]:
     """(offset, length) of every used part of the LUKS2 header area: both metadata copies, key slots."""
-    dump = json.loads(runner.run(commands.luks_metadata(str(header_backup))).stdout)
+    dump = luks_metadata(header_backup)
     metadata = 4096 + int(dump["config"]["json_size"])  # binary header + JSON area, one copy
     ranges = [(0, 2 * metadata)]
     for slot in dump["keyslots"].values():

@@ -336,7 +336,7 @@ class CachedDevice:
         self.cache_dir = cache_dir
         self.identity = identity
         self.fs_offset = fs_offset  # where the file system starts in the image (after the LUKS header)
-        self.anchor = fs_offset + anchor  # the block every commit rewrites (file system offset)
+        self.anchor = fs_offset + anchor  # the block every commit rewrites; `anchor` is a file system offset
         self.record = record  # "DEVICE PID" of the server, for remove_leftovers after a crash
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
@@ -458,6 +458,11 @@ def open_image(image: Path, readonly: bool, expected_size: int | None, flags: in
         os.close(fd)
         raise
     return fd
+
+
+def luks_metadata(header: Path) -> dict:
+    """The LUKS2 metadata (segments, key slots, config) of a header file or image, as cryptsetup reads it."""
+    return json.loads(runner.run(commands.luks_metadata(str(header))).stdout)
 
 
 class LuksMapping:

@@ -20,10 +20,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chunks, commands, meter, runner
+from . import chunks, meter
 from .config import Target
 from .errors import CryptsnapError, StepFailed, ToolFailed
-from .layers import CachedDevice, FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, holder_file
+from .layers import (
+    CachedDevice,
+    FsMount,
+    LocalLock,
+    LoopDevice,
+    LuksMapping,
+    RemoteLock,
+    SshfsMount,
+    holder_file,
+    luks_metadata,
+)
 from .mounts import is_mountpoint
 from .state import TargetState, key_path
 
@@ -197,8 +207,7 @@ def _block_device(target: Target, state: TargetState, image: dict, readonly: boo
 
 def _payload(state: TargetState) -> int:
     """Where the encrypted file system starts in the image, from the local header backup."""
-    dump = json.loads(runner.run(commands.luks_metadata(str(state.header_backup))).stdout)
-    return int(dump["segments"]["0"]["offset"])
+    return int(luks_metadata(state.header_backup)["segments"]["0"]["offset"])
 
 
 def close_view(target: Target) -> bool:

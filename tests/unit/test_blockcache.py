@@ -38,6 +38,14 @@ def through(store: Store, remote: Remote, offset: int, data: bytes) -> None:
     store.written(offset, data)
 
 
+def saved_with_anchor(tmp_path, remote: Remote) -> None:
+    """A cache saved clean after a run that wrote the anchor block."""
+    store, _ = open_store(tmp_path, remote)
+    through(store, remote, ANCHOR, b"s" * BLOCK)
+    store.save(ANCHOR)
+    store.close()
+
+
 def test_ranges_merge_and_cover():
     ranges = Ranges([(100, 200), (0, 50), (150, 300), (300, 310)])
     assert ranges.as_list() == [[0, 50], [100, 310]]
@@ -113,10 +121,7 @@ def test_a_clean_cache_is_kept_only_while_the_image_still_has_its_superblock(tmp
 
 def test_unreadable_cache_files_empty_it(tmp_path):
     remote = Remote()
-    store, _ = open_store(tmp_path, remote)
-    through(store, remote, ANCHOR, b"s" * BLOCK)
-    store.save(ANCHOR)
-    store.close()
+    saved_with_anchor(tmp_path, remote)
     (tmp_path / "cache" / "present").write_bytes(b"not zlib")
     assert open_store(tmp_path, remote)[1].startswith("emptied: unreadable")
 
@@ -129,10 +134,7 @@ def test_an_unusable_cache_directory_is_reported_as_the_cache_failing(tmp_path):
 
 def test_a_failing_read_of_the_server_is_not_taken_for_a_cache_failure(tmp_path):
     remote = Remote()
-    store, _ = open_store(tmp_path, remote)
-    through(store, remote, ANCHOR, b"s" * BLOCK)
-    store.save(ANCHOR)
-    store.close()
+    saved_with_anchor(tmp_path, remote)
 
     def unreachable(offset, length):
         raise OSError(5, "Input/output error")
