@@ -16,6 +16,7 @@ side is set up with the nbd ioctls (linux/nbd.h), which need no nbd-client.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -159,33 +160,64 @@ class Device:
         self.path: str | None = None
         self.fd: int | None = None
         self.kernel_end, self.our_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.started = threading.Event()
         self.error: str | None = None
+        self.pid: int | None = None  # the process blocked in NBD_DO_IT
 
-    def run(self) -> None:
-        """Claim a device and block in NBD_DO_IT until it disconnects (its own thread).
+    def start(self) -> None:
+        """Claim a device in a child process that then blocks in NBD_DO_IT until the device ends.
 
-        All ioctls come from this thread: the kernel lets only the task that gave the
-        socket finish the setup. Signals are blocked here, as they would end the wait and
-        take the device away from the mounted file system.
+        Not a thread of the serving process: if that process is killed with requests in
+        flight, a DO_IT thread in it waits in the kernel for the senders, which wait for the
+        socket that the half-dead process still holds; the device, and every process doing
+        I/O on it, hangs. In two processes the serving end closes when its process dies, the
+        kernel fails the requests, and the child returns. All ioctls come from the child: the
+        kernel lets only the task that gave the socket finish the setup. Signals are blocked
+        there, as they would end the wait and take the device away from the file system.
         """
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            self._claim()
-        except OSError as exc:
-            self.error = str(exc)
-            self.started.set()
-            return
-        self.started.set()
-        try:
-            fcntl.ioctl(self.fd, NBD_DO_IT)
-        except OSError:
-            pass  # returns an error after any disconnect
-        for request in (NBD_CLEAR_QUE, NBD_CLEAR_SOCK):
+        told, tell = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: the kernel's side only
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            keep = {2, tell, self.kernel_end.fileno()}  # not the image, the cache or the parent's pipes
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+                if fd > 2 and fd not in keep:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             try:
-                fcntl.ioctl(self.fd, request)
+                self._claim()
+            except OSError as exc:
+                os.write(tell, f"error {exc}".encode())
+                os._exit(1)
+            os.write(tell, f"claimed {self.path}".encode())
+            os.close(tell)
+            try:
+                fcntl.ioctl(self.fd, NBD_DO_IT)
             except OSError:
-                pass
+                pass  # returns an error after any disconnect
+            for request in (NBD_CLEAR_QUE, NBD_CLEAR_SOCK):
+                try:
+                    fcntl.ioctl(self.fd, request)
+                except OSError:
+                    pass
+            os._exit(0)
+        os.close(tell)
+        self.kernel_end.close()
+        with os.fdopen(told, "rb") as answer:
+            kind, _, said = answer.read().decode().partition(" ")
+        if kind == "claimed":
+            self.path = said
+        else:
+            self.error = said or "the nbd setup process ended without a word"
+
+    def wait_ended(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def _claim(self) -> None:
         names = sorted((p.name for p in Path("/sys/block").glob("nbd*")), key=lambda n: int(n[3:]))
@@ -254,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    kernel = threading.Thread(target=device.run, name="nbd-do-it", daemon=True)
-    kernel.start()
-    device.started.wait()
+    device.start()
     if device.error:
         print(f"cryptsnap.nbd: {device.error}", file=sys.stderr, flush=True)
         return 1
@@ -294,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=control, name="nbd-control", daemon=True).start()
     while server.is_alive():  # until the kernel disconnects (stop, SIGTERM, or the device's end)
         server.join(0.5)
-    kernel.join(timeout=30)
+    device.wait_ended()
     if store:
         if stopping["save"] and outcome["orderly"] and not remote.failed and not store.failed:
             store.save(args.anchor)
