@@ -29,7 +29,6 @@ PACKAGES = {
     "mkfs.ext2": "e2fsprogs",
     "mkfs.ext4": "e2fsprogs",
     "rsync": "rsync",
-    "sync": "coreutils",
     "modprobe": "kmod",
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from . import changes, commands, integrity, meter, runner, snapshot
 from .config import Target
 from .errors import Canceled, CryptsnapError, UsageError
-from .stack import Paths, open_stack
+from .stack import Paths, open_stack, step
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,15 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             generation = snapshot.check_generation(op.fs, state)
             reporter.phase("syncing")
             known = changes.Record.load(state.file_record)
-            record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
-                                                               work_dir=target.runtime_dir,
-                                                               full_compare=full_compare)  # fmt: skip
+            with step("syncing"):
+                record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known,
+                                                                   generation, work_dir=target.runtime_dir,
+                                                                   full_compare=full_compare)  # fmt: skip
             reporter.phase("finalizing")
             state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
-            record.pruned = snapshot.prune(op.fs, target)
-            snapshot.bump_generation(op.fs, state, generation)
+            with step("finalizing"):
+                record.pruned = snapshot.prune(op.fs, target)
+                snapshot.bump_generation(op.fs, state, generation)
             if entries is not None:
                 changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
                                entries).save(state.file_record)  # fmt: skip

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import changes, commands, naming, retention, runner
+from . import changes, commands, durable, naming, retention, runner
 from .config import Target
 from .errors import IntegrityError
 from .state import TargetState
@@ -81,9 +81,10 @@ def bump_generation(fs: Path, state: TargetState, current: int) -> None:
     """Count one more write into the image, and sync everything done before it."""
     path = fs / ".cryptsnap" / "generation"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{current + 1}\n")
-    os.replace(tmp, path)
-    runner.run(commands.sync(str(fs)))
+    with durable.Syncer(fs, state.target.filesystem) as syncer:
+        tmp.write_text(f"{current + 1}\n")
+        os.replace(tmp, path)
+        syncer.sync()
     state.set_generation(current + 1)
 
 
@@ -115,6 +116,13 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
     only what changed since is copied (cryptsnap.changes). Also returns what the sources held
     (for the next run's record), or None where no record can be kept.
     """
+    with durable.Syncer(fs, target.filesystem) as syncer:  # before the first write: hears every failed one
+        return _write_snapshot(fs, target, syncer, on_progress, known, generation, work_dir, full_compare)
+
+
+def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,
+                    known: changes.Record | None, generation: int | None, work_dir: Path | None,
+                    full_compare: bool) -> tuple[str, dict | None]:  # fmt: skip
     directory = snapshots_dir(fs)
     remove_partials(fs)
     existing = list_snapshots(fs)
@@ -160,7 +168,7 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
                 listing.flush()
                 runner.stream(rsync(files_from=listing.name), progress)
         on_progress(1.0, 0)
-    runner.run(commands.sync(str(partial)))  # the data is on the server before the name says "complete"
+    syncer.sync()  # the data is on the server before the name says "complete"
     if btrfs:
         runner.run(commands.btrfs_set_readonly(str(partial)))
     # Made durable by bump_generation's sync, in the same commit as the new generation and the

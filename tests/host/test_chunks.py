@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from cryptsnap import chunks
+from tests.support import loopfs
 
 
 def dump_tree_ranges(device: str) -> list[tuple[int, int]]:
@@ -27,20 +28,9 @@ def dump_tree_ranges(device: str) -> list[tuple[int, int]]:
 
 @pytest.fixture
 def btrfs(tmp_path):
-    image = tmp_path / "fs.img"
-    with open(image, "wb") as f:
-        f.truncate(512 * 1024 * 1024)
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    try:
-        subprocess.run(["mkfs.btrfs", "-q", "-n", "4096", "-m", "single", "-d", "single", loop], check=True)
-        subprocess.run(["mount", loop, str(mountpoint)], check=True)
-        yield loop, mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        subprocess.run(["losetup", "-d", loop], check=True)
+    with loopfs.btrfs(tmp_path / "fs.img", mountpoint, cryptsnap_options=False) as device:
+        yield device, mountpoint
 
 
 def test_the_metadata_ranges_are_the_chunk_trees_and_new_chunks_are_seen(btrfs):

@@ -82,7 +82,7 @@ def test_luks_and_loop_and_mount_builders():
 def test_every_program_has_a_package_for_the_missing_tool_message():
     built = [commands.keyscan(TARGET), commands.fingerprints("/k"), commands.fuse_unmount("/m"),
              commands.loop_list(), commands.luks_dump("/d"), commands.luks_header_backup("/d", "/b"),
-             commands.mkfs("btrfs", "/d"), commands.btrfs_snapshot("/a", "/b"), commands.sync("/m"),
+             commands.mkfs("btrfs", "/d"), commands.btrfs_snapshot("/a", "/b"),
              commands.unmount("/m"), commands.rsync_restore("/a", "/b")]  # fmt: skip
     for argv in built:
         assert argv[0] in commands.PACKAGES

@@ -1,0 +1,39 @@
+"""A btrfs on a loop device over a sparse file, mounted the way cryptsnap mounts it (host tier)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from pathlib import Path
+
+from cryptsnap import commands
+
+
+def device_written(device: str) -> int:
+    """Bytes written to a block device so far (/sys/block/NAME/stat, sectors of 512 bytes)."""
+    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[6]) * 512
+
+
+@contextlib.contextmanager
+def btrfs(image: Path, mountpoint: Path, size: int = 512 << 20, cryptsnap_options: bool = True):
+    """Yield the loop device of a fresh btrfs in `image` mounted at `mountpoint`.
+
+    cryptsnap_options: made and mounted with cryptsnap's own mkfs and mount command lines;
+    otherwise btrfs's defaults (besides 4 KiB nodes and single metadata).
+    """
+    with open(image, "wb") as f:
+        f.truncate(size)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    mountpoint.mkdir(exist_ok=True)
+    try:
+        if cryptsnap_options:
+            subprocess.run(commands.mkfs("btrfs", device), check=True, capture_output=True)
+            subprocess.run(commands.mount(device, str(mountpoint), "btrfs", readonly=False), check=True)
+        else:
+            subprocess.run(["mkfs.btrfs", "-q", "-n", "4096", "-m", "single", "-d", "single", device], check=True)
+            subprocess.run(["mount", device, str(mountpoint)], check=True)
+        yield device
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        subprocess.run(["losetup", "-d", device], check=True)
