@@ -402,6 +402,11 @@ class CachedDevice:
 
     def _stop(self, save: bool) -> None:
         proc, self.proc = self.proc, None
+        if proc.poll() is not None:  # it died during the run: nothing to stop, nothing was saved
+            log.error("the block device server of %s had ended during the run (exit %s): %s", self.device,
+                      proc.returncode, self._errors())  # fmt: skip
+            self._forget()
+            return
         try:
             if save:
                 proc.stdin.write("stop\n")
@@ -416,6 +421,9 @@ class CachedDevice:
             log.error("the block device server of %s did not stop; killing it: %s", self.device, self._errors())
             proc.kill()
             proc.wait()
+        self._forget()
+
+    def _forget(self) -> None:
         if self.record.exists():
             self.record.unlink()
         self.device = None

@@ -130,6 +130,28 @@ def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host, files
     assert_nothing_left(setup)
 
 
+def test_a_block_device_server_that_dies_fails_the_run_and_the_next_run_starts_afresh(tmp_path, untrusted_host):
+    """The nbd server killed while rsync writes through it: the run ends with an I/O error in its
+    step instead of hanging, unwinds everything, and the next run does not trust the cache."""
+    import signal
+    import time
+
+    setup, proc = start_big_backup(tmp_path, untrusted_host, "btrfs")
+    assert _wait_for_rsync(setup), "rsync never ran"
+    time.sleep(1)  # requests in flight
+    _, pid = (setup.runtime_dir / setup.name / "nbd").read_text().split()
+    os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 8, err
+    assert "error: syncing: " in err and "Input/output error" in err, err
+    assert "had ended during the run" in err, err
+    assert_nothing_left(setup)
+    log = cryptsnap(setup, "-v", "backup", setup.name).stderr
+    assert "emptied: the last run did not close it cleanly" in log, log
+    assert len(cryptsnap(setup, "list", setup.name).stdout.split()) == 1
+    assert_nothing_left(setup)
+
+
 def _wait_for_rsync(setup, timeout: float = 120) -> int | None:
     import time
 
