@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import commands, meter, runner, snapshot
 from .config import Target
-from .errors import IntegrityError, RemoteUnreachable, ToolFailed, UsageError
-from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, luks_metadata
+from .errors import RemoteUnreachable, ToolFailed, UsageError
+from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, luks_metadata, ssh_failure
 from .stack import Paths, remove_leftovers, step
 from .state import TargetState, key_path
 
@@ -31,11 +31,8 @@ def remote_run(config_file: Path, target: Target, argv: list[str], check: bool =
     try:
         return runner.run(commands.ssh(str(config_file), target, argv), check=check, timeout=600)
     except ToolFailed as exc:
-        if "Host key verification failed" in exc.stderr:
-            raise IntegrityError(f"the ssh host key of {target.host} is not the one pinned in "
-                                 f"{target.state_dir / 'known_hosts'}") from None
-        if exc.returncode == 255:
-            raise RemoteUnreachable(f"cannot reach {target.user}@{target.host}:{target.port}: {exc}") from None
+        if exc.returncode == 255:  # ssh's own failure; anything else is the remote command's exit status
+            raise ssh_failure(target, exc.stderr, 255, str(exc)) from None
         raise
 
 

@@ -144,26 +144,33 @@ class SshfsMount:
     def _diagnose(self, failure: ToolFailed) -> Exception:
         """Say why sshfs failed. sshfs hides ssh's own message, so ask ssh once more, directly."""
         target = self.target
-        where = f"{target.user}@{target.host}:{target.port}"
         probe = runner.run(commands.ssh(str(self.ssh_config), target, ["true"]), check=False, timeout=60)
-        said = probe.stderr
-        if "Host key verification failed" in said or "REMOTE HOST IDENTIFICATION" in said:
-            return IntegrityError(
-                f"the ssh host key of {where} is not the one pinned at `cryptsnap init` "
-                f"({target.state_dir / 'known_hosts'}): someone may be intercepting the connection. If the server "
-                f"really changed its key, check the new fingerprint out of band, then run "
-                f"`cryptsnap init --accept-new-host-key {target.name}`"
-            )
-        if "Permission denied" in said:
-            return RemoteUnreachable(f"{where} refused the login with {target.identity_file}; check the "
-                                     f"authorized_keys line `cryptsnap init` printed")
-        if probe.returncode == 255 or any(hint in said for hint in UNREACHABLE_HINTS):
-            detail = "\n".join(said.strip().splitlines()[-3:]) or failure.stderr.strip()
-            return RemoteUnreachable(f"cannot reach {where}: {detail}")
+        known = ssh_failure(target, probe.stderr, probe.returncode, failure.stderr)
+        if known:
+            return known
         if "No such file or directory" in failure.stderr:
-            return RemoteUnreachable(f"{where}: the remote directory {target.remote_dir!r} does not exist; "
-                                     f"run `cryptsnap init {target.name}`")
+            return RemoteUnreachable(f"{target.user}@{target.host}:{target.port}: the remote directory "
+                                     f"{target.remote_dir!r} does not exist; run `cryptsnap init {target.name}`")
         return failure
+
+
+def ssh_failure(target, said: str, returncode: int, fallback: str = "") -> Exception | None:
+    """What ssh's stderr and exit status mean for the user (None: ssh itself did not fail)."""
+    where = f"{target.user}@{target.host}:{target.port}"
+    if "Host key verification failed" in said or "REMOTE HOST IDENTIFICATION" in said:
+        return IntegrityError(
+            f"the ssh host key of {where} is not the one pinned at `cryptsnap init` "
+            f"({target.state_dir / 'known_hosts'}): someone may be intercepting the connection. If the server "
+            f"really changed its key, check the new fingerprint out of band, then run "
+            f"`cryptsnap init --accept-new-host-key {target.name}`"
+        )
+    if "Permission denied" in said:
+        return RemoteUnreachable(f"{where} refused the login with {target.identity_file}; check the "
+                                 f"authorized_keys line `cryptsnap init` printed")
+    if returncode == 255 or any(hint in said for hint in UNREACHABLE_HINTS):
+        detail = "\n".join(said.strip().splitlines()[-3:]) or fallback.strip()
+        return RemoteUnreachable(f"cannot reach {where}: {detail}")
+    return None
 
 
 def wait_for_exit(marker: str, timeout: float = 15.0, level: int = logging.ERROR) -> None:

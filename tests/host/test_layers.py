@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cryptsnap import commands, runner
-from cryptsnap.errors import Busy, IntegrityError, MissingTool, StepFailed
+from cryptsnap.errors import Busy, IntegrityError, MissingTool, StepFailed, ToolFailed
 from cryptsnap.initialize import _allocate, _format_header, pin_host_key, remote_run
 from cryptsnap.layers import FsMount, LocalLock, LoopDevice, RemoteLock, SshfsMount
 from cryptsnap.mounts import is_mountpoint
@@ -145,13 +145,18 @@ def test_locks_make_a_second_run_busy(setup):
 
 
 def test_a_changed_host_key_is_refused(setup):
-    prepare(setup, luks=False)
+    target, state, _ = prepare(setup, luks=False)
+    with pytest.raises(ToolFailed) as failed:  # the remote command's own failure is not ssh's
+        remote_run(state.ssh_config, target, ["sh", "-c", "echo Permission denied >&2; exit 3"])
+    assert type(failed.value) is ToolFailed and failed.value.returncode == 3
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(setup.server.tmp / "other")],
                    check=True)  # fmt: skip
     known = setup.state_dir / setup.name / "known_hosts"
     known.write_text(" ".join([f"cryptsnap-{setup.name}", *(setup.server.tmp / "other.pub").read_text().split()[:2]]))
     result = cryptsnap(setup, "list", setup.name, expect=7)
     assert "connecting: " in result.stderr and "host key" in result.stderr
+    with pytest.raises(IntegrityError, match="is not the one pinned"):  # init's remote commands say the same
+        remote_run(state.ssh_config, target, ["true"])
     assert_nothing_left(setup)
 
 
