@@ -24,15 +24,15 @@ TREES = {1: "root", 2: "extent", 3: "chunk", 4: "dev", 5: "fs", 7: "csum", 9: "u
 
 
 def metadata_chunks(image: str) -> list[tuple[int, int, int]]:
-    """(logical, physical, length) of each METADATA or SYSTEM chunk, from btrfs-progs."""
+    """(logical, physical, length) of each stripe of every METADATA or SYSTEM chunk, from btrfs-progs."""
     text = subprocess.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", image],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     chunks = []
     for item in re.split(r"\n\s*item \d+ key ", text):
-        found = re.search(r"CHUNK_ITEM (\d+)\).*?length (\d+) owner \d+ stripe_len \d+\s+type (\S+).*?offset (\d+)",
-                          item, re.S)  # fmt: skip
+        found = re.search(r"CHUNK_ITEM (\d+)\).*?length (\d+) owner \d+ stripe_len \d+\s+type (\S+)", item, re.S)
         if found and re.search("METADATA|SYSTEM", found.group(3)):
-            chunks.append((int(found.group(1)), int(found.group(4)), int(found.group(2))))
+            for physical in re.findall(r"stripe \d+ devid \d+ offset (\d+)", item):  # dup: two copies
+                chunks.append((int(found.group(1)), int(physical), int(found.group(2))))
     return chunks
 
 

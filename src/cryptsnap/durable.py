@@ -30,7 +30,6 @@ class Syncer:
     """Open on a mounted file system from before its writes until `sync()` has made them durable."""
 
     def __init__(self, fs: Path, filesystem: str):
-        self.fs = fs
         self.btrfs = filesystem == "btrfs"
         self.fd = os.open(fs, os.O_RDONLY | os.O_DIRECTORY)
 

@@ -412,25 +412,22 @@ class CachedDevice:
         if proc.poll() is not None:  # it died during the run: nothing to stop, nothing was saved
             log.error("the block device server of %s had ended during the run (exit %s): %s", self.device,
                       proc.returncode, self._errors())  # fmt: skip
-            self._forget()
-            return
-        try:
-            if save:
-                proc.stdin.write("stop\n")
-                proc.stdin.flush()
-            else:
-                proc.terminate()
-            proc.stdin.close()
-            proc.wait(timeout=120)
-            said = proc.stdout.read().strip()
-            log.info("block cache: %s", said or f"server exited {proc.returncode}: {self._errors()}")
-        except (OSError, subprocess.TimeoutExpired):
-            log.error("the block device server of %s did not stop; killing it: %s", self.device, self._errors())
-            proc.kill()
-            proc.wait()
-        self._forget()
-
-    def _forget(self) -> None:
+        else:
+            try:
+                if save:
+                    proc.stdin.write("stop\n")
+                    proc.stdin.flush()
+                else:
+                    proc.terminate()
+                proc.stdin.close()
+                proc.wait(timeout=120)
+                said = proc.stdout.read().strip()
+                log.info("block cache: %s", said or f"server exited {proc.returncode}: {self._errors()}")
+            except (OSError, subprocess.TimeoutExpired):
+                log.error("the block device server of %s did not stop; killing it: %s", self.device,
+                          self._errors())  # fmt: skip
+                proc.kill()
+                proc.wait()
         if self.record.exists():
             self.record.unlink()
         self.device = None

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 
 import pytest
 
+from bench import generations
 from cryptsnap import chunks
 from tests.support import loopfs
 
 
 def dump_tree_ranges(device: str) -> list[tuple[int, int]]:
     """[start, end) of each METADATA or SYSTEM stripe, as `btrfs inspect-internal dump-tree -t chunk` shows it."""
-    text = subprocess.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", device],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    ranges = []
-    for item in re.split(r"\n\s*item \d+ key ", text):
-        kind = re.search(r"\blength (\d+) owner \d+ stripe_len \d+\s+type (\S+)", item)
-        if "CHUNK_ITEM" in item.split("\n", 1)[0] and kind and re.search("METADATA|SYSTEM", kind.group(2)):
-            for offset in re.findall(r"stripe \d+ devid \d+ offset (\d+)", item):
-                ranges.append((int(offset), int(offset) + int(kind.group(1))))
-    return sorted(ranges)
+    return sorted((physical, physical + length) for _, physical, length in generations.metadata_chunks(device))
 
 
 @pytest.fixture
