@@ -289,8 +289,13 @@ class BusClient:
         variants = {key: GLib.Variant("b", bool(value)) for key, value in (options or {}).items()}
         return self._call(lambda: obj.StartBackup(variants))
 
-    def follow(self, job_path: str, on_change) -> str:
-        """Call on_change(properties) as the job advances; return its result when it ends."""
+    def follow(self, job_path: str, on_change, on_signal=None) -> str:
+        """Call on_change(properties) as the job advances; return its result when it ends.
+
+        Returns "lost" when cryptsnapd leaves the bus (killed, restarted) before the job's end:
+        the job died with it. on_signal(): called on SIGINT or SIGTERM; following stops ("abandoned")
+        when it returns True.
+        """
         loop = GLib.MainLoop()
         outcome = {}
 
@@ -304,17 +309,38 @@ class BusClient:
             if path == job_path and iface == "org.cryptsnap1.Job":
                 on_change(props)
 
+        def owner_changed(name, old, new):
+            if name == BUS_NAME and old == owner:
+                outcome.setdefault("result", "lost")
+                loop.quit()
+
+        def signaled():
+            if on_signal is None or on_signal():
+                outcome.setdefault("result", "abandoned")
+                loop.quit()
+            return True
+
         manager = self.bus.get(BUS_NAME, MANAGER_PATH)
-        with manager.JobRemoved.connect(removed), self.bus.subscribe(
-            sender=BUS_NAME, iface="org.freedesktop.DBus.Properties", signal="PropertiesChanged",
-            object=job_path, signal_fired=changed,
-        ):  # fmt: skip
-            try:  # the job may have ended before we subscribed
-                self.bus.get(BUS_NAME, job_path).GetAll("org.cryptsnap1.Job")
-            except GLib.Error:
-                return ""
-            loop.run()
+        owner = self._call(lambda: self.bus.dbus.GetNameOwner(BUS_NAME))
+        sources = [GLib.unix_signal_add(GLib.PRIORITY_HIGH, number, signaled) for number in (2, 15)]  # INT, TERM
+        try:
+            with manager.JobRemoved.connect(removed), self.bus.dbus.NameOwnerChanged.connect(owner_changed), \
+                    self.bus.subscribe(sender=BUS_NAME, iface="org.freedesktop.DBus.Properties",
+                                       signal="PropertiesChanged", object=job_path, signal_fired=changed):  # fmt: skip
+                try:  # the job may have ended (or the daemon gone) before we subscribed
+                    self.bus.get(BUS_NAME, job_path).GetAll("org.cryptsnap1.Job")
+                    if self.bus.dbus.GetNameOwner(BUS_NAME) != owner:
+                        return "lost"
+                except GLib.Error:
+                    return ""
+                loop.run()
+        finally:
+            for source in sources:
+                GLib.source_remove(source)
         return outcome.get("result", "")
+
+    def cancel_job(self, job_path: str) -> None:
+        self._call(lambda: self.bus.get(BUS_NAME, job_path).Cancel())
 
 
 def _domain_error(exc: GLib.Error) -> CryptsnapError:

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 from . import __version__, config, pipeline, runner
-from .errors import EXIT_CODES, Canceled, CryptsnapError, RemoteUnreachable, UsageError
+from .errors import EXIT_CODES, Canceled, CryptsnapError, Interrupted, RemoteUnreachable, UsageError
 from .stack import close_view
 from .state import TargetState
 
@@ -103,8 +103,28 @@ def backup_via_daemon(client, args) -> int:
         if "Progress" in props:
             reporter.progress(props["Progress"], props.get("BytesTransferred", 0))
 
-    result = client.follow(job, changed)
+    signals = []
+
+    def on_signal() -> bool:
+        """The first SIGINT/SIGTERM cancels the job and waits for it to unwind; a second stops waiting."""
+        signals.append(1)
+        if len(signals) > 1:
+            return True
+        print(f"\n{args.target}: canceling job {job} (again to stop waiting)", file=sys.stderr)
+        try:
+            client.cancel_job(job)
+        except CryptsnapError as exc:
+            log.warning("could not cancel %s: %s", job, exc)
+        return False
+
+    result = client.follow(job, changed, on_signal)
     reporter.done()
+    if result == "lost":
+        raise Interrupted(f"cryptsnapd left the bus while job {job} ran (it was killed or restarted): the run was "
+                          f"interrupted, and cryptsnapd unwinds what it left when it starts again. "
+                          f"`cryptsnap status {args.target}` shows what was recorded")  # fmt: skip
+    if result == "abandoned":
+        raise Canceled(f"stopped waiting for job {job}; cryptsnapd is canceling it")
     props = client.properties(args.target)
     if result == "done":
         snaps = props.get("Snapshots", [])

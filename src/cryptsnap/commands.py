@@ -87,7 +87,10 @@ def fingerprints(known_hosts: str) -> Argv:
     return ("ssh-keygen", "-l", "-f", known_hosts)
 
 
-def sshfs(config_file: str, target: Target, mountpoint: str, contain_symlinks: bool) -> Argv:
+def sshfs(config_file: str, target: Target, mountpoint: str, contain_symlinks: bool,
+          ssh_log: str | None = None) -> Argv:  # fmt: skip
+    """ssh_log: where ssh writes its messages (sshfs detaches from the terminal and drops them),
+    so a connection lost mid-run can be explained in ssh's own words."""
     options = [
         "idmap=none",
         "nodev",
@@ -98,8 +101,11 @@ def sshfs(config_file: str, target: Target, mountpoint: str, contain_symlinks: b
     ]
     if contain_symlinks:
         options.append("contain_symlinks")  # a hostile server's absolute symlinks stay inside the mount
-    return ("sshfs", "-F", config_file, f"{ssh_host(target)}:{target.remote_dir}", mountpoint,
+    argv = ("sshfs", "-F", config_file, f"{ssh_host(target)}:{target.remote_dir}", mountpoint,
             "-o", ",".join(options))  # fmt: skip
+    if ssh_log:  # sshfs splits ssh_command at spaces; INFO has "Timeout, server not responding"
+        argv += ("-o", f"ssh_command=ssh -E {ssh_log} -o LogLevel=INFO")
+    return argv
 
 
 def fuse_unmount(mountpoint: str) -> Argv:

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from gi.repository import GLib
 
 from . import __version__, config, logs
-from .errors import Busy, ConfigError, CryptsnapError
+from .errors import Busy, ConfigError, CryptsnapError, Interrupted
 from .layers import LocalLock
+from .stack import has_leftovers
 from .state import TargetState
+from .worker import DAEMON_PID
 
 log = logging.getLogger("cryptsnapd")
 
@@ -46,6 +48,12 @@ class Job:
     process: subprocess.Popen | None = None
     cancel_requested: bool = False
     buffer: bytes = b""
+    # "backup", or "unwind": removing what a killed worker (or, at start-up, a killed
+    # cryptsnapd) left open; such a job holds the target until it is done, and ends as failed.
+    kind: str = "backup"
+    why: str = ""  # what ended the run, for an unwind job
+    killed: bool = False  # its backup worker was killed (else: an unwind at start-up)
+    retired: list = field(default_factory=list)  # earlier workers: their pipes stay open until read to the end
 
     @property
     def path(self) -> str:
@@ -110,7 +118,7 @@ class Daemon:
         job = self.job_for(name)
         return {
             "Name": name,
-            "State": "running" if job else "idle",
+            "State": ("unwinding" if job.kind == "unwind" else "running") if job else "idle",
             "LastResult": run.get("result", ""),
             "LastSuccess": usec(run.get("last_success", 0)),
             "LastAttempt": usec(run.get("finished", 0)),
@@ -125,32 +133,16 @@ class Daemon:
     # -- jobs --------------------------------------------------------------------------
 
     def start_backup(self, name: str, options: dict) -> Job:
-        target = self.target(name)
+        self.target(name)
         if self.stopping:
             raise CryptsnapError("cryptsnapd is stopping")
         running = self.job_for(name)
         if running:
             raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
-        # Take the target's lock here and hand it to the worker: a job reported as running
-        # holds its target from the first moment, before the worker has even started up.
-        lock = LocalLock(target.runtime_dir, f"backup job {self.next_id} of cryptsnapd")
-        lock.__enter__()  # Busy when a CLI run, a mount or the restore unit holds the target
         job = Job(self.next_id, name)
+        extra = [f"--{option}" for option in ("break-lock", "full-compare") if options.get(option)]
+        self._spawn(job, f"backup job {job.id} of cryptsnapd", extra)
         self.next_id += 1
-        fd = lock.file.fileno()
-        argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id),
-                "--lock-fd", str(fd), name]  # fmt: skip
-        argv += [f"--{option}" for option in ("break-lock", "full-compare") if options.get(option)]
-        try:
-            job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,))
-        except BaseException:
-            lock.__exit__(None, None, None)
-            raise
-        lock.hand_over()
-        os.set_blocking(job.process.stdout.fileno(), False)
-        GLib.io_add_watch(job.process.stdout.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP,
-                          self._on_worker_output, job)  # fmt: skip
-        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, job.process.pid, self._on_worker_exit, job)
         self.jobs[job.id] = job
         log.info("job %d [%s]: started (pid %d)", job.id, name, job.process.pid)
         self.listener.job_new(job)
@@ -158,7 +150,63 @@ class Daemon:
         self.update_status()
         return job
 
+    def _spawn(self, job: Job, holder: str, extra: list[str]) -> None:
+        """Start the job's worker process, handing it the target's lock."""
+        # Take the target's lock here and hand it to the worker: a job reported as running
+        # holds its target from the first moment, before the worker has even started up.
+        lock = LocalLock(self.target(job.target).runtime_dir, holder)
+        lock.__enter__()  # Busy when a CLI run, a mount or the restore unit holds the target
+        fd = lock.file.fileno()
+        argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id),
+                "--lock-fd", str(fd), *extra, job.target]  # fmt: skip
+        try:
+            job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,),
+                                           env={**os.environ, DAEMON_PID: str(os.getpid())})  # fmt: skip
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        lock.hand_over()
+        job.buffer = b""
+        os.set_blocking(job.process.stdout.fileno(), False)
+        GLib.io_add_watch(job.process.stdout.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP,
+                          self._on_worker_output, job)  # fmt: skip
+        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, job.process.pid, self._on_worker_exit, job)
+
+    def _unwind(self, job: Job, why: str) -> None:
+        """Turn `job` into the unwinding of what its dead run left (see cryptsnap.stack.unwind_dead_run)."""
+        job.kind, job.why = "unwind", why
+        job.phase = "unmounting"
+        if job.process:
+            job.retired.append(job.process)
+        self._spawn(job, f"cryptsnapd unwinding job {job.id}", ["--unwind", why])
+        log.warning("job %d [%s]: unwinding what the run left: %s", job.id, job.target, why)
+        self.listener.job_changed(job, {"Phase": job.phase})
+        self.listener.target_changed(job.target, {"State": "unwinding", "Job": job.path})
+        self.update_status()
+
+    def unwind_leftovers(self) -> None:
+        """At start-up: unwind what runs of a killed cryptsnapd left (mounts, mapping, devices, ssh)."""
+        for name in self.target_names():
+            try:
+                dirty = has_leftovers(self.target(name))
+            except OSError as exc:
+                log.error("target %s: cannot look for what an earlier run left: %s", name, exc)
+                continue
+            if not dirty:
+                continue
+            job = Job(self.next_id, name)
+            try:
+                self._unwind(job, "cryptsnapd was restarted during the run")
+            except CryptsnapError as exc:  # Busy: a CLI run holds it, and unwinds it itself
+                log.warning("target %s: not unwinding what an earlier run left: %s", name, exc)
+                continue
+            self.next_id += 1
+            self.jobs[job.id] = job
+            self.listener.job_new(job)
+
     def cancel(self, job: Job) -> None:
+        if job.kind == "unwind":
+            return  # cut short, it would leave what it is there to remove: it ends by itself
         if job.process and job.process.poll() is None and not job.cancel_requested:
             log.info("job %d [%s]: canceling", job.id, job.target)
             job.cancel_requested = True
@@ -199,14 +247,39 @@ class Daemon:
     def _on_worker_exit(self, pid: int, status: int, job: Job) -> None:
         code = os.waitstatus_to_exitcode(status)
         job.process.returncode = code
+        if code < 0 and job.kind == "backup" and job.target in self.config.targets:
+            # Killed before it could unwind (SIGKILL, the OOM killer): its mounts, the decrypted
+            # mapping and the block device server are still open. Remove them now, not next run.
+            job.killed = True
+            try:
+                self._unwind(job, f"its process was killed by {signal.Signals(-code).name}")
+                return
+            except CryptsnapError as exc:
+                log.error("job %d [%s]: cannot unwind what the killed run left: %s", job.id, job.target, exc)
+        if job.kind == "unwind":
+            if code != 0:
+                log.error("job %d [%s]: unwinding what the run left failed (exit %d); the next run tries again",
+                          job.id, job.target, code)  # fmt: skip
+            if job.killed:  # a worker of this daemon's, maybe killed before its run made its marker
+                self._record_if_unrecorded(job, "failed", Interrupted.exit_code, f"interrupted: {job.why}")
+            self._remove_job(job, "failed", Interrupted.exit_code)
+            return
         if code < 0:  # killed by a signal before it could handle it: report it as a shell would
             code = 128 - code
         result = "done" if code == 0 else "canceled" if job.cancel_requested or code == EXIT_CANCELED else "failed"
-        state = TargetState(self.target(job.target)) if job.target in self.config.targets else None
-        if state and state.last_run().get("started", 0) < job.start_time - 1:
-            # The worker died before it could record the run (crash, bad config): record it here.
+        self._record_if_unrecorded(job, result, code, f"the worker exited with code {code} (see the journal)")
+        self._remove_job(job, result, code)
+
+    def _record_if_unrecorded(self, job: Job, result: str, code: int, error: str) -> None:
+        """Record the job's run where its worker could not (a crash, a bad config, killed before it began)."""
+        if job.target not in self.config.targets:
+            return
+        state = TargetState(self.target(job.target))
+        if state.last_run().get("finished", 0) < job.start_time:
             state.record_run({**state.last_run(), "result": result, "finished": time.time(), "exit_code": code,
-                              "error": f"the worker exited with code {code} (see the journal)", "action": "backup"})
+                              "error": error, "action": "backup"})  # fmt: skip
+
+    def _remove_job(self, job: Job, result: str, code: int) -> None:
         log.log(logging.INFO if result == "done" else logging.WARNING, "job %d [%s]: %s (exit %d)",
                 job.id, job.target, result, code)  # fmt: skip
         del self.jobs[job.id]
@@ -225,7 +298,8 @@ class Daemon:
         parts = []
         for job in sorted(self.jobs.values(), key=lambda j: j.id):
             detail = f" {job.progress:.0%}" if job.phase == "syncing" else ""
-            parts.append(f"{job.target}: {job.phase}{detail}")
+            kind = "unwinding a dead run, " if job.kind == "unwind" else ""
+            parts.append(f"{job.target}: {kind}{job.phase}{detail}")
         return "; ".join(parts)
 
     def update_status(self) -> None:
@@ -263,6 +337,7 @@ class Daemon:
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0"))
         if watchdog:
             GLib.timeout_add(max(watchdog // 2000, 100), self._watchdog)
+        self.unwind_leftovers()
         self.notifier.send("READY=1")
         self.update_status()
         log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")

@@ -50,6 +50,10 @@ class RemoteUnreachable(CryptsnapError):
     exit_code = 5
 
 
+class ConnectionLost(RemoteUnreachable):
+    """The ssh connection to the server broke during the run (server gone, network cut)."""
+
+
 class KeyWrong(CryptsnapError):
     """The LUKS key does not open the image, or cannot be read."""
 
@@ -96,6 +100,17 @@ class Canceled(CryptsnapError):
     exit_code = 9
 
 
+class Interrupted(CryptsnapError):
+    """The run did not finish: cryptsnapd or the job's process was killed, or the machine stopped.
+
+    Whatever the run had opened is unwound by whoever finds it (cryptsnapd at once, or the
+    next run); the image keeps every complete snapshot.
+    """
+
+    exit_code = 11
+    dbus_name = "org.cryptsnap1.Error.Interrupted"
+
+
 class StepFailed(CryptsnapError):
     """Wraps any error with the pipeline step it happened in, keeping the original's exit code."""
 
@@ -119,4 +134,6 @@ EXIT_CODES = {
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",
     Canceled.exit_code: "canceled",
     AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",
+    Interrupted.exit_code: "interrupted: cryptsnapd or the run's process was killed, or the machine stopped "
+    "(what the run opened is unwound; see `cryptsnap status`)",
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from . import commands, runner
-from .errors import Busy, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed
+from .errors import Busy, ConnectionLost, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed
 from .mounts import is_mountpoint
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,11 @@ class SshfsMount:
 
     step = "connecting"
 
-    def __init__(self, target, ssh_config: Path, mountpoint: Path):
+    def __init__(self, target, ssh_config: Path, mountpoint: Path, ssh_log: Path | None = None):
         self.target = target
         self.ssh_config = ssh_config
         self.mountpoint = mountpoint
+        self.ssh_log = ssh_log
 
     @staticmethod
     def remove_leftovers(mountpoint: Path) -> None:
@@ -113,7 +114,10 @@ class SshfsMount:
 
     def __enter__(self) -> SshfsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
-        argv = commands.sshfs(str(self.ssh_config), self.target, str(self.mountpoint), sshfs_contains_symlinks())
+        if self.ssh_log:
+            self.ssh_log.write_text("")
+        argv = commands.sshfs(str(self.ssh_config), self.target, str(self.mountpoint), sshfs_contains_symlinks(),
+                              str(self.ssh_log) if self.ssh_log else None)  # fmt: skip
         try:
             runner.run(argv, timeout=120)
         except BaseException as exc:
@@ -152,6 +156,30 @@ class SshfsMount:
             return RemoteUnreachable(f"{target.user}@{target.host}:{target.port}: the remote directory "
                                      f"{target.remote_dir!r} does not exist; run `cryptsnap init {target.name}`")
         return failure
+
+
+def connection_lost(target, ssh_config: Path, mountpoint: Path, ssh_log: Path) -> ConnectionLost | None:
+    """If the run's ssh connection is gone (killed, cut, timed out), say so in ssh's own words.
+
+    Look before unwinding: unwinding ends the connection itself. When ssh ends, sshfs fails
+    every request in flight and unmounts itself; what then fails above it (I/O errors in
+    the file system, rsync's "error in file IO") is only the consequence.
+    """
+    alive = any(str(ssh_config) in " ".join(p.info["cmdline"] or []) and p.info["name"] == "ssh"
+                for p in psutil.process_iter(["name", "cmdline"]))  # fmt: skip
+    if alive and is_mountpoint(mountpoint):
+        try:
+            os.stat(mountpoint)
+            return None
+        except OSError:
+            pass
+    try:
+        said = [line.strip() for line in ssh_log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        said = []
+    said = [line for line in said if not line.startswith(("Authenticated to", "Warning: Permanently"))]
+    detail = "; ".join(said[-2:]) if said else "ssh ended without a message (killed?)"
+    return ConnectionLost(f"lost the connection to {target.host} (ssh: {detail})")
 
 
 def ssh_failure(target, said: str, returncode: int, fallback: str = "") -> Exception | None:

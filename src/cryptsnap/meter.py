@@ -24,6 +24,7 @@ from pathlib import Path
 
 LAYOUT = struct.Struct("<QQ")  # bytes up (client -> server), bytes down
 CHUNK = 1 << 16
+CLOSE_GRACE = 2.0  # seconds the relay outlives ssh, for the server's last bytes
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,21 @@ def relay(counter: _Counter, host: str, port: int, stdin: int = 0, stdout: int =
     selector.register(stdin, selectors.EVENT_READ, "up")
     selector.register(upstream, selectors.EVENT_READ, "down")
     open_ways = 2
+    timeout = None
     while open_ways:
-        for key, _ in selector.select():
+        events = selector.select(timeout)
+        if not events:  # ssh is gone and the server says nothing more (or no longer answers)
+            return
+        for key, _ in events:
             if key.data == "up":
                 data = os.read(stdin, CHUNK)
                 if not data:
                     selector.unregister(stdin)
                     upstream.shutdown(socket.SHUT_WR)
                     open_ways -= 1
+                    # ssh has ended: what the server still sends has no reader. Wait a moment for
+                    # its end, not forever: a server that hangs (or a cut link) would keep us here.
+                    timeout = CLOSE_GRACE
                     continue
                 upstream.sendall(data)
                 counter.add(len(data), 0)

@@ -78,6 +78,25 @@ class MeteredReporter(Reporter):
         return total
 
 
+class MarkedReporter(Reporter):
+    """Notes each phase in the target's run marker (state.running.json), then passes it on.
+
+    The first phase comes once the target's lock is held, so a run refused as busy leaves
+    no marker; a run killed later leaves one that says how far it got.
+    """
+
+    def __init__(self, inner: Reporter, state: TargetState):
+        self.inner = inner
+        self.state = state
+
+    def phase(self, name: str) -> None:
+        self.state.mark_phase(name)
+        self.inner.phase(name)
+
+    def progress(self, fraction: float, transferred: int) -> None:
+        self.inner.progress(fraction, transferred)
+
+
 def traffic_text(record: RunRecord) -> str:
     phases = ", ".join(f"{name} {up:,}/{down:,}" for name, (up, down) in record.traffic.items())
     return f"{record.bytes_up:,} bytes up, {record.bytes_down:,} down ({phases})"
@@ -110,8 +129,8 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
     already taken by the caller's parent (cryptsnapd).
     """
     counter = Paths.of(target).traffic
-    reporter = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
+    reporter = MeteredReporter(MarkedReporter(reporter or Reporter(), state), lambda: meter.read(counter))
     record = RunRecord("backup", target.name)
     try:
         with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
@@ -128,6 +147,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             with step("finalizing"):
                 record.pruned = snapshot.prune(op.fs, target)
                 snapshot.bump_generation(op.fs, state, generation)
+            state.mark_complete(record.snapshot)
             if entries is not None:
                 changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
                                entries).save(state.file_record)  # fmt: skip
@@ -156,6 +176,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             entry["snapshots"] = previous.get("snapshots", [])
         try:
             state.record_run(entry)
+            state.end_run()
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
 

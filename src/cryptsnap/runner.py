@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .commands import PACKAGES
-from .errors import Canceled, MissingTool, ToolFailed
+from .errors import Canceled, CryptsnapError, MissingTool, ToolFailed
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ _children_lock = threading.Lock()
 # A cancel that arrives while a child is being started waits until the child is known:
 # raised in the middle of Popen, it would leave a running child that nobody stops.
 _spawning = False
-_deferred: Canceled | None = None
+_deferred: CryptsnapError | None = None
 
 
 def _environment() -> dict[str, str]:
@@ -129,22 +129,30 @@ def start_service(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
     return proc
 
 
-def cancel_on_signals() -> None:
+def cancel_on_signals(meanings: dict[int, Callable[[], CryptsnapError]] | None = None) -> None:
     """Make SIGTERM and SIGINT cancel the run: stop the running tool, then raise Canceled.
 
     The caller's ExitStack then unwinds its layers. Later signals are ignored so the
-    unwinding itself (unmount, close, detach) is never cut short.
+    unwinding itself (unmount, close, detach) is never cut short. meanings: more signals
+    to stop the run on, each with the error it stands for (a job's worker: SIGHUP, its
+    daemon died).
     """
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    global _meanings
+    _meanings = dict(meanings or {})
+    for signum in (signal.SIGTERM, signal.SIGINT, *_meanings):
+        signal.signal(signum, _on_signal)
+
+
+_meanings: dict[int, Callable[[], CryptsnapError]] = {}
 
 
 def _on_signal(signum, frame) -> None:
     global _deferred
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for other in (signal.SIGTERM, signal.SIGINT, *_meanings):
+        signal.signal(other, signal.SIG_IGN)
     terminate_children()
-    canceled = Canceled(f"canceled by signal {signal.Signals(signum).name}")
+    meaning = _meanings.get(signum)
+    canceled = meaning() if meaning else Canceled(f"canceled by signal {signal.Signals(signum).name}")
     if _spawning:
         _deferred = canceled  # _popen raises it as soon as the new child can be stopped
         return

@@ -16,13 +16,14 @@ import logging
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import chunks, meter
 from .config import Target
-from .errors import CryptsnapError, StepFailed, ToolFailed
+from .errors import Canceled, CryptsnapError, Interrupted, StepFailed, ToolFailed
 from .layers import (
     CachedDevice,
     FsMount,
@@ -31,8 +32,10 @@ from .layers import (
     LuksMapping,
     RemoteLock,
     SshfsMount,
+    connection_lost,
     holder_file,
     luks_metadata,
+    wait_for_exit,
 )
 from .mounts import is_mountpoint
 from .state import TargetState, key_path
@@ -54,6 +57,7 @@ class Paths:
     traffic: Path  # byte counters of the ssh connection (cryptsnap.meter)
     nbd_record: Path  # which nbd device and server process serve the image (CachedDevice)
     nbd_log: Path  # that server's error output
+    ssh_log: Path  # what the ssh under sshfs said (why a connection was lost)
 
     @classmethod
     def of(cls, target: Target) -> Paths:
@@ -66,6 +70,7 @@ class Paths:
             traffic=target.runtime_dir / "traffic",
             nbd_record=target.runtime_dir / "nbd",
             nbd_log=target.runtime_dir / "nbd.log",
+            ssh_log=target.runtime_dir / "ssh.log",
         )
 
 
@@ -109,8 +114,41 @@ def remove_leftovers(target: Target) -> None:
         CachedDevice.remove_leftovers(paths.nbd_record)
         LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
         if is_mountpoint(paths.remote):
-            _remove_own_remote_lock(paths.remote / f"{target.image}.lock")
+            # An sshfs that never finished logging in hangs every access: do not wait on it.
+            # A lock left behind is taken over by this host's next run anyway (its pid is gone).
+            lock = threading.Thread(target=_remove_own_remote_lock, args=(paths.remote / f"{target.image}.lock",),
+                                    daemon=True)  # fmt: skip
+            lock.start()
+            lock.join(REMOTE_LOCK_TIMEOUT)
+            if lock.is_alive():
+                log.warning("the remote side does not answer; leaving the remote lock to the next run")
         SshfsMount.remove_leftovers(paths.remote)
+        # ssh and its meter (ProxyCommand) of a dead sshfs, or of one whose mount is already gone.
+        wait_for_exit(str(TargetState(target).ssh_config), 5.0, logging.WARNING)
+        wait_for_exit(str(paths.traffic), 3.0, logging.WARNING)
+
+
+def unwind_dead_run(target: Target, why: str, lock_fd: int | None = None) -> Interrupted | None:
+    """Remove what a run that died without unwinding left, and record that run as interrupted.
+
+    cryptsnapd calls this (in a worker, --unwind) as soon as a job's worker was killed, and at
+    its own start for every target, so a decrypted mapping never stays open until the next run.
+    """
+    with LocalLock(target.runtime_dir, "unwinding a run that died", lock_fd):
+        interrupted = TargetState(target).settle_unfinished(why)
+        remove_leftovers(target)
+    return interrupted
+
+
+def has_leftovers(target: Target) -> bool:
+    """Cheap look (no tool run) for anything a dead run of this target may have left."""
+    paths = Paths.of(target)
+    return (TargetState(target).unfinished_run() is not None or paths.nbd_record.exists() or paths.loop_record.exists()
+            or os.path.exists(f"/dev/mapper/{paths.mapping}")
+            or any(is_mountpoint(p) for p in (paths.fs, paths.remote)))  # fmt: skip
+
+
+REMOTE_LOCK_TIMEOUT = 10.0  # seconds a cleanup waits for the remote side to answer
 
 
 def _remove_own_remote_lock(lock: Path) -> None:
@@ -142,13 +180,16 @@ def open_stack(
     paths = Paths.of(target)
     fs_mountpoint = mountpoint or paths.fs
     stack = contextlib.ExitStack()
+    connected = False
     try:
         local_lock = stack.enter_context(LocalLock(target.runtime_dir, what, lock_fd))
+        state.settle_unfinished("the run's process ended before finishing it (killed?)")
         remove_leftovers(target)
         meter.reset(paths.traffic)
         on_phase("connecting")
         with step("connecting"):
-            stack.enter_context(SshfsMount(target, state.write_ssh_config(paths.traffic), paths.remote))
+            stack.enter_context(SshfsMount(target, state.write_ssh_config(paths.traffic), paths.remote, paths.ssh_log))
+            connected = True
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
         on_phase("attaching")
         with step("attaching"):
@@ -163,16 +204,22 @@ def open_stack(
             if isinstance(loop, CachedDevice):  # tell the cache where metadata is, for as long as it is mounted
                 stack.enter_context(chunks.Watch(fs_mountpoint, loop.cover))
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path)
-    except BaseException:
+    except BaseException as exc:
+        lost = connected and _lost(target, state, paths, exc)
         with step("unwinding after a failure"):
             stack.close()
+        if lost:
+            raise lost from exc
         raise
     try:
         yield opened
-    except BaseException:
+    except BaseException as exc:
+        lost = _lost(target, state, paths, exc)
         on_phase("unmounting")
         with step("unmounting"):
             stack.close()
+        if lost:
+            raise lost from exc
         raise
     if keep_open:
         # The view stays after this process ends, so the holder file takes over from the
@@ -186,6 +233,17 @@ def open_stack(
     on_phase("unmounting")
     with step("unmounting"):
         stack.close()
+
+
+def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException) -> StepFailed | None:
+    """The failure restated as what it is when the ssh connection went away under the run."""
+    cause = getattr(exc, "cause", exc)
+    if not isinstance(exc, CryptsnapError | OSError) or isinstance(cause, Canceled | Interrupted):
+        return None  # a cancel (or cryptsnapd's end) stops the run on purpose
+    lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
+    if lost is None:
+        return None
+    return StepFailed(getattr(exc, "step", "syncing"), lost)
 
 
 BTRFS_SUPERBLOCK = 64 * 1024  # rewritten by every commit: the block cache's anchor

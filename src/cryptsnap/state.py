@@ -6,6 +6,7 @@ luks-header.img  LUKS header backup (restore it with cryptsetup luksHeaderRestor
 image.json       image size and LUKS UUID, to detect a replaced or truncated image
 generation       counter also kept inside the image, to detect a rollback
 last-run.json    result, times, snapshot and traffic of the last run
+running.json     the run in progress (pid, phase): one that died without finishing is found by it
 files.gz         the files of the newest snapshot, to find what changed locally (cryptsnap.changes)
 block-cache/     the image's metadata blocks as stored, encrypted (cryptsnap.blockcache)
 """
@@ -15,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from . import commands
 from .config import Target
-from .errors import KeyWrong, UsageError
+from .errors import Interrupted, KeyWrong, UsageError
 
 
 class TargetState:
@@ -91,6 +95,95 @@ class TargetState:
     def record_run(self, record: dict) -> None:
         self.ensure_dir()
         _write_atomic(self.dir / "last-run.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    # -- the run in progress -----------------------------------------------------------
+    # A run that is killed (SIGKILL, OOM, power cut) cannot record its own end. It leaves
+    # running.json, which says which process ran it and how far it got, so whoever comes
+    # next (cryptsnapd at once or at its start, or the next run) can say what happened.
+
+    @property
+    def run_marker(self) -> Path:
+        return self.dir / "running.json"
+
+    def mark_phase(self, phase: str, action: str = "backup") -> None:
+        """Note the run's phase; the first call (once the target's lock is held) starts the marker."""
+        marker = getattr(self, "_marker", None)
+        if marker is None:
+            self._begin_run(action)
+            marker = self._marker
+        if marker["phase"] != phase:
+            marker["phase"] = phase
+            _write_atomic(self.run_marker, json.dumps(marker) + "\n")
+
+    def _begin_run(self, action: str) -> None:
+        self.ensure_dir()
+        me = psutil.Process()
+        self._marker = {"action": action, "pid": me.pid, "created": me.create_time(), "boot_id": boot_id(),
+                        "started": time.time(), "phase": ""}  # fmt: skip
+
+    def mark_complete(self, snapshot: str) -> None:
+        """The run's snapshot is complete and durable; what is left is closing the stack."""
+        marker = getattr(self, "_marker", None)
+        if marker is not None:
+            marker["complete"] = snapshot
+            _write_atomic(self.run_marker, json.dumps(marker) + "\n")
+
+    def end_run(self) -> None:
+        if getattr(self, "_marker", None) is not None:
+            self.run_marker.unlink(missing_ok=True)
+            self._marker = None
+
+    def unfinished_run(self) -> dict | None:
+        """The marker of a run whose process is gone without finishing it; None if none (or it still runs)."""
+        try:
+            marker = json.loads(self.run_marker.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"action": "backup", "phase": "", "pid": 0, "boot_id": "", "started": 0}
+        if marker.get("boot_id") == boot_id() and _process_alive(marker.get("pid"), marker.get("created")):
+            return None
+        return marker
+
+    def settle_unfinished(self, why: str) -> Interrupted | None:
+        """Record a run that died unfinished as failed (why: what ended it, if known); remove its marker."""
+        marker = self.unfinished_run()
+        if marker is None:
+            return None
+        if marker.get("boot_id") != boot_id():
+            why = "the machine stopped during the run (power loss, crash or reboot)"
+        phase = marker.get("phase") or "starting"
+        error = Interrupted(f"{phase}: interrupted: {why}; what it had opened was unwound, and the next run "
+                            f"starts afresh (complete snapshots are not affected)")  # fmt: skip
+        previous = self.last_run()
+        if marker.get("complete"):  # it died closing the stack: the snapshot itself is whole
+            self.record_run({**previous, "action": "backup", "result": "done", "error": "", "exit_code": 0,
+                             "snapshot": marker["complete"], "started": marker.get("started", 0),
+                             "snapshots": sorted({*previous.get("snapshots", []), marker["complete"]}),
+                             "finished": time.time(), "last_success": time.time()})  # fmt: skip
+            error = None
+        elif marker.get("action") == "backup":
+            self.record_run({**previous, "action": "backup", "result": "failed", "error": str(error),
+                             "exit_code": error.exit_code, "started": marker.get("started", 0),
+                             "finished": time.time(), "bytes_up": 0, "bytes_down": 0, "traffic": {},
+                             "traffic_steps": {}, "snapshot": ""})  # fmt: skip
+        self.run_marker.unlink(missing_ok=True)
+        return error
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_alive(pid, created) -> bool:
+    """Whether process `pid` still runs and is the one that started at `created` (pids are reused)."""
+    try:
+        return isinstance(pid, int) and abs(psutil.Process(pid).create_time() - float(created or 0)) < 0.01
+    except (psutil.Error, ValueError):
+        return False
 
 
 def key_path(target: Target) -> str:

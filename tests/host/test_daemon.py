@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import psutil
@@ -54,8 +55,13 @@ class Daemon:
     def stop(self) -> str:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+        # Keep reading sd_notify while it stops: a full datagram queue blocks its sender, as it
+        # would under a systemd that stopped reading.
+        deadline = time.monotonic() + 120
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self.notify.receive(0.1)
         try:
-            _, err = self.process.communicate(timeout=120)
+            _, err = self.process.communicate(timeout=max(1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
             _, err = self.process.communicate()

@@ -105,3 +105,24 @@ def test_traffic_is_charged_to_the_phase_it_happened_in():
         "close": meter.Traffic(6, 5),
     }
     assert total == meter.Traffic(121, 31)
+
+
+def test_the_meter_ends_soon_after_ssh_even_when_the_server_never_closes(tmp_path, tarpit):
+    """ssh gone, server silent (hung, or the link cut): the relay must not stay forever, holding
+    what ssh gave it (sshfs's /dev/fuse among them) and keeping a dead mount alive."""
+    import subprocess
+    import sys
+    import time
+
+    counter = tmp_path / "traffic"
+    meter.reset(counter)
+    relay = subprocess.Popen([sys.executable, "-m", "cryptsnap.meter", "--counter", str(counter), "127.0.0.1",
+                              str(tarpit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    relay.stdin.write(b"SSH-2.0-test\r\n")
+    relay.stdin.flush()
+    time.sleep(0.5)
+    started = time.monotonic()
+    relay.stdin.close()  # ssh exits
+    relay.wait(timeout=meter.CLOSE_GRACE + 10)
+    assert time.monotonic() - started < meter.CLOSE_GRACE + 5
+    assert meter.read(counter).up == len(b"SSH-2.0-test\r\n")
