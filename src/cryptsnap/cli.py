@@ -90,8 +90,9 @@ def _daemon_client(args):
 
 def backup_via_daemon(client, args) -> int:
     reporter = TerminalReporter()
-    options = {name: True for name, wanted in (("break-lock", args.break_lock), ("full-compare", args.full_compare))
-               if wanted}  # fmt: skip
+    wanted = (("break-lock", args.break_lock), ("full-compare", args.full_compare),
+              ("accept-rollback", args.accept_rollback))  # fmt: skip
+    options = {name: True for name, asked in wanted if asked}
     job = client.start_backup(args.target, options)
     print(f"{args.target}: started job {job}", file=sys.stderr)
     if args.no_wait:
@@ -144,7 +145,8 @@ def cmd_backup(args) -> int:
     target = _target(args)
     reporter = TerminalReporter()
     try:
-        record = pipeline.backup(target, reporter, break_lock=args.break_lock, full_compare=args.full_compare)
+        record = pipeline.backup(target, reporter, break_lock=args.break_lock, full_compare=args.full_compare,
+                                 accept_rollback=args.accept_rollback)  # fmt: skip
     finally:
         reporter.done()
     print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-compare", action="store_true",
                    help="let rsync compare every file with the image (reads all metadata through the network) "
                         "instead of trusting the local record of what the last snapshot holds")
+    p.add_argument("--accept-rollback", action="store_true",
+                   help="write into an image older than the one this machine last wrote (after you put back an "
+                        "older copy of the image yourself); without it such an image is refused (exit 7)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--daemon", action="store_true",
                        help="run it through cryptsnapd (D-Bus) and fail if the daemon is unreachable")

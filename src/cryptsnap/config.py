@@ -40,6 +40,8 @@ class Target:
     port: int
     user: str
     identity_file: str
+    alive_interval: int
+    alive_count: int
     remote_dir: str
     image: str
     size: int

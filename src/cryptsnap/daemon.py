@@ -140,7 +140,7 @@ class Daemon:
         if running:
             raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
         job = Job(self.next_id, name)
-        extra = [f"--{option}" for option in ("break-lock", "full-compare") if options.get(option)]
+        extra = [f"--{option}" for option in ("break-lock", "full-compare", "accept-rollback") if options.get(option)]
         self._spawn(job, f"backup job {job.id} of cryptsnapd", extra)
         self.next_id += 1
         self.jobs[job.id] = job
@@ -247,7 +247,10 @@ class Daemon:
     def _on_worker_exit(self, pid: int, status: int, job: Job) -> None:
         code = os.waitstatus_to_exitcode(status)
         job.process.returncode = code
-        if code < 0 and job.kind == "backup" and job.target in self.config.targets:
+        # SIGTERM, SIGINT or SIGHUP that killed it came before it could handle them, that is
+        # before it opened anything; any other signal (SIGKILL) may have hit it anywhere.
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        if code < 0 and -code not in handled and job.kind == "backup" and job.target in self.config.targets:
             # Killed before it could unwind (SIGKILL, the OOM killer): its mounts, the decrypted
             # mapping and the block device server are still open. Remove them now, not next run.
             job.killed = True

@@ -78,6 +78,12 @@ class ToolFailed(CryptsnapError):
         self.stderr = stderr
 
 
+class ImageFull(CryptsnapError):
+    """The file system inside the image has no room for the snapshot; the message has the numbers."""
+
+    exit_code = 12
+
+
 class MissingTool(ToolFailed):
     """A program cryptsnap needs is not installed; the message names the Debian package."""
 
@@ -134,6 +140,7 @@ EXIT_CODES = {
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",
     Canceled.exit_code: "canceled",
     AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",
+    ImageFull.exit_code: "image full: the snapshot did not fit; prune, exclude or grow the image",
     Interrupted.exit_code: "interrupted: cryptsnapd or the run's process was killed, or the machine stopped "
     "(what the run opened is unwound; see `cryptsnap status`)",
 }

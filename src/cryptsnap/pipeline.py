@@ -121,11 +121,13 @@ class RunRecord:
 
 
 def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False,
-           full_compare: bool = False, lock_fd: int | None = None) -> RunRecord:  # fmt: skip
+           full_compare: bool = False, accept_rollback: bool = False,
+           lock_fd: int | None = None) -> RunRecord:  # fmt: skip
     """One run of the pipeline: open read-write, write a snapshot, prune, unwind. Records the run.
 
     full_compare: let rsync compare every file with the image even where the local record
-    of the last snapshot's files would say what changed. lock_fd: the target's local lock,
+    of the last snapshot's files would say what changed. accept_rollback: write into an image
+    older than this machine's generation (the user put it back). lock_fd: the target's local lock,
     already taken by the caller's parent (cryptsnapd).
     """
     counter = Paths.of(target).traffic
@@ -135,7 +137,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
     try:
         with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
                         lock_fd=lock_fd) as op:  # fmt: skip
-            generation = snapshot.check_generation(op.fs, state)
+            generation = snapshot.check_generation(op.fs, state, accept_rollback)
             reporter.phase("syncing")
             known = changes.Record.load(state.file_record)
             with step("syncing"):

@@ -41,6 +41,11 @@ TARGET = {
                    example="backup"),
     "identity_file": Option("path", "Private SSH key used for this target (no passphrase).",
                             example="/etc/cryptsnap/id_ed25519"),
+    "alive_interval": Option("int", "Seconds of silence from the server after which ssh asks whether it is "
+                             "still there (ServerAliveInterval).", 15, minimum=1),
+    "alive_count": Option("int", "Unanswered questions after which the connection counts as lost and the run "
+                          "fails, unwinding everything: a cut link is noticed after alive_interval × "
+                          "alive_count seconds (ServerAliveCountMax).", 4, minimum=1),
     "remote_dir": Option("str", "Directory on the host that holds the image, relative to the user's home.",
                          "cryptsnap"),
     "image": Option("str", "File name of the encrypted disk image inside remote_dir.", "cryptsnap.img"),

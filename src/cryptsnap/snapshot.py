@@ -14,6 +14,7 @@ snapshot's files, rsync gets only what changed (cryptsnap.changes).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from . import changes, commands, durable, naming, retention, runner
 from .config import Target
-from .errors import IntegrityError
+from .errors import ImageFull, IntegrityError, ToolFailed
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,23 @@ def image_generation(fs: Path) -> int:
                              f"it was not made by `cryptsnap init` or was damaged") from None
 
 
-def check_generation(fs: Path, state: TargetState) -> int:
-    """Refuse an image older than what this machine last wrote: the server rolled it back."""
+def check_generation(fs: Path, state: TargetState, accept_rollback: bool = False) -> int:
+    """Refuse an image older than what this machine last wrote: the server rolled it back.
+
+    accept_rollback: the user put an older copy back on purpose; go on from its generation.
+    """
     inside, local = image_generation(fs), state.generation()
-    if inside < local:
+    if inside < local and accept_rollback:
+        log.warning("the image is at generation %d, older than this machine's %d: accepted as asked "
+                    "(--accept-rollback); going on from %d", inside, local, inside)  # fmt: skip
+        state.set_generation(inside)
+    elif inside < local:
+        name = state.target.name
         raise IntegrityError(
             f"the image is at generation {inside} but this machine last wrote generation {local}: "
-            f"the remote side rolled the image back to an older copy. Nothing was written."
+            f"the remote side rolled the image back to an older copy (snapshots made since are gone from it). "
+            f"Nothing was written. If you put that older copy back yourself, accept it with "
+            f"`cryptsnap backup --accept-rollback {name}` (D-Bus: StartBackup option accept-rollback)"
         )
     if inside > local:
         log.warning("the image is at generation %d, newer than this machine's %d (written from elsewhere?)",
@@ -116,8 +127,36 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
     only what changed since is copied (cryptsnap.changes). Also returns what the sources held
     (for the next run's record), or None where no record can be kept.
     """
+    written = [0]
+
+    def progress(fraction: float, transferred: int) -> None:
+        written[0] = max(written[0], transferred)
+        on_progress(fraction, transferred)
+
     with durable.Syncer(fs, target.filesystem) as syncer:  # before the first write: hears every failed one
-        return _write_snapshot(fs, target, syncer, on_progress, known, generation, work_dir, full_compare)
+        try:
+            return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare)
+        except (ToolFailed, OSError) as exc:
+            said = getattr(exc, "stderr", "") or str(exc)
+            if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
+                raise
+            full = _image_full(fs, written[0])
+        try:
+            remove_partials(fs)  # gives the room back now; the earlier snapshots are as they were
+            syncer.sync()
+        except (ToolFailed, OSError) as exc:
+            log.warning("the unfinished snapshot stays until the next run removes it: %s", exc)
+        raise full
+
+
+def _image_full(fs: Path, written: int) -> ImageFull:
+    info = os.statvfs(fs)
+    size, free = info.f_blocks * info.f_frsize, info.f_bavail * info.f_frsize
+    mib = lambda n: f"{n / (1 << 20):,.0f} MiB"  # noqa: E731
+    return ImageFull(f"the image is full: its file system holds {mib(size)}, {mib(free)} free, and this run "
+                     f"had copied {mib(written)} when it ran out. The unfinished snapshot was removed; earlier "
+                     f"ones are intact. Make room: keep fewer snapshots (retention, then `cryptsnap prune`), "
+                     f"exclude what need not be kept, or grow the image")  # fmt: skip
 
 
 def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,

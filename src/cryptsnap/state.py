@@ -181,7 +181,10 @@ def boot_id() -> str:
 def _process_alive(pid, created) -> bool:
     """Whether process `pid` still runs and is the one that started at `created` (pids are reused)."""
     try:
-        return isinstance(pid, int) and abs(psutil.Process(pid).create_time() - float(created or 0)) < 0.01
+        proc = psutil.Process(pid) if isinstance(pid, int) else None
+        # A zombie has ended: killed, and not yet reaped (its parent may have died with it).
+        return bool(proc and abs(proc.create_time() - float(created or 0)) < 0.01
+                    and proc.status() != psutil.STATUS_ZOMBIE)  # fmt: skip
     except (psutil.Error, ValueError):
         return False
 

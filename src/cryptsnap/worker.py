@@ -1,6 +1,7 @@
 """One backup job, run by cryptsnapd in a child process (easy to cancel, off the main loop).
 
-    python3 -m cryptsnap.worker --config PATH --job ID TARGET [--break-lock] [--full-compare] [--lock-fd N]
+    python3 -m cryptsnap.worker --config PATH --job ID TARGET [--break-lock] [--full-compare]
+        [--accept-rollback] [--lock-fd N]
     python3 -m cryptsnap.worker --config PATH --job ID TARGET --unwind WHY [--lock-fd N]
 
 Progress goes to stdout as one JSON object per line ({"phase": ...} or {"progress": f,
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=int, required=True)
     parser.add_argument("--break-lock", action="store_true")
     parser.add_argument("--full-compare", action="store_true")
+    parser.add_argument("--accept-rollback", action="store_true")
     parser.add_argument("--lock-fd", type=int, help="the target's local lock, taken by cryptsnapd")
     parser.add_argument("--unwind", metavar="WHY", help="only unwind what a dead run left; WHY: what ended it")
     parser.add_argument("target")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("%s", interrupted)
             return 0
         pipeline.backup(target, PipeReporter(), break_lock=args.break_lock, full_compare=args.full_compare,
-                        lock_fd=args.lock_fd)  # fmt: skip
+                        accept_rollback=args.accept_rollback, lock_fd=args.lock_fd)  # fmt: skip
     except CryptsnapError as exc:
         log.error("%s", exc)
         return exc.exit_code

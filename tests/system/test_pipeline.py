@@ -208,7 +208,12 @@ def test_errors_have_their_own_exit_codes_and_leave_nothing(tmp_path, untrusted_
     shutil.copyfile(tmp_path / "old.img", image)
     rolled = cryptsnap(setup, "backup", setup.name, expect=7)
     assert "rolled the image back" in rolled.stderr
+    assert f"cryptsnap backup --accept-rollback {setup.name}" in rolled.stderr, rolled.stderr
+    assert "rolled the image back" in cryptsnap(setup, "check", setup.name, expect=7).stderr
     assert_nothing_left(setup)
+    cryptsnap(setup, "backup", "--accept-rollback", setup.name)  # the user put the old copy back on purpose
+    cryptsnap(setup, "backup", setup.name)  # and from there on as usual
+    assert len(cryptsnap(setup, "list", setup.name).stdout.split()) == 3
 
     # Wrong key.
     good_key = setup.key_file.read_bytes()

@@ -1,0 +1,304 @@
+"""cryptsnap's worst day, in the guest with the whole stack: killed processes, lost connections,
+a hostile server's tricks. Every test ends with nothing left open (no mount, loop or nbd
+device, mapping, ssh or sshfs) and with the snapshots made before the fault intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cryptsnap.bus import target_path
+from tests.support import sshd, trees
+from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.service import prop, sh, wait_idle, wait_until
+from tests.support.targets import make_setup
+
+TARGET = "org.cryptsnap1.Target"
+PHASES = ("connecting", "attaching", "unlocking", "mounting", "syncing", "finalizing", "unmounting")
+
+
+def marker(setup) -> dict:
+    try:
+        return json.loads((setup.state_dir / setup.name / "running.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def fill(source: Path, megabytes: int, name: str = "big") -> None:
+    for i in range(megabytes // 8):
+        (source / f"{name}-{i}").write_bytes(os.urandom(8 << 20))
+
+
+def digests(setup) -> dict[str, dict]:
+    """Every snapshot's content, read back through a read-only view."""
+    cryptsnap(setup, "mount", setup.name)
+    try:
+        view = setup.runtime_dir / "restore" / setup.name / "snapshots"
+        return {name: trees.manifest(view / name / str(setup.source).lstrip("/")) for name in sorted(os.listdir(view))}
+    finally:
+        cryptsnap(setup, "umount", setup.name)
+
+
+def start_via_daemon(setup) -> subprocess.Popen:
+    """`cryptsnap backup --daemon` following its job, as a user or the timer unit would."""
+    return subprocess.Popen(["cryptsnap", "backup", "--daemon", setup.name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_phase(setup, phase: str, timeout: float = 300) -> dict:
+    return wait_until(lambda: marker(setup) if marker(setup).get("phase") == phase else None, timeout,
+                      f"phase {phase}")  # fmt: skip
+
+
+def daemon_restarted(before: str) -> bool:
+    pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    active = sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active"
+    return active and pid not in ("0", before)
+
+
+# -- processes killed ------------------------------------------------------------------
+
+
+def test_cryptsnapd_killed_with_its_whole_cgroup_mid_run(service):
+    """SIGKILL to every process of the service (the OOM killer, `systemctl kill -s KILL`): nothing
+    unwinds by itself. The client exits at once; the restarted daemon unwinds the decrypted
+    mapping on the dead nbd device, the devices and mounts, and records the run."""
+    cryptsnap(service, "backup", "--daemon", service.name)
+    before = digests(service)
+    fill(service.source, 64)
+    sh("systemctl", "start", "cryptsnapd.service")
+    client = start_via_daemon(service)
+    wait_phase(service, "syncing")
+    pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    killed = time.monotonic()
+    sh("systemctl", "kill", "--signal=SIGKILL", "cryptsnapd.service")
+    _, err = client.communicate(timeout=60)
+    took = time.monotonic() - killed
+    assert client.returncode == 11, err
+    assert "cryptsnapd left the bus while job" in err and took < 10, (took, err)
+    wait_until(lambda: daemon_restarted(pid), 120, "systemd to restart cryptsnapd")
+    assert wait_idle(service, 300) == "failed"
+    error = prop(target_path(service.name), TARGET, "LastError")
+    assert "syncing: interrupted: cryptsnapd was restarted during the run" in error, error
+    assert prop(target_path(service.name), TARGET, "LastExitCode") == 11
+    assert_nothing_left(service)
+    journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout
+    assert "unwinding what the run left: cryptsnapd was restarted during the run" in journal
+    cryptsnap(service, "backup", "--daemon", service.name)
+    after = digests(service)
+    assert {name: after[name] for name in before} == before, "a snapshot made before the fault changed"
+    assert len(after) == len(before) + 1
+    assert_nothing_left(service)
+
+
+def test_cryptsnapd_alone_killed_mid_run(service):
+    """SIGKILL to the daemon alone: its worker is told (SIGHUP) and unwinds before systemd restarts it."""
+    fill(service.source, 64)
+    sh("systemctl", "start", "cryptsnapd.service")
+    client = start_via_daemon(service)
+    wait_phase(service, "syncing")
+    pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    os.kill(int(pid), signal.SIGKILL)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 11, err
+    wait_until(lambda: daemon_restarted(pid), 180, "systemd to restart cryptsnapd")
+    assert wait_idle(service, 300) == "failed"
+    error = prop(target_path(service.name), TARGET, "LastError")
+    assert "syncing: interrupted: cryptsnapd stopped or was killed during the run" in error, error
+    assert_nothing_left(service)
+    cryptsnap(service, "backup", "--daemon", service.name)
+    assert len(prop(target_path(service.name), TARGET, "Snapshots")) == 1
+
+
+def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
+    fill(service.source, 32)
+    sh("systemctl", "start", "cryptsnapd.service")
+    path = target_path(service.name)
+    hit = []
+    for phase in PHASES:
+        sh("busctl", "call", "org.cryptsnap1", path, TARGET, "StartBackup", "a{sv}", "0")
+
+        def reached(phase=phase) -> dict | None:
+            now = marker(service)
+            return now if now.get("phase") == phase or prop(path, TARGET, "State") == "idle" else None
+
+        try:
+            found = wait_until(reached, 300, phase)
+        except AssertionError:
+            found = {}
+        if found.get("phase") == phase:
+            try:
+                os.kill(found["pid"], signal.SIGKILL)
+                hit.append(phase)
+            except ProcessLookupError:
+                pass
+        result = wait_idle(service, 300)
+        assert_nothing_left(service)
+        if phase in hit and phase != "unmounting":
+            assert result == "failed"
+            error = prop(path, TARGET, "LastError")
+            assert f"{phase}: interrupted: its process was killed by SIGKILL" in error, error
+        (service.source / f"changed-{phase}").write_text(phase)
+    assert set(PHASES) - set(hit) <= {"finalizing"}, f"killed in {hit} only"
+    cryptsnap(service, "backup", "--daemon", service.name)
+    names = prop(path, TARGET, "Snapshots")
+    assert cryptsnap(service, "list", service.name).stdout.split() == names
+    assert_nothing_left(service)
+
+
+# -- the connection lost -----------------------------------------------------------------
+
+
+def start_local_backup(setup) -> subprocess.Popen:
+    return subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def kill_server_sessions(server) -> int:
+    """SIGKILL the server's side of every ssh session of the untrusted user (sshd's child)."""
+    killed = 0
+    for proc in psutil.process_iter(["name", "username", "cmdline"]):
+        if proc.info["username"] == server.user and "sshd" in (proc.info["name"] or ""):
+            proc.kill()
+            killed += 1
+    return killed
+
+
+@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesystem):
+    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="300M")
+    (setup.source / "first").write_text("before the fault\n")
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "backup", setup.name)
+    before = digests(setup)
+    fill(setup.source, 64)
+    proc = start_local_backup(setup)
+    wait_phase(setup, "syncing")
+    time.sleep(1)  # writes in flight
+    assert kill_server_sessions(untrusted_host)
+    cut = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    took = time.monotonic() - cut
+    assert proc.returncode == 5, err
+    assert "error: syncing: lost the connection to 127.0.0.1 (ssh: " in err, err
+    assert_nothing_left(setup, err)
+    print(f"{filesystem}: failed {took:.1f}s after the cut: {err.strip().splitlines()[-1]}")
+    cryptsnap(setup, "backup", setup.name)
+    after = digests(setup)
+    assert {name: after[name] for name in before} == before and len(after) == 2
+    assert_nothing_left(setup)
+
+
+def test_a_black_holed_link_fails_the_run_within_the_keepalive_limit(tmp_path):
+    """The server's network namespace stops answering (its link down): no RST, only silence.
+    ssh gives up after alive_interval × alive_count seconds; the run fails within 10 s more."""
+    from bench.link import NETNS, SERVER_SIDE, shaped_link
+
+    with shaped_link(1000, rtt_ms=0.2) as address:
+        server = sshd.start(address=address, netns=NETNS)
+        try:
+            setup = make_setup(tmp_path, server, size="300M", alive_interval=2, alive_count=3)
+            (setup.source / "first").write_text("before the fault\n")
+            cryptsnap(setup, "init", setup.name)
+            cryptsnap(setup, "backup", setup.name)
+            before = digests(setup)
+            fill(setup.source, 64)
+            proc = start_local_backup(setup)
+            wait_phase(setup, "syncing")
+            time.sleep(1)
+            subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", SERVER_SIDE, "down"], check=True)
+            cut = time.monotonic()
+            _, err = proc.communicate(timeout=300)
+            took = time.monotonic() - cut
+            assert proc.returncode == 5, err
+            assert f"lost the connection to {address} (ssh: Timeout, server" in err, err
+            assert took < 2 * 3 + 10, f"the run failed {took:.1f}s after the cut"
+            assert_nothing_left(setup, err)
+            print(f"black hole: failed {took:.1f}s after the cut (limit 16 s)")
+            subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", SERVER_SIDE, "up"], check=True)
+            cryptsnap(setup, "backup", setup.name)
+            after = digests(setup)
+            assert {name: after[name] for name in before} == before and len(after) == 2
+            assert_nothing_left(setup)
+        finally:
+            sshd.stop(server)
+
+
+# -- a hostile server --------------------------------------------------------------------
+
+
+def test_whatever_the_server_puts_where_the_image_was_is_refused(tmp_path, untrusted_host):
+    """A symlink (absolute or relative) to a local file, a FIFO, a directory, a file of
+    another size: refused before anything is read or written, the local file untouched."""
+    setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="64M")
+    (setup.source / "f").write_text("data\n")
+    cryptsnap(setup, "init", setup.name)
+    image = Path(untrusted_host.remote_dir) / f"{setup.name}.img"
+    kept = image.with_name("kept.img")
+    image.rename(kept)
+    bait = tmp_path / "local-secret"
+    bait.write_bytes(b"local data the server must never reach\n" * 100)
+    bait_before = (bait.read_bytes(), bait.stat().st_mtime_ns)
+    uid = os.stat(untrusted_host.remote_dir).st_uid
+
+    def plant_symlink(target: str) -> None:
+        os.symlink(target, image)
+        os.lchown(image, uid, uid)
+
+    cases = {
+        "absolute symlink": lambda: plant_symlink(str(bait)),
+        "relative symlink": lambda: plant_symlink(os.path.relpath(bait, untrusted_host.remote_dir)),
+        "FIFO": lambda: os.mkfifo(image),
+        "directory": lambda: image.mkdir(),
+        "another size": lambda: image.write_bytes(b"\0" * (1 << 20)),
+    }
+    for case, plant in cases.items():
+        plant()
+        for command in ("backup", "list"):
+            result = cryptsnap(setup, command, setup.name, expect=None, timeout=120)
+            assert result.returncode == 7, f"{case}, {command}: {result.stderr}"
+            assert "attaching" in result.stderr, f"{case}: {result.stderr}"
+            assert_nothing_left(setup, result.stderr)
+        if image.is_dir() and not image.is_symlink():
+            image.rmdir()
+        else:
+            image.unlink()
+        assert (bait.read_bytes(), bait.stat().st_mtime_ns) == bait_before, f"{case}: the local file was touched"
+    kept.rename(image)
+    cryptsnap(setup, "backup", setup.name)
+    assert len(cryptsnap(setup, "list", setup.name).stdout.split()) == 1
+    assert stat.S_ISREG(os.lstat(image).st_mode)
+
+
+# -- no room -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_path, untrusted_host, filesystem):
+    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="160M")
+    (setup.source / "small").write_text("fits\n")
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "backup", setup.name)
+    before = digests(setup)
+    fill(setup.source, 200, name="toobig")
+    full = cryptsnap(setup, "backup", setup.name, expect=12)
+    assert "syncing: the image is full: its file system holds" in full.stderr, full.stderr
+    assert "MiB free" in full.stderr and "The unfinished snapshot was removed" in full.stderr, full.stderr
+    assert_nothing_left(setup, full.stderr)
+    assert digests(setup) == before, "the earlier snapshot changed, or the partial one is listed"
+    for big in setup.source.glob("toobig-*"):
+        big.unlink()
+    (setup.source / "small").write_text("fits again\n")
+    cryptsnap(setup, "backup", setup.name)
+    after = digests(setup)
+    assert len(after) == 2 and {name: after[name] for name in before} == before
+    assert_nothing_left(setup)
