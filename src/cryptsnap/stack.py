@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chunks, meter
+from . import chunks, integrity, meter
 from .config import Target
-from .errors import Canceled, CryptsnapError, Interrupted, StepFailed, ToolFailed
+from .errors import Canceled, CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed
 from .layers import (
     CachedDevice,
     FsMount,
@@ -196,6 +196,7 @@ def open_stack(
             loop = stack.enter_context(_block_device(target, state, image, readonly))
         on_phase("unlocking")
         with step("unlocking"):
+            _check_header(paths.remote / target.image, state.header_backup, readonly)
             mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"],
                                                        state.header_backup))  # fmt: skip
         on_phase("mounting")
@@ -233,6 +234,17 @@ def open_stack(
     on_phase("unmounting")
     with step("unmounting"):
         stack.close()
+
+
+def _check_header(image: Path, header_backup: Path, readonly: bool) -> None:
+    """Refuse to write into an image whose LUKS header on the server was damaged; reading goes on."""
+    if not header_backup.is_file():
+        return
+    problem = integrity.primary_header_changed(image, header_backup)
+    if problem and not readonly:
+        raise IntegrityError(problem + ". Nothing was written")
+    if problem:
+        log.warning("%s", problem)
 
 
 def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException) -> StepFailed | None:

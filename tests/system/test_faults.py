@@ -302,3 +302,63 @@ def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_
     after = digests(setup)
     assert len(after) == 2 and {name: after[name] for name in before} == before
     assert_nothing_left(setup)
+
+
+# -- keys and headers --------------------------------------------------------------------
+
+
+def test_key_and_header_problems_are_named_and_the_local_header_backup_restores(tmp_path, untrusted_host):
+    import yaml
+
+    setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="64M")
+    (setup.source / "f").write_text("kept safe\n")
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "backup", setup.name)
+    name = cryptsnap(setup, "list", setup.name).stdout.split()[-1]
+    key = setup.key_file.read_bytes()
+
+    setup.key_file.unlink()
+    missing = cryptsnap(setup, "backup", setup.name, expect=6)
+    assert f"cannot read the LUKS key file {setup.key_file}" in missing.stderr, missing.stderr
+    setup.key_file.write_bytes(key)
+    document = yaml.safe_load(setup.config_path.read_text())
+    target = document["targets"][setup.name]
+    del target["key_file"]
+    target["key_credential"] = "cryptsnap-key"
+    setup.config_path.write_text(yaml.safe_dump(document))
+    credential = cryptsnap(setup, "backup", setup.name, expect=6)
+    assert "$CREDENTIALS_DIRECTORY is not set" in credential.stderr, credential.stderr
+    target["key_file"] = str(setup.key_file)
+    del target["key_credential"]
+    setup.config_path.write_text(yaml.safe_dump(document))
+    assert_nothing_left(setup)
+
+    # The server zeroes the LUKS header: a restore from the server alone would fail.
+    image = Path(untrusted_host.remote_dir) / f"{setup.name}.img"
+    with open(image, "r+b") as f:
+        f.write(b"\0" * (64 << 10))
+    zeroed = cryptsnap(setup, "backup", setup.name, expect=7)
+    assert "unlocking: the LUKS header of the image on the server is zeroed" in zeroed.stderr, zeroed.stderr
+    assert "Nothing was written" in zeroed.stderr
+    checked = cryptsnap(setup, "check", setup.name, expect=7)
+    assert "LUKS header differs from the local backup" in checked.stderr + checked.stdout
+    # This machine still reads it with its own copy of the header...
+    cryptsnap(setup, "restore", f"{setup.name}@latest:{setup.source}/f", "--to", str(tmp_path / "got"))
+    assert (tmp_path / "got").read_text() == "kept safe\n"
+    assert_nothing_left(setup)
+    # ...and puts it back as docs/restore-by-hand.md says; stock tools then open the image alone.
+    header = setup.state_dir / setup.name / "luks-header.img"
+    sh("cryptsetup", "luksHeaderRestore", "--batch-mode", str(image), "--header-backup-file", str(header))
+    loop = sh("losetup", "--find", "--show", "--read-only", str(image)).stdout.strip()
+    mnt = tmp_path / "by-hand"
+    mnt.mkdir()
+    try:
+        sh("cryptsetup", "open", "--readonly", "--key-file", str(setup.key_file), loop, f"byhand-{setup.name}")
+        sh("mount", "-o", "ro", f"/dev/mapper/byhand-{setup.name}", str(mnt))
+        assert (mnt / "snapshots" / name / str(setup.source).lstrip("/") / "f").read_text() == "kept safe\n"
+    finally:
+        sh("umount", str(mnt), check=False)
+        sh("cryptsetup", "close", f"byhand-{setup.name}", check=False)
+        sh("losetup", "--detach", loop, check=False)
+    cryptsnap(setup, "backup", setup.name)
+    assert_nothing_left(setup)
