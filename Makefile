@@ -2,7 +2,7 @@
 PY := /usr/bin/python3
 VENV := .venv
 
-.PHONY: deps test test-fast lint demo clean
+.PHONY: deps test test-fast lint demo soak clean
 
 deps:                     ## Debian packages the tests and the demo need
 	scripts/install-deps
@@ -21,6 +21,9 @@ test-fast: $(VENV)/.installed   ## unit tests only
 
 demo: deps                 ## the main job end to end in a throwaway guest (demo/demo.sh)
 	$(PY) -m tests.harness demo
+
+soak: deps                 ## faults drawn by a seeded generator, run after run, in the guest (tests/soak.py)
+	$(PY) -m tests.harness run --timeout 7200 -- python3 -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
