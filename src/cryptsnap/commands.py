@@ -18,6 +18,7 @@ PACKAGES = {
     "ssh": "openssh-client",
     "ssh-keyscan": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "sftp": "openssh-client",
     "sshfs": "sshfs",
     "fusermount3": "fuse3",
     "losetup": "util-linux",
@@ -77,6 +78,11 @@ def ssh_host(target: Target) -> str:
 def ssh(config_file: str, target: Target, remote_argv: Sequence[str]) -> Argv:
     # ssh joins its arguments into one shell command line on the server: quote them here.
     return ("ssh", "-F", config_file, ssh_host(target), "--", shlex.join(remote_argv))
+
+
+def sftp_probe(config_file: str, target: Target) -> Argv:
+    """An SFTP session that does nothing (batch from empty stdin); -vv lists the server's extensions."""
+    return ("sftp", "-F", config_file, "-vv", "-b", "-", ssh_host(target))
 
 
 def keyscan(target: Target) -> Argv:

@@ -42,6 +42,7 @@ class Target:
     identity_file: str
     alive_interval: int
     alive_count: int
+    require_fsync: bool
     remote_dir: str
     image: str
     size: int

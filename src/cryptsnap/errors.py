@@ -84,6 +84,12 @@ class ImageFull(CryptsnapError):
     exit_code = 12
 
 
+class UnsafeServer(CryptsnapError):
+    """The server's SFTP lacks what cryptsnap needs to keep snapshots safe (fsync@openssh.com)."""
+
+    exit_code = 13
+
+
 class MissingTool(ToolFailed):
     """A program cryptsnap needs is not installed; the message names the Debian package."""
 
@@ -141,6 +147,7 @@ EXIT_CODES = {
     Canceled.exit_code: "canceled",
     AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",
     ImageFull.exit_code: "image full: the snapshot did not fit; prune, exclude or grow the image",
+    UnsafeServer.exit_code: "unsafe server: its SFTP cannot fsync (see require_fsync in the configuration)",
     Interrupted.exit_code: "interrupted: cryptsnapd or the run's process was killed, or the machine stopped "
     "(what the run opened is unwound; see `cryptsnap status`)",
 }

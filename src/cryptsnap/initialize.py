@@ -17,7 +17,17 @@ from pathlib import Path
 from . import commands, meter, runner, snapshot
 from .config import Target
 from .errors import RemoteUnreachable, ToolFailed, UsageError
-from .layers import FsMount, LocalLock, LoopDevice, LuksMapping, RemoteLock, SshfsMount, luks_metadata, ssh_failure
+from .layers import (
+    FsMount,
+    LocalLock,
+    LoopDevice,
+    LuksMapping,
+    RemoteLock,
+    SshfsMount,
+    check_server_fsync,
+    luks_metadata,
+    ssh_failure,
+)
 from .stack import Paths, remove_leftovers, step
 from .state import TargetState, key_path
 
@@ -134,6 +144,7 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
     with LocalLock(target.runtime_dir, "init"):
         remove_leftovers(target)
         with step("connecting"):
+            check_server_fsync(target, config_file)
             remote_run(config_file, target, ["mkdir", "-p", "--", target.remote_dir])
         with contextlib.ExitStack() as outer:
             with step("connecting"):

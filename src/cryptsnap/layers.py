@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from . import commands, runner
-from .errors import Busy, ConnectionLost, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed
+from .errors import Busy, ConnectionLost, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed, UnsafeServer
 from .mounts import is_mountpoint
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,34 @@ def connection_lost(target, ssh_config: Path, mountpoint: Path, ssh_log: Path) -
     said = [line for line in said if not line.startswith(("Authenticated to", "Warning: Permanently"))]
     detail = "; ".join(said[-2:]) if said else "ssh ended without a message (killed?)"
     return ConnectionLost(f"lost the connection to {target.host} (ssh: {detail})")
+
+
+FSYNC_EXTENSION = "fsync@openssh.com"
+
+
+def check_server_fsync(target, ssh_config: Path) -> bool:
+    """Whether the server's SFTP offers fsync; UnsafeServer if not and the target requires it.
+
+    The block device's flushes reach the server's disk only through it (sshfs turns an fsync
+    of the image into this request): without it a commit that cryptsnap saw succeed can
+    still be lost, whole or in part, when the server loses power.
+    """
+    probe = runner.run(commands.sftp_probe(str(ssh_config), target), input=b"", check=False, timeout=120)
+    if probe.returncode != 0:
+        raise ssh_failure(target, probe.stderr, probe.returncode) or ToolFailed(
+            f"sftp could not talk to {target.host}: {probe.stderr.strip()[-300:]}")
+    offered = re.findall(r'Server supports extension "([^"]+)"', probe.stderr)
+    if FSYNC_EXTENSION in offered:
+        return True
+    text = (f"the SFTP server of {target.host} does not offer {FSYNC_EXTENSION} (offered: "
+            f"{', '.join(offered) or 'no extensions'}): cryptsnap cannot make sure a snapshot is on the server's "
+            f"disk before it calls it complete, and a power cut of the server could lose it or damage the image. "
+            f"Use OpenSSH's internal-sftp or sftp-server without `-P fsync`, or, to accept the risk, set "
+            f"require_fsync: false for target {target.name}")  # fmt: skip
+    if target.require_fsync:
+        raise UnsafeServer(text)
+    log.warning("%s (accepted: require_fsync is false)", text)
+    return False
 
 
 def ssh_failure(target, said: str, returncode: int, fallback: str = "") -> Exception | None:

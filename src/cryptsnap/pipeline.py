@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 
 from . import changes, commands, integrity, meter, runner, snapshot
 from .config import Target
-from .errors import Canceled, CryptsnapError, UsageError
+from .errors import Canceled, CryptsnapError, UnsafeServer, UsageError
+from .layers import check_server_fsync
 from .stack import Paths, open_stack, step
 from .state import TargetState
 
@@ -222,6 +223,10 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
                                                                          state.header_backup)  # fmt: skip
                 report.problems += problems
             report.generation = snapshot.check_generation(op.fs, state)
+            try:
+                check_server_fsync(target, state.ssh_config)
+            except UnsafeServer as exc:
+                report.problems.append(str(exc))
             # The whole run counts (the meter restarted when the stack opened), and what closing
             # will still download is set aside.
             left = lambda: budget - integrity.CLOSE_ALLOWANCE - meter.read(counter).down  # noqa: E731

@@ -46,6 +46,10 @@ TARGET = {
     "alive_count": Option("int", "Unanswered questions after which the connection counts as lost and the run "
                           "fails, unwinding everything: a cut link is noticed after alive_interval × "
                           "alive_count seconds (ServerAliveCountMax).", 4, minimum=1),
+    "require_fsync": Option("bool", "Refuse a server whose SFTP does not offer fsync@openssh.com (checked at "
+                            "`cryptsnap init` and by `cryptsnap check`): without it nothing makes sure a snapshot "
+                            "is on the server's disk before it is called complete, and a power cut of the server "
+                            "can lose it or damage the image. false accepts that risk.", True),
     "remote_dir": Option("str", "Directory on the host that holds the image, relative to the user's home.",
                          "cryptsnap"),
     "image": Option("str", "File name of the encrypted disk image inside remote_dir.", "cryptsnap.img"),

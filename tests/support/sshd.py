@@ -68,8 +68,9 @@ class UntrustedHost:
 
 
 def start(user: str = UNTRUSTED_USER, base: str | None = None, address: str = "127.0.0.1",
-          netns: str | None = None) -> UntrustedHost:  # fmt: skip
-    """netns: run sshd in that network namespace, listening on `address` there (bench/link.py)."""
+          netns: str | None = None, sftp: str = "internal-sftp") -> UntrustedHost:  # fmt: skip
+    """netns: run sshd in that network namespace, listening on `address` there (bench/link.py).
+    sftp: the SFTP subsystem's command (e.g. a server that denies some requests)."""
     account = ensure_user(user)
     # Not under pytest's tmp_path: sshd reads authorized_keys as the user, and pytest's
     # directories are private to root. `base`: somewhere a PrivateTmp= service sees too.
@@ -97,7 +98,7 @@ KbdInteractiveAuthentication no
 PubkeyAuthentication yes
 UsePAM no
 StrictModes no
-Subsystem sftp internal-sftp
+Subsystem sftp {sftp}
 LogLevel VERBOSE
 """
     )
