@@ -504,6 +504,14 @@ def open_image(image: Path, readonly: bool, expected_size: int | None, flags: in
     """Open the image on the sshfs mount, refusing anything but a regular file of the expected size."""
     flags |= (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW
     try:
+        # Look before opening: the server's own open(2) of a FIFO would wait for a writer,
+        # and hang the run. (A server that swaps the file between the two can still make
+        # the run hang, not make it read or write anything else: the open refuses all but
+        # a regular file, and fstat below checks again.)
+        kind = os.lstat(image).st_mode
+        if not stat.S_ISREG(kind):
+            raise IntegrityError(f"the image {image.name} is not a regular file on the remote side "
+                                 f"({_file_kind(kind)}); it was replaced")
         fd = os.open(image, flags)
     except FileNotFoundError:
         raise RemoteUnreachable(
@@ -527,6 +535,12 @@ def open_image(image: Path, readonly: bool, expected_size: int | None, flags: in
         os.close(fd)
         raise
     return fd
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def luks_metadata(header: Path) -> dict:
