@@ -23,7 +23,7 @@ demo: deps                 ## the main job end to end in a throwaway guest (demo
 	$(PY) -m tests.harness demo
 
 soak: deps                 ## faults drawn by a seeded generator, run after run, in the guest (tests/soak.py)
-	$(PY) -m tests.harness run --timeout 7200 -- python3 -m tests.soak $(SOAK_ARGS)
+	$(PY) -m tests.harness run --timeout 7200 --results build/soak-results -- python3 -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

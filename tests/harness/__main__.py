@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .image import ensure_image
 from .vm import REPO, Guest, GuestError
@@ -34,6 +35,7 @@ def main() -> int:
     sub.add_parser("shell", help="boot the guest and attach its console to this terminal")
     run = sub.add_parser("run", help="boot the guest, run one command, power off")
     run.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    run.add_argument("--results", type=Path, help="host directory shared as /results (default build/vm-results)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (after --)")
     sub.add_parser("build", help="build or reuse the cached guest image and print where it is")
     sub.add_parser("demo", help="run demo/demo.sh in a fresh guest, showing its output as it goes")
@@ -54,7 +56,7 @@ def main() -> int:
         return demo()
     command = [c for c in args.command if c != "--"] or ["systemctl", "is-system-running", "--wait"]
     try:
-        with Guest() as guest:
+        with Guest(results=args.results) as guest:
             print(f"guest up in {guest.boot_seconds:.1f}s ({guest.accel})", file=sys.stderr)
             result = guest.run(command, timeout=args.timeout, cwd="/src",
                                env={"PYTHONPATH": "/src/src"})  # fmt: skip

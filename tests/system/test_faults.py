@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from cryptsnap.bus import target_path
-from tests.support import sshd, trees
+from tests.support import figures, sshd, trees
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.service import prop, sh, wait_idle, wait_until
 from tests.support.targets import make_setup
@@ -85,6 +85,7 @@ def test_cryptsnapd_killed_with_its_whole_cgroup_mid_run(service):
     took = time.monotonic() - killed
     assert client.returncode == 11, err
     assert "cryptsnapd left the bus while job" in err and took < 10, (took, err)
+    figures.record("cgroup killed", client_exit_s=round(took, 1))
     wait_until(lambda: daemon_restarted(pid), 120, "systemd to restart cryptsnapd")
     assert wait_idle(service, 300) == "failed"
     error = prop(target_path(service.name), TARGET, "LastError")
@@ -109,9 +110,11 @@ def test_cryptsnapd_alone_killed_mid_run(service):
     client = start_via_daemon(service)
     wait_phase(service, "syncing")
     pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    killed = time.monotonic()
     os.kill(int(pid), signal.SIGKILL)
     _, err = client.communicate(timeout=60)
     assert client.returncode == 11, err
+    figures.record("daemon killed", client_exit_s=round(time.monotonic() - killed, 1))
     wait_until(lambda: daemon_restarted(pid), 180, "systemd to restart cryptsnapd")
     assert wait_idle(service, 300) == "failed"
     error = prop(target_path(service.name), TARGET, "LastError")
@@ -123,7 +126,7 @@ def test_cryptsnapd_alone_killed_mid_run(service):
 
 
 def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
-    fill(service.source, 32)
+    fill(service.source, 16)
     sh("systemctl", "start", "cryptsnapd.service")
     path = target_path(service.name)
     hit = []
@@ -144,7 +147,10 @@ def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
                 hit.append(phase)
             except ProcessLookupError:
                 pass
+        killed = time.monotonic()
         result = wait_idle(service, 300)
+        if phase in hit:
+            figures.record(f"worker killed at {phase}", unwound_s=round(time.monotonic() - killed, 1), result=result)
         assert_nothing_left(service)
         if phase in hit and phase != "unmounting":
             assert result == "failed"
@@ -186,7 +192,7 @@ def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesys
     cryptsnap(setup, "init", setup.name)
     cryptsnap(setup, "backup", setup.name)
     before = digests(setup)
-    fill(setup.source, 64)
+    fill(setup.source, 48)
     proc = start_local_backup(setup)
     wait_phase(setup, "syncing")
     time.sleep(1)  # writes in flight
@@ -197,7 +203,7 @@ def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesys
     assert proc.returncode == 5, err
     assert "error: syncing: lost the connection to 127.0.0.1 (ssh: " in err, err
     assert_nothing_left(setup, err)
-    print(f"{filesystem}: failed {took:.1f}s after the cut: {err.strip().splitlines()[-1]}")
+    figures.record(f"ssh killed, {filesystem}", fail_s=round(took, 1), error=err.strip().splitlines()[-1])
     cryptsnap(setup, "backup", setup.name)
     after = digests(setup)
     assert {name: after[name] for name in before} == before and len(after) == 2
@@ -229,7 +235,7 @@ def test_a_black_holed_link_fails_the_run_within_the_keepalive_limit(tmp_path):
             assert f"lost the connection to {address} (ssh: Timeout, server" in err, err
             assert took < 2 * 3 + 10, f"the run failed {took:.1f}s after the cut"
             assert_nothing_left(setup, err)
-            print(f"black hole: failed {took:.1f}s after the cut (limit 16 s)")
+            figures.record("black hole", fail_s=round(took, 1), limit_s=16, error=err.strip().splitlines()[-1])
             subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", SERVER_SIDE, "up"], check=True)
             cryptsnap(setup, "backup", setup.name)
             after = digests(setup)
@@ -297,6 +303,7 @@ def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_
     before = digests(setup)
     fill(setup.source, 200, name="toobig")
     full = cryptsnap(setup, "backup", setup.name, expect=12)
+    figures.record(f"image full, {filesystem}", error=full.stderr.strip().splitlines()[-1][:160])
     assert "syncing: the image is full: its file system holds" in full.stderr, full.stderr
     assert "MiB free" in full.stderr and "The unfinished snapshot was removed" in full.stderr, full.stderr
     assert_nothing_left(setup, full.stderr)
