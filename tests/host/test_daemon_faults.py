@@ -57,6 +57,13 @@ def wait_gone(predicate, timeout: float = 30, what: str = "") -> None:
         time.sleep(0.05)
 
 
+def follow_backup(setup, private_bus) -> subprocess.Popen:
+    """`cryptsnap backup --daemon` following its job on the private bus."""
+    return subprocess.Popen([sys.executable, "-m", "cryptsnap", "--config", str(setup.config_path), "backup",
+                             "--daemon", setup.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, CRYPTSNAP_BUS_ADDRESS=private_bus.address))  # fmt: skip
+
+
 def last(daemon, setup, name: str):
     return daemon.get(target_path(setup.name), TARGET, name)
 
@@ -87,9 +94,7 @@ def test_a_killed_worker_is_unwound_at_once_and_recorded(setup, bus, tarpit):  #
 def test_a_client_following_a_job_exits_when_the_daemon_dies_and_the_worker_unwinds(setup, bus, tarpit):  # noqa: F811
     setup.point_at_silent_server(tarpit)
     daemon = Daemon(setup, bus).ready()
-    client = subprocess.Popen([sys.executable, "-m", "cryptsnap", "--config", str(setup.config_path), "backup",
-                               "--daemon", setup.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, CRYPTSNAP_BUS_ADDRESS=bus.address))  # fmt: skip
+    client = follow_backup(setup, bus)
     try:
         wait_connecting(setup)
         worker = worker_of(setup)
@@ -139,9 +144,7 @@ def test_a_restarted_daemon_unwinds_what_its_killed_run_left(setup, bus, tarpit)
 def test_a_signal_to_the_following_client_cancels_the_job(setup, bus, tarpit, signum):  # noqa: F811
     setup.point_at_silent_server(tarpit)
     daemon = Daemon(setup, bus).ready()
-    client = subprocess.Popen([sys.executable, "-m", "cryptsnap", "--config", str(setup.config_path), "backup",
-                               "--daemon", setup.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, CRYPTSNAP_BUS_ADDRESS=bus.address))  # fmt: skip
+    client = follow_backup(setup, bus)
     try:
         wait_connecting(setup)
         client.send_signal(signum)

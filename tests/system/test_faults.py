@@ -167,6 +167,15 @@ def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
 # -- the connection lost -----------------------------------------------------------------
 
 
+def with_one_snapshot(tmp_path, server, **options):
+    """An initialized target with one snapshot, and what that snapshot holds."""
+    setup = make_setup(tmp_path, server, **options)
+    (setup.source / "first").write_text("before the fault\n")
+    cryptsnap(setup, "init", setup.name)
+    cryptsnap(setup, "backup", setup.name)
+    return setup, digests(setup)
+
+
 def start_local_backup(setup) -> subprocess.Popen:
     return subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -187,11 +196,7 @@ def kill_server_sessions(server) -> int:
 
 @pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
 def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesystem):
-    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="300M")
-    (setup.source / "first").write_text("before the fault\n")
-    cryptsnap(setup, "init", setup.name)
-    cryptsnap(setup, "backup", setup.name)
-    before = digests(setup)
+    setup, before = with_one_snapshot(tmp_path, untrusted_host, filesystem=filesystem, size="300M")
     fill(setup.source, 48)
     proc = start_local_backup(setup)
     wait_phase(setup, "syncing")
@@ -218,11 +223,7 @@ def test_a_black_holed_link_fails_the_run_within_the_keepalive_limit(tmp_path):
     with shaped_link(1000, rtt_ms=0.2) as address:
         server = sshd.start(address=address, netns=NETNS)
         try:
-            setup = make_setup(tmp_path, server, size="300M", alive_interval=2, alive_count=3)
-            (setup.source / "first").write_text("before the fault\n")
-            cryptsnap(setup, "init", setup.name)
-            cryptsnap(setup, "backup", setup.name)
-            before = digests(setup)
+            setup, before = with_one_snapshot(tmp_path, server, size="300M", alive_interval=2, alive_count=3)
             fill(setup.source, 64)
             proc = start_local_backup(setup)
             wait_phase(setup, "syncing")
@@ -296,11 +297,7 @@ def test_whatever_the_server_puts_where_the_image_was_is_refused(tmp_path, untru
 
 @pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
 def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_path, untrusted_host, filesystem):
-    setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="160M")
-    (setup.source / "small").write_text("fits\n")
-    cryptsnap(setup, "init", setup.name)
-    cryptsnap(setup, "backup", setup.name)
-    before = digests(setup)
+    setup, before = with_one_snapshot(tmp_path, untrusted_host, filesystem=filesystem, size="160M")
     fill(setup.source, 200, name="toobig")
     full = cryptsnap(setup, "backup", setup.name, expect=12)
     figures.record(f"image full, {filesystem}", error=full.stderr.strip().splitlines()[-1][:160])
@@ -310,7 +307,7 @@ def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_
     assert digests(setup) == before, "the earlier snapshot changed, or the partial one is listed"
     for big in setup.source.glob("toobig-*"):
         big.unlink()
-    (setup.source / "small").write_text("fits again\n")
+    (setup.source / "first").write_text("fits again\n")
     cryptsnap(setup, "backup", setup.name)
     after = digests(setup)
     assert len(after) == 2 and {name: after[name] for name in before} == before
