@@ -265,7 +265,12 @@ class Daemon:
                           job.id, job.target, code)  # fmt: skip
             if job.killed:  # a worker of this daemon's, maybe killed before its run made its marker
                 self._record_if_unrecorded(job, "failed", Interrupted.exit_code, f"interrupted: {job.why}")
-            self._remove_job(job, "failed", Interrupted.exit_code)
+            # As recorded: a run killed while unmounting, after its snapshot was complete, is done.
+            recorded = TargetState(self.target(job.target)).last_run() if job.target in self.config.targets else {}
+            if recorded.get("finished", 0) >= job.start_time:
+                self._remove_job(job, recorded.get("result", "failed"), int(recorded.get("exit_code", 0)))
+            else:
+                self._remove_job(job, "failed", Interrupted.exit_code)
             return
         if code < 0:  # killed by a signal before it could handle it: report it as a shell would
             code = 128 - code

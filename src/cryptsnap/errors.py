@@ -140,7 +140,8 @@ EXIT_CODES = {
     UsageError.exit_code: "usage error (bad command line)",
     ConfigError.exit_code: "configuration error (or unknown target)",
     Busy.exit_code: "target busy: another backup, mount or restore holds its lock",
-    RemoteUnreachable.exit_code: "remote unreachable: ssh/sshfs could not connect or log in",
+    RemoteUnreachable.exit_code: "remote unreachable: ssh/sshfs could not connect or log in, or the connection was "
+    "lost during the run",
     KeyWrong.exit_code: "key wrong: the LUKS key is missing or does not open the image",
     IntegrityError.exit_code: "integrity problem: host key, LUKS header, generation or data checksums do not match",
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",

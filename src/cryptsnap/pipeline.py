@@ -139,13 +139,13 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
                         lock_fd=lock_fd) as op:  # fmt: skip
             generation = snapshot.check_generation(op.fs, state, accept_rollback)
-            reporter.phase("syncing")
+            op.phase("syncing")
             known = changes.Record.load(state.file_record)
             with step("syncing"):
                 record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known,
                                                                    generation, work_dir=target.runtime_dir,
                                                                    full_compare=full_compare)  # fmt: skip
-            reporter.phase("finalizing")
+            op.phase("finalizing")
             state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
             with step("finalizing"):
                 record.pruned = snapshot.prune(op.fs, target)

@@ -82,6 +82,7 @@ class Opened:
     readonly: bool
     loop_device: str
     mapping_device: str
+    phase: PhaseCallback  # report the next phase of the run (syncing, finalizing) through the stack
 
 
 def step(name: str):
@@ -181,32 +182,38 @@ def open_stack(
     fs_mountpoint = mountpoint or paths.fs
     stack = contextlib.ExitStack()
     connected = False
+    current = ["starting"]  # the phase a failure happened in, if it does not say itself
+
+    def phase(name: str) -> None:
+        current[0] = name
+        on_phase(name)
+
     try:
         local_lock = stack.enter_context(LocalLock(target.runtime_dir, what, lock_fd))
         state.settle_unfinished("the run's process ended before finishing it (killed?)")
         remove_leftovers(target)
         meter.reset(paths.traffic)
-        on_phase("connecting")
+        phase("connecting")
         with step("connecting"):
             stack.enter_context(SshfsMount(target, state.write_ssh_config(paths.traffic), paths.remote, paths.ssh_log))
             connected = True
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
-        on_phase("attaching")
+        phase("attaching")
         with step("attaching"):
             loop = stack.enter_context(_block_device(target, state, image, readonly))
-        on_phase("unlocking")
+        phase("unlocking")
         with step("unlocking"):
             _check_header(paths.remote / target.image, state.header_backup, readonly)
             mapping = stack.enter_context(LuksMapping(loop.device, paths.mapping, key, readonly, image["luks_uuid"],
                                                        state.header_backup))  # fmt: skip
-        on_phase("mounting")
+        phase("mounting")
         with step("mounting"):
             stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))
             if isinstance(loop, CachedDevice):  # tell the cache where metadata is, for as long as it is mounted
                 stack.enter_context(chunks.Watch(fs_mountpoint, loop.cover))
-        opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path)
+        opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase)
     except BaseException as exc:
-        lost = connected and _lost(target, state, paths, exc)
+        lost = connected and _lost(target, state, paths, exc, current[0])
         with step("unwinding after a failure"):
             stack.close()
         if lost:
@@ -215,7 +222,7 @@ def open_stack(
     try:
         yield opened
     except BaseException as exc:
-        lost = _lost(target, state, paths, exc)
+        lost = _lost(target, state, paths, exc, current[0])
         on_phase("unmounting")
         with step("unmounting"):
             stack.close()
@@ -247,7 +254,7 @@ def _check_header(image: Path, header_backup: Path, readonly: bool) -> None:
         log.warning("%s", problem)
 
 
-def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException) -> StepFailed | None:
+def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException, phase: str) -> StepFailed | None:
     """The failure restated as what it is when the ssh connection went away under the run."""
     cause = getattr(exc, "cause", exc)
     if not isinstance(exc, CryptsnapError | OSError) or isinstance(cause, Canceled | Interrupted):
@@ -255,7 +262,7 @@ def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException) 
     lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
     if lost is None:
         return None
-    return StepFailed(getattr(exc, "step", "syncing"), lost)
+    return StepFailed(getattr(exc, "step", phase), lost)
 
 
 BTRFS_SUPERBLOCK = 64 * 1024  # rewritten by every commit: the block cache's anchor
