@@ -82,7 +82,9 @@ def manifest(root: Path) -> dict:
             mtime = info.st_mtime_ns if not stat.S_ISDIR(info.st_mode) else None  # dirs change as we write
             entries[rel] = (kind, stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid, info.st_size, mtime,
                             content, _xattrs(path))
-    links = sorted(sorted(group) for group in inodes.values())
+    # Groups of names of one file inside the tree; a file linked only from outside it (an
+    # earlier ext2 snapshot sharing it) is no group.
+    links = sorted(sorted(group) for group in inodes.values() if len(group) > 1)
     return {"entries": entries, "hardlinks": links}
 
 
