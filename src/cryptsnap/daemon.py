@@ -49,7 +49,8 @@ class Job:
     cancel_requested: bool = False
     buffer: bytes = b""
     # "backup", or "unwind": removing what a killed worker (or, at start-up, a killed
-    # cryptsnapd) left open; such a job holds the target until it is done, and ends as failed.
+    # cryptsnapd) left open; such a job holds the target until it is done, and ends with
+    # the killed run's recorded result (failed, or done if its snapshot was complete).
     kind: str = "backup"
     why: str = ""  # what ended the run, for an unwind job
     killed: bool = False  # its backup worker was killed (else: an unwind at start-up)
@@ -255,7 +256,7 @@ class Daemon:
             # mapping and the block device server are still open. Remove them now, not next run.
             job.killed = True
             try:
-                self._unwind(job, f"its process was killed by {signal.Signals(-code).name}")
+                self._unwind(job, f"its process was killed by {_signal_name(-code)}")
                 return
             except CryptsnapError as exc:
                 log.error("job %d [%s]: cannot unwind what the killed run left: %s", job.id, job.target, exc)
@@ -351,6 +352,13 @@ class Daemon:
         log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")
         self.loop.run()
         log.info("cryptsnapd stopped")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def main(argv: list[str] | None = None) -> int:
