@@ -59,9 +59,10 @@ DAEMON_PID = "CRYPTSNAPD_PID"  # set by cryptsnapd in the worker's environment
 def follow_daemon() -> None:
     """Stop the run, unwinding it, when cryptsnapd dies: the kernel sends SIGHUP then.
 
-    A worker that outlived its daemon would go on writing with nobody to report to, and
-    systemd would kill it mid-write when its stop timeout ran out. SIGHUP, not SIGTERM, so
-    that it cannot be mistaken for a cancel: the daemon cancels with SIGTERM.
+    A worker that outlived its daemon would go on writing with nobody to report to. (Under
+    systemd, KillMode=mixed usually SIGKILLs it first, and the restarted daemon unwinds; this
+    is for the other cases.) SIGHUP, not SIGTERM, so that it cannot be mistaken for a cancel:
+    the daemon cancels with SIGTERM.
     """
     interrupted = lambda: Interrupted("interrupted: cryptsnapd stopped or was killed during the run")  # noqa: E731
     runner.cancel_on_signals({signal.SIGHUP: interrupted})
