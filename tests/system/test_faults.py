@@ -387,6 +387,7 @@ def test_two_machines_on_one_image_one_proceeds_the_other_is_busy(tmp_path, untr
     fill(first.source, 48)
     second = make_setup(tmp_path / "second", untrusted_host, size="300M", image=f"{first.name}.img")
     shutil.copytree(first.state_dir / first.name, second.state_dir / second.name)
+    second.key_file.write_bytes(first.key_file.read_bytes())  # one image, one key
     known = second.state_dir / second.name / "known_hosts"  # the pinned key, under this target's alias
     known.write_text(known.read_text().replace(f"cryptsnap-{first.name}", f"cryptsnap-{second.name}"))
     (second.source / "other").write_text("the second machine's files\n")
