@@ -30,6 +30,7 @@ class TargetState:
     def __init__(self, target: Target):
         self.target = target
         self.dir = target.state_dir
+        self._marker: dict | None = None  # this process's run in progress (running.json), once it began
 
     @property
     def known_hosts(self) -> Path:
@@ -107,7 +108,7 @@ class TargetState:
 
     def mark_phase(self, phase: str, action: str = "backup") -> None:
         """Note the run's phase; the first call (once the target's lock is held) starts the marker."""
-        marker = getattr(self, "_marker", None)
+        marker = self._marker
         if marker is None:
             self._begin_run(action)
             marker = self._marker
@@ -123,13 +124,13 @@ class TargetState:
 
     def mark_complete(self, snapshot: str) -> None:
         """The run's snapshot is complete and durable; what is left is closing the stack."""
-        marker = getattr(self, "_marker", None)
+        marker = self._marker
         if marker is not None:
             marker["complete"] = snapshot
             _write_atomic(self.run_marker, json.dumps(marker) + "\n")
 
     def end_run(self) -> None:
-        if getattr(self, "_marker", None) is not None:
+        if self._marker is not None:
             self.run_marker.unlink(missing_ok=True)
             self._marker = None
 

@@ -59,6 +59,15 @@ def wait_phase(setup, phase: str, timeout: float = 300) -> dict:
                       f"phase {phase}")  # fmt: skip
 
 
+def follow_a_job_to_syncing(service) -> tuple[subprocess.Popen, str]:
+    """64 MiB to back up through the daemon, a client following the job, once it syncs; and the daemon's pid."""
+    fill(service.source, 64)
+    sh("systemctl", "start", "cryptsnapd.service")
+    client = start_via_daemon(service)
+    wait_phase(service, "syncing")
+    return client, sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+
+
 def daemon_restarted(before: str) -> bool:
     pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
     active = sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active"
@@ -74,11 +83,7 @@ def test_cryptsnapd_killed_with_its_whole_cgroup_mid_run(service):
     mapping on the dead nbd device, the devices and mounts, and records the run."""
     cryptsnap(service, "backup", "--daemon", service.name)
     before = digests(service)
-    fill(service.source, 64)
-    sh("systemctl", "start", "cryptsnapd.service")
-    client = start_via_daemon(service)
-    wait_phase(service, "syncing")
-    pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    client, pid = follow_a_job_to_syncing(service)
     killed = time.monotonic()
     sh("systemctl", "kill", "--signal=SIGKILL", "cryptsnapd.service")
     _, err = client.communicate(timeout=60)
@@ -105,11 +110,7 @@ def test_cryptsnapd_alone_killed_mid_run(service):
     """SIGKILL to the daemon alone. Its worker is told (SIGHUP) and starts to unwind, but systemd
     SIGKILLs what is left of the service as soon as its main process is gone (KillMode=mixed):
     whichever wins, the restarted daemon finds nothing left when it is ready."""
-    fill(service.source, 64)
-    sh("systemctl", "start", "cryptsnapd.service")
-    client = start_via_daemon(service)
-    wait_phase(service, "syncing")
-    pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    client, pid = follow_a_job_to_syncing(service)
     killed = time.monotonic()
     os.kill(int(pid), signal.SIGKILL)
     _, err = client.communicate(timeout=60)
