@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .image import ensure_image
-from .vm import REPO, Guest, GuestError
+from .vm import PYTHON_ENV, REPO, Guest, GuestError
 
 
 def main() -> int:
@@ -58,8 +58,7 @@ def main() -> int:
     try:
         with Guest(results=args.results) as guest:
             print(f"guest up in {guest.boot_seconds:.1f}s ({guest.accel})", file=sys.stderr)
-            result = guest.run(command, timeout=args.timeout, cwd="/src",
-                               env={"PYTHONPATH": "/src/src"})  # fmt: skip
+            result = guest.run(command, timeout=args.timeout, cwd="/src", env=PYTHON_ENV)
     except GuestError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -74,7 +74,7 @@ class GuestRun:
         self.image_built = False
 
     def run(self) -> None:
-        from .vm import Guest, GuestError  # only the host needs qemu
+        from .vm import PYTHON_ENV, Guest, GuestError  # only the host needs qemu
 
         started = time.monotonic()
         guest = Guest()
@@ -85,7 +85,7 @@ class GuestRun:
             self.timings["image"] = guest.image.build_seconds
             self.timings["boot"] = guest.boot_seconds - guest.image.build_seconds
             env = {k: v for k, v in os.environ.items() if k.startswith("CRYPTSNAP_") and "_VM_" not in k}
-            env.update(CRYPTSNAP_IN_GUEST="1", PYTHONPATH="/src/src", PYTHONDONTWRITEBYTECODE="1")
+            env.update(PYTHON_ENV, CRYPTSNAP_IN_GUEST="1")
             argv = [
                 "python3", "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", "--durations=20",
                 "-o", "junit_family=xunit2", "--junitxml=/results/junit.xml", *self.nodeids,

@@ -5,7 +5,6 @@ device, mapping, ssh or sshfs) and with the snapshots made before the fault inta
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -13,50 +12,31 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from cryptsnap.bus import target_path
-from tests.support import figures, sshd, trees
+from tests.support import figures, sshd
 from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.runs import (
+    PHASES,
+    digests,
+    fill,
+    kill_server_sessions,
+    marker,
+    start_local_backup,
+    wait_phase,
+    with_one_snapshot,
+)
 from tests.support.service import prop, sh, wait_idle, wait_until
 from tests.support.targets import make_setup
 
 TARGET = "org.cryptsnap1.Target"
-PHASES = ("connecting", "attaching", "unlocking", "mounting", "syncing", "finalizing", "unmounting")
-
-
-def marker(setup) -> dict:
-    try:
-        return json.loads((setup.state_dir / setup.name / "running.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def fill(source: Path, megabytes: int, name: str = "big") -> None:
-    for i in range(megabytes // 8):
-        (source / f"{name}-{i}").write_bytes(os.urandom(8 << 20))
-
-
-def digests(setup) -> dict[str, dict]:
-    """Every snapshot's content, read back through a read-only view."""
-    cryptsnap(setup, "mount", setup.name)
-    try:
-        view = setup.runtime_dir / "restore" / setup.name / "snapshots"
-        return {name: trees.manifest(view / name / str(setup.source).lstrip("/")) for name in sorted(os.listdir(view))}
-    finally:
-        cryptsnap(setup, "umount", setup.name)
 
 
 def start_via_daemon(setup) -> subprocess.Popen:
     """`cryptsnap backup --daemon` following its job, as a user or the timer unit would."""
     return subprocess.Popen(["cryptsnap", "backup", "--daemon", setup.name], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def wait_phase(setup, phase: str, timeout: float = 300) -> dict:
-    return wait_until(lambda: marker(setup) if marker(setup).get("phase") == phase else None, timeout,
-                      f"phase {phase}")  # fmt: skip
 
 
 def follow_a_job_to_syncing(service) -> tuple[subprocess.Popen, str]:
@@ -166,33 +146,6 @@ def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
 
 
 # -- the connection lost -----------------------------------------------------------------
-
-
-def with_one_snapshot(tmp_path, server, **options):
-    """An initialized target with one snapshot, and what that snapshot holds."""
-    setup = make_setup(tmp_path, server, **options)
-    (setup.source / "first").write_text("before the fault\n")
-    cryptsnap(setup, "init", setup.name)
-    cryptsnap(setup, "backup", setup.name)
-    return setup, digests(setup)
-
-
-def start_local_backup(setup) -> subprocess.Popen:
-    return subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def kill_server_sessions(server) -> int:
-    """SIGKILL the server's side of every ssh session of the untrusted user (sshd's child)."""
-    killed = 0
-    for proc in psutil.process_iter(["name", "username", "cmdline"]):
-        if proc.info["username"] == server.user and "sshd" in (proc.info["name"] or ""):
-            try:
-                proc.kill()
-                killed += 1
-            except psutil.NoSuchProcess:  # went with its parent, killed a moment before
-                pass
-    return killed
 
 
 @pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
