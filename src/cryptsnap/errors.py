@@ -84,6 +84,12 @@ class ImageFull(CryptsnapError):
     exit_code = 12
 
 
+class ServerFull(CryptsnapError):
+    """The server's file system has no room for the image `init` would make; the message has the numbers."""
+
+    exit_code = 12
+
+
 class UnsafeServer(CryptsnapError):
     """The server's SFTP lacks what cryptsnap needs to keep snapshots safe (fsync@openssh.com)."""
 
@@ -147,7 +153,8 @@ EXIT_CODES = {
     ToolFailed.exit_code: "tool failure: an external program failed or is missing",
     Canceled.exit_code: "canceled",
     AccessDenied.exit_code: "permission denied (starting and canceling need root or the group cryptsnap)",
-    ImageFull.exit_code: "image full: the snapshot did not fit; prune, exclude or grow the image",
+    ImageFull.exit_code: "no room: the snapshot did not fit in the image (prune, exclude or grow the image), or, "
+    "at init, the server has no room for the image",
     UnsafeServer.exit_code: "unsafe server: its SFTP cannot fsync (see require_fsync in the configuration)",
     Interrupted.exit_code: "interrupted: cryptsnapd or the run's process was killed, or the machine stopped "
     "(what the run opened is unwound; see `cryptsnap status`)",

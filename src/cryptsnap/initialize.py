@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import commands, meter, runner, snapshot
 from .config import Target
-from .errors import RemoteUnreachable, ToolFailed, UsageError
+from .errors import RemoteUnreachable, ServerFull, ToolFailed, UsageError
 from .layers import (
     FsMount,
     LocalLock,
@@ -70,20 +70,52 @@ def _allocate(config_file: Path, target: Target, remote: Path, name: str, say: S
     """Make the image file at its full size without sending its bytes over the network."""
     path = remote / name
     if target.sparse:
+        room = os.statvfs(remote)
+        if room.f_bavail * room.f_frsize < target.size:
+            say(f"Warning: the server has {room.f_bavail * room.f_frsize >> 20} MiB free, less than the image's "
+                f"{target.size >> 20} MiB: with sparse: true, runs will fail once it fills up.")  # fmt: skip
         with open(path, "wb") as image:  # SFTP setstat: the server makes a sparse file
             image.truncate(target.size)
         return
+    _require_room(target, remote)
     remote_path = f"{target.remote_dir}/{name}"
     result = remote_run(config_file, target, ["fallocate", "-l", str(target.size), "--", remote_path], check=False)
     if result.returncode == 0:
         return
+    if NO_SPACE in result.stderr:
+        _require_room(target, remote, failed=result.stderr.strip())
     log.info("remote fallocate failed (%s); writing zeros on the server with dd", result.stderr.strip())
     say("The server cannot fallocate; writing zeros on the server side with dd (nothing crosses the network).")
     megabytes = -(-target.size // (1 << 20))
-    remote_run(config_file, target, ["dd", "if=/dev/zero", f"of={remote_path}", "bs=1M", f"count={megabytes}",
-                                     "status=none"])
+    result = remote_run(config_file, target, ["dd", "if=/dev/zero", f"of={remote_path}", "bs=1M",
+                                              f"count={megabytes}", "status=none"], check=False)  # fmt: skip
+    if result.returncode != 0:
+        if NO_SPACE in result.stderr:
+            _require_room(target, remote, failed=result.stderr.strip())
+        raise ToolFailed(f"dd on the server failed (exit {result.returncode}): {result.stderr.strip()}")
     with open(path, "r+b") as image:
         image.truncate(target.size)
+
+
+NO_SPACE = "No space left on device"
+
+
+def _require_room(target: Target, remote: Path, failed: str = "") -> None:
+    """Refuse, with the numbers, when the server's file system cannot hold the image (before
+    allocating it, or when allocating failed: another writer may have taken the room since).
+
+    The server's free space is what sshfs reports from its statvfs@openssh.com.
+    """
+    room = os.statvfs(remote)
+    free, total = room.f_bavail * room.f_frsize, room.f_blocks * room.f_frsize
+    if free >= target.size and not failed:
+        return
+    mib = 1 << 20
+    said = f" (the server said: {failed})" if failed else ""
+    raise ServerFull(f"the server has {free / mib:,.0f} MiB free in {target.remote_dir} on {target.host} (its file "
+                     f"system holds {total / mib:,.0f} MiB); the image needs {target.size / mib:,.0f} MiB{said}. "
+                     f"Nothing was left there. Make room on the server, or set a smaller size: for target "
+                     f"{target.name}")  # fmt: skip
 
 
 def _format_header(target: Target, state: TargetState, key: str, image: Path) -> str:

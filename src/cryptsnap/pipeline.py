@@ -151,6 +151,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
                 record.pruned = snapshot.prune(op.fs, target)
                 snapshot.bump_generation(op.fs, state, generation)
             state.mark_complete(record.snapshot)
+            runner.ignore_cancels()  # complete: a cancel from here on would only make a done run look undone
             if entries is not None:
                 changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
                                entries).save(state.file_record)  # fmt: skip

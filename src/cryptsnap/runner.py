@@ -137,13 +137,29 @@ def cancel_on_signals(meanings: dict[int, Callable[[], CryptsnapError]] | None =
     to stop the run on, each with the error it stands for (a job's worker: SIGHUP, its
     daemon died).
     """
-    global _meanings
+    global _meanings, _cancelable
     _meanings = dict(meanings or {})
+    _cancelable = True
     for signum in (signal.SIGTERM, signal.SIGINT, *_meanings):
         signal.signal(signum, _on_signal)
 
 
 _meanings: dict[int, Callable[[], CryptsnapError]] = {}
+_cancelable = False
+
+
+def ignore_cancels() -> None:
+    """From here on the run only closes what it opened: a cancel must not cut that short.
+
+    Called once a snapshot is complete (a cancel then comes too late to undo anything, and the
+    run is done, not canceled) and when unwinding begins. Only where cancel_on_signals made
+    the signals cancel; signal dispositions belong to the main thread.
+    """
+    global _cancelable
+    if _cancelable and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT, *_meanings):
+            signal.signal(signum, signal.SIG_IGN)
+        _cancelable = False
 
 
 def _on_signal(signum, frame) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chunks, integrity, meter
+from . import chunks, integrity, meter, runner
 from .config import Target
 from .errors import Canceled, CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed
 from .layers import (
@@ -214,6 +214,7 @@ def open_stack(
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase)
     except BaseException as exc:
         lost = connected and _lost(target, state, paths, exc, current[0])
+        runner.ignore_cancels()
         with step("unwinding after a failure"):
             stack.close()
         if lost:
@@ -223,6 +224,7 @@ def open_stack(
         yield opened
     except BaseException as exc:
         lost = _lost(target, state, paths, exc, current[0])
+        runner.ignore_cancels()
         on_phase("unmounting")
         with step("unmounting"):
             stack.close()
@@ -238,6 +240,7 @@ def open_stack(
         stack.pop_all()
         local_lock.__exit__(None, None, None)
         return
+    runner.ignore_cancels()
     on_phase("unmounting")
     with step("unmounting"):
         stack.close()

@@ -46,6 +46,18 @@ def test_a_signal_during_a_run_stops_the_tool_and_raises_canceled(signals):
     assert not runner._children
 
 
+def test_once_the_run_only_closes_a_cancel_cuts_nothing_short(signals):
+    """After ignore_cancels (a snapshot complete, unwinding begun), a signal neither stops the
+    running tool nor raises: the run ends as it would have."""
+    runner.ignore_cancels()
+    proc = subprocess.Popen(["sh", "-c", "sleep 0.3; kill -TERM $PPID"])
+    try:
+        assert runner.run(("sh", "-c", "sleep 1; echo finished")).stdout == "finished\n"
+    finally:
+        proc.wait()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
 def test_failures_name_the_tool_and_the_package():
     with pytest.raises(ToolFailed, match=r"sh failed \(exit 3\): bad thing"):
         runner.run(("sh", "-c", "echo bad thing >&2; exit 3"))
