@@ -225,7 +225,11 @@ class Daemon:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return True
-        if not chunk:
+        if not chunk:  # the worker (and whatever shared its stdout) is gone: close our end
+            for process in [job.process, *job.retired]:
+                if process and process.stdout and not process.stdout.closed and process.stdout.fileno() == fd:
+                    process.stdout.close()
+            job.retired = [process for process in job.retired if not process.stdout.closed]
             return False
         job.buffer += chunk
         *lines, job.buffer = job.buffer.split(b"\n")

@@ -259,3 +259,21 @@ def test_jobs_of_two_targets_run_side_by_side_and_survive_a_reload(setup, bus, t
     finally:
         daemon.stop()
     assert_nothing_left(setup)
+
+
+def test_jobs_leave_no_file_descriptors_behind(setup, bus):
+    """A daemon left running for years runs thousands of jobs: each worker's pipe is closed
+    once read to the end (it was kept open, one descriptor per job, until the limit broke it)."""
+    daemon = Daemon(setup, bus).ready()
+    try:
+        fds = []
+        for _ in range(12):
+            bus.busctl("call", "org.cryptsnap1", target_path(setup.name), "org.cryptsnap1.Target", "StartBackup",
+                       "a{sv}", "0")  # fmt: skip
+            while daemon.get(target_path(setup.name), "org.cryptsnap1.Target", "State") != "idle":
+                daemon.notify.receive(0.1)
+            time.sleep(0.2)  # the end of the worker's output may arrive after its exit is reported
+            fds.append(psutil.Process(daemon.process.pid).num_fds())
+        assert fds[-1] <= fds[1], f"open descriptors after each job: {fds}"
+    finally:
+        daemon.stop()
