@@ -29,6 +29,7 @@ PACKAGES = {
     "btrfs": "btrfs-progs",
     "mkfs.ext2": "e2fsprogs",
     "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
     "rsync": "rsync",
     "modprobe": "kmod",
 }
@@ -179,6 +180,14 @@ def mkfs(filesystem: str, device: str) -> Argv:
         # bytes of tree on the remote side (see docs/performance.md).
         return ("mkfs.btrfs", "-q", "-f", "-L", LABEL, "-n", "4096", "-m", "single", "-d", "single", device)
     return (f"mkfs.{filesystem}", "-q", "-F", "-L", LABEL, device)
+
+
+def fsck_preen(device: str, filesystem: str) -> Argv | None:
+    """Before an ext2/ext4 file system is mounted to be written: ext2 has no journal, so a run
+    cut short (a lost connection, a kill) can leave it inconsistent. `e2fsck -p` checks only a
+    file system not marked clean, and repairs only what is safe without asking. btrfs needs
+    nothing: each commit is complete or absent."""
+    return ("e2fsck", "-p", device) if filesystem in ("ext2", "ext4") else None
 
 
 def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv:

@@ -618,6 +618,9 @@ class FsMount:
 
     def __enter__(self) -> FsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
+        preen = None if self.readonly else commands.fsck_preen(self.device, self.filesystem)
+        if preen:
+            self._preen(preen)
         runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem, self.readonly))
         self.mounted = True
         return self
@@ -626,3 +629,16 @@ class FsMount:
         if self.mounted:
             _retry(commands.unmount(str(self.mountpoint)))
             self.mounted = False
+
+    def _preen(self, argv) -> None:
+        """Repair what an unfinished run left inconsistent (e2fsck exit 1: errors corrected);
+        refuse to write into what it cannot repair safely (4) or could not check (8 and up)."""
+        result = runner.run(argv, check=False)
+        said = " ".join(line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip())
+        if result.returncode & 1 and result.returncode < 4:
+            log.warning("repaired the %s file system in the image after an unfinished run: %s", self.filesystem, said)
+        elif result.returncode >= 4:
+            raise IntegrityError(f"the {self.filesystem} file system in the image has errors that e2fsck -p cannot "
+                                 f"repair safely (exit {result.returncode}: {said[-400:]}). Nothing was written; "
+                                 f"see docs/restore-by-hand.md to copy out what is readable, or repair it "
+                                 f"with e2fsck on the opened image")  # fmt: skip
