@@ -26,6 +26,7 @@ from .config import Target
 from .errors import Canceled, CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed
 from .layers import (
     CachedDevice,
+    ConnectionWatch,
     FsMount,
     LocalLock,
     LoopDevice,
@@ -182,6 +183,7 @@ def open_stack(
     fs_mountpoint = mountpoint or paths.fs
     stack = contextlib.ExitStack()
     connected = False
+    watch: ConnectionWatch | None = None
     current = ["starting"]  # the phase a failure happened in, if it does not say itself
 
     def phase(name: str) -> None:
@@ -196,6 +198,7 @@ def open_stack(
         phase("connecting")
         with step("connecting"):
             stack.enter_context(SshfsMount(target, state.write_ssh_config(paths.traffic), paths.remote, paths.ssh_log))
+            watch = stack.enter_context(ConnectionWatch(state.ssh_config))
             connected = True
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
         phase("attaching")
@@ -214,7 +217,7 @@ def open_stack(
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase)
     except BaseException as exc:
         lost = connected and _lost(target, state, paths, exc, current[0])
-        runner.ignore_cancels()
+        _begin_unwinding(watch)
         with step("unwinding after a failure"):
             stack.close()
         if lost:
@@ -224,7 +227,7 @@ def open_stack(
         yield opened
     except BaseException as exc:
         lost = _lost(target, state, paths, exc, current[0])
-        runner.ignore_cancels()
+        _begin_unwinding(watch)
         on_phase("unmounting")
         with step("unmounting"):
             stack.close()
@@ -232,6 +235,7 @@ def open_stack(
             raise lost from exc
         raise
     if keep_open:
+        watch.stop()  # the view outlives this process; nothing of this run is left to stop
         # The view stays after this process ends, so the holder file takes over from the
         # flock; `cryptsnap umount` (or the restore unit's stop) removes it as leftovers.
         holder_file(local_lock.path).write_text(
@@ -240,10 +244,18 @@ def open_stack(
         stack.pop_all()
         local_lock.__exit__(None, None, None)
         return
-    runner.ignore_cancels()
+    _begin_unwinding(watch)
     on_phase("unmounting")
     with step("unmounting"):
         stack.close()
+
+
+def _begin_unwinding(watch: ConnectionWatch | None) -> None:
+    """From here the run only closes what it opened: neither a cancel nor the connection's
+    end may stop the commands that do it."""
+    if watch:
+        watch.stop()
+    runner.ignore_cancels()
 
 
 def _check_header(image: Path, header_backup: Path, readonly: bool) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 SYSTEM_DIR = "tests/system/"
 IN_GUEST = os.environ.get("CRYPTSNAP_IN_GUEST") == "1"
-GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "3600"))
+GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "4800"))
 
 
 class GuestTestFailed(Exception):

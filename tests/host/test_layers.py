@@ -239,3 +239,24 @@ def test_an_ext2_left_inconsistent_by_a_cut_run_is_repaired_before_it_is_written
         assert subprocess.run(["e2fsck", "-fn", device], capture_output=True).returncode == 0
     finally:
         subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
+    """A tool that would not notice the lost connection soon (rsync filling the page cache
+    of an ext2 on a dead device) is stopped within a second of ssh's end, and the failure is
+    then explained as the lost connection."""
+    from cryptsnap.layers import ConnectionWatch, connection_lost
+    from tests.support.runs import kill_server_sessions
+
+    target, state, paths = prepare(setup, luks=False)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(SshfsMount(target, state.ssh_config, paths.remote, paths.ssh_log))
+        stack.enter_context(ConnectionWatch(state.ssh_config))
+        assert kill_server_sessions(setup.server)
+        started = time.monotonic()
+        with pytest.raises(ToolFailed):
+            runner.run(("sleep", "30"))
+        assert time.monotonic() - started < 5
+        lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
+        assert lost is not None and "lost the connection to 127.0.0.1" in str(lost)
+    assert_nothing_left(setup)
