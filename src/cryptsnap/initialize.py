@@ -149,6 +149,21 @@ def _format_header(target: Target, state: TargetState, key: str, image: Path) ->
     return uuid
 
 
+def _make_durable(image: Path) -> None:
+    """Make the rename of the finished image survive a power cut of the server.
+
+    SFTP cannot fsync a directory. An fsync of the renamed file (fsync@openssh.com) commits
+    the server's journal on ext4 and XFS, which holds the rename; btrfs logs the file's new
+    name with it. Without this, `init` could return while the server's disk still had only
+    the unfinished image (the power-cut replay found it: tests/system/test_lost_writes.py).
+    """
+    fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -213,6 +228,7 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(final)
                 os.rename(paths.remote / staging, final)
+                _make_durable(final)
     traffic = meter.read(paths.traffic)
     say(f"Traffic: {traffic.up:,} bytes up, {traffic.down:,} bytes down.")
     state.record_image(target.size, uuid)

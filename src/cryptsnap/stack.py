@@ -110,11 +110,7 @@ def remove_leftovers(target: Target) -> None:
     """
     paths = Paths.of(target)
     with step("cleaning up after an earlier run"):
-        for mountpoint in (paths.fs, paths.view):
-            FsMount.remove_leftovers(mountpoint)
-        LuksMapping.remove_leftovers(paths.mapping)
-        CachedDevice.remove_leftovers(paths.nbd_record)
-        LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
+        _remove_device_leftovers(paths)
         if is_mountpoint(paths.remote):
             # An sshfs that never finished logging in hangs every access: do not wait on it.
             # A lock left behind is taken over by this host's next run anyway (its pid is gone).
@@ -128,6 +124,15 @@ def remove_leftovers(target: Target) -> None:
         # ssh and its meter (ProxyCommand) of a dead sshfs, or of one whose mount is already gone.
         wait_for_exit(str(TargetState(target).ssh_config), 5.0, logging.WARNING)
         wait_for_exit(str(paths.traffic), 3.0, logging.WARNING)
+
+
+def _remove_device_leftovers(paths: Paths) -> None:
+    """The local layers by name, innermost first: file system, mapping, nbd and loop device."""
+    for mountpoint in (paths.fs, paths.view):
+        FsMount.remove_leftovers(mountpoint)
+    LuksMapping.remove_leftovers(paths.mapping)
+    CachedDevice.remove_leftovers(paths.nbd_record)
+    LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
 
 
 def unwind_dead_run(target: Target, why: str, lock_fd: int | None = None) -> Interrupted | None:
@@ -184,6 +189,7 @@ def open_stack(
     stack = contextlib.ExitStack()
     connected = False
     watch: ConnectionWatch | None = None
+    failed: list[bool] = []  # set when unwinding after a failure: then sweep for what no layer held
     current = ["starting"]  # the phase a failure happened in, if it does not say itself
 
     def phase(name: str) -> None:
@@ -192,6 +198,7 @@ def open_stack(
 
     try:
         local_lock = stack.enter_context(LocalLock(target.runtime_dir, what, lock_fd))
+        stack.callback(_sweep_after_failure, target, failed)
         state.settle_unfinished("the run's process ended before finishing it (killed?)")
         remove_leftovers(target)
         meter.reset(paths.traffic)
@@ -217,7 +224,7 @@ def open_stack(
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase)
     except BaseException as exc:
         lost = connected and _lost(target, state, paths, exc, current[0])
-        _begin_unwinding(watch)
+        _begin_unwinding(watch, failed)
         with step("unwinding after a failure"):
             stack.close()
         if lost:
@@ -227,7 +234,7 @@ def open_stack(
         yield opened
     except BaseException as exc:
         lost = _lost(target, state, paths, exc, current[0])
-        _begin_unwinding(watch)
+        _begin_unwinding(watch, failed)
         on_phase("unmounting")
         with step("unmounting"):
             stack.close()
@@ -250,12 +257,24 @@ def open_stack(
         stack.close()
 
 
-def _begin_unwinding(watch: ConnectionWatch | None) -> None:
+def _begin_unwinding(watch: ConnectionWatch | None, failed: list[bool] | None = None) -> None:
     """From here the run only closes what it opened: neither a cancel nor the connection's
-    end may stop the commands that do it."""
+    end may stop the commands that do it. failed: the run failed, sweep after closing."""
+    if failed is not None:
+        failed.append(True)
     if watch:
         watch.stop()
     runner.ignore_cancels()
+
+
+def _sweep_after_failure(target: Target, failed: list[bool]) -> None:
+    """After a failed run's layers are closed, and before its lock is released: a command
+    stopped midway (by a cancel, or the connection's end) can leave a device no layer holds
+    yet, such as the mapping of a cryptsetup open killed after creating it. Found by name,
+    removed. (sshfs and ssh clean up after themselves when their own start fails.)"""
+    if failed:
+        with step("unwinding after a failure"):
+            _remove_device_leftovers(Paths.of(target))
 
 
 def _check_header(image: Path, header_backup: Path, readonly: bool) -> None:

@@ -27,7 +27,7 @@ from tests.support.runs import (
     wait_phase,
     with_one_snapshot,
 )
-from tests.support.service import prop, sh, wait_idle, wait_until
+from tests.support.service import prop, sh, start_backup, wait_idle, wait_until
 from tests.support.targets import make_setup
 
 TARGET = "org.cryptsnap1.Target"
@@ -143,6 +143,30 @@ def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
     names = prop(path, TARGET, "Snapshots")
     assert cryptsnap(service, "list", service.name).stdout.split() == names
     assert_nothing_left(service)
+
+
+def test_a_cancel_once_the_snapshot_is_complete_leaves_the_run_done(service):
+    """A Cancel while the run unmounts comes too late to undo anything: its snapshot is complete
+    and kept, so the run is done, not canceled, and the unwinding is not cut short."""
+    path = target_path(service.name)
+    sh("systemctl", "start", "cryptsnapd.service")
+    landed = 0
+    for attempt in range(3):  # unmounting is short: try until a Cancel lands in it
+        (service.source / f"file-{attempt}").write_text("complete before the cancel\n")
+        job = start_backup(service)
+        wait_until(lambda: marker(service), 120, "the run's marker")
+        while marker(service).get("phase") not in ("unmounting", None):  # None: the run ended
+            time.sleep(0.01)
+        sh("busctl", "call", "org.cryptsnap1", job, "org.cryptsnap1.Job", "Cancel", check=False)
+        assert wait_idle(service) == "done", prop(path, TARGET, "LastError")
+        journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout
+        landed += f"job {job.rsplit('/', 1)[1]} [{service.name}]: canceling" in journal
+        assert_nothing_left(service)
+        if landed:
+            break
+    assert landed, "no Cancel reached a run while it unmounted"
+    names = cryptsnap(service, "list", service.name).stdout.split()
+    assert len(names) == attempt + 1 and prop(path, TARGET, "Snapshots") == names
 
 
 # -- the connection lost -----------------------------------------------------------------
