@@ -155,7 +155,7 @@ def _make_durable(image: Path) -> None:
     SFTP cannot fsync a directory. An fsync of the renamed file (fsync@openssh.com) commits
     the server's journal on ext4 and XFS, which holds the rename; btrfs logs the file's new
     name with it. Without this, `init` could return while the server's disk still had only
-    the unfinished image (the power-cut replay found it: tests/system/test_lost_writes.py).
+    the unfinished image, until the server's next journal commit (5 s on ext4 by default).
     """
     fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW)
     try:

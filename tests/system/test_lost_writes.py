@@ -51,6 +51,7 @@ def state_of_the_disk(replayed: str, cow: str, image_path: str, key: Path, mount
         sh("mount", f"/dev/mapper/{STATE}", str(server))
         stack.callback(sh, "umount", str(server), check=False)
         image = server / image_path
+        assert image.exists(), f"no image; the server's directory holds {sorted(os.listdir(image.parent))}"
         assert image.stat().st_size == 160 * MIB, f"the image is {image.stat().st_size} bytes"
         loop = sh("losetup", "--find", "--show", "--read-only", str(image)).stdout.strip()
         stack.callback(sh, "losetup", "--detach", loop, check=False)
@@ -99,7 +100,7 @@ def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_
             assert_nothing_left(setup)
         # The server's disk is now logged from its first write (mkfs) to its last (unmount).
 
-        image_path = f"{remote.name}/{setup.name}.img"
+        image_path = f"{setup.name}.img"  # the server's file system is mounted at the remote directory itself
         source_in_image = str(setup.source).lstrip("/")
         checked = 0
         with open(tmp_path / "log.img", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as logged:
@@ -110,6 +111,7 @@ def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_
                         continue  # nothing was promised yet
                     promised = [mark.split(":", 1)[1] for mark in marks if mark.startswith("returned:")]
                     where = f"log entry {entry.index} (runs returned: {promised})"
+                    print(where, f"flags {entry.flags}", flush=True)
                     with state_of_the_disk(replayed, cow, image_path, setup.key_file, tmp_path) as image_fs:
                         present = {n for n in os.listdir(image_fs / "snapshots") if not n.endswith(".partial")}
                         assert set(promised) <= present, f"{where}: a run returned, its snapshot is not on disk"
