@@ -197,9 +197,13 @@ class ConnectionWatch:
         return self
 
     def _watch(self, ssh: psutil.Process) -> None:
+        parent = os.getppid()
         while not self.done.wait(self.INTERVAL):
             if _ended(ssh):
-                if not self.done.is_set():
+                # A job whose cryptsnapd died loses its ssh too (systemd kills the service's
+                # processes): that run ends as interrupted, by its own signal (PR_SET_PDEATHSIG),
+                # not as a lost connection.
+                if not self.done.is_set() and os.getppid() == parent:
                     log.warning("the ssh connection ended: stopping the run")
                     runner.terminate_children()
                 return
