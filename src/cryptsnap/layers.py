@@ -49,6 +49,33 @@ def _retry(argv: tuple[str, ...], attempts: int = 5) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def _fuse_unmount(mountpoint: Path, attempts: int = 5) -> None:
+    """Unmount sshfs, retrying while it is busy, detaching it lazily if it stays busy.
+
+    sshfs unmounts itself when its connection ends, at any moment: a failure once the mount
+    is gone is that race (fusermount3 says "not mounted" or "Invalid argument"), not a failure.
+    """
+    for attempt in range(attempts):
+        if not is_mountpoint(mountpoint):
+            return
+        try:
+            runner.run(("fusermount3", "-u", str(mountpoint)))
+            return
+        except ToolFailed:
+            time.sleep(0.2 * (attempt + 1))
+    if is_mountpoint(mountpoint):
+        log.error("sshfs at %s is busy; detaching it lazily", mountpoint)
+        _fuse_detach(mountpoint)
+
+
+def _fuse_detach(mountpoint: Path) -> None:
+    try:
+        runner.run(commands.fuse_unmount(str(mountpoint)))
+    except ToolFailed:
+        if is_mountpoint(mountpoint):
+            raise
+
+
 class LocalLock:
     """This machine's lock on a target: one backup, mount or restore view at a time."""
 
@@ -112,7 +139,7 @@ class SshfsMount:
     def remove_leftovers(mountpoint: Path) -> None:
         if is_mountpoint(mountpoint):
             log.warning("unmounting sshfs left at %s by an earlier run", mountpoint)
-            runner.run(commands.fuse_unmount(str(mountpoint)))
+            _fuse_detach(mountpoint)
 
     def __enter__(self) -> SshfsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -135,17 +162,12 @@ class SshfsMount:
         self._close(straggler_timeout=15.0)
 
     def _close(self, straggler_timeout: float, stragglers_expected: bool = False) -> None:
-        if is_mountpoint(self.mountpoint):
-            try:
-                _retry(("fusermount3", "-u", str(self.mountpoint)))
-            except ToolFailed:
-                log.error("sshfs at %s is busy; detaching it lazily", self.mountpoint)
-                runner.run(commands.fuse_unmount(str(self.mountpoint)))
+        _fuse_unmount(self.mountpoint)
         # After a failed login the waiting ssh is expected to be left; after a run, it is not.
         level = logging.WARNING if stragglers_expected else logging.ERROR
         wait_for_exit(str(self.ssh_config), straggler_timeout, level)
         if is_mountpoint(self.mountpoint):  # a killed straggler may have mounted meanwhile
-            runner.run(commands.fuse_unmount(str(self.mountpoint)))
+            _fuse_detach(self.mountpoint)
 
     def _diagnose(self, failure: ToolFailed) -> Exception:
         """Say why sshfs failed. sshfs hides ssh's own message, so ask ssh once more, directly."""

@@ -260,3 +260,24 @@ def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
         lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
         assert lost is not None and "lost the connection to 127.0.0.1" in str(lost)
     assert_nothing_left(setup)
+
+
+def test_sshfs_that_unmounts_itself_while_being_unmounted_is_not_a_failure(setup):
+    """The race a cut while unmounting found: fusermount3 fails while sshfs is busy, the
+    connection ends, sshfs detaches itself, and the next fusermount3 fails as "not mounted".
+    The mount is gone, which is what unmounting wanted: the run must not fail on it."""
+    import threading
+
+    from tests.support.runs import kill_server_sessions
+
+    target, state, paths = prepare(setup, luks=False)
+    mount = SshfsMount(target, state.ssh_config, paths.remote, paths.ssh_log).__enter__()
+    holder = subprocess.Popen(["sleep", "60"], cwd=paths.remote)  # keeps the mount busy
+    try:
+        threading.Timer(0.5, kill_server_sessions, [setup.server]).start()
+        mount.__exit__(None, None, None)
+        assert not is_mountpoint(paths.remote)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_nothing_left(setup)
