@@ -30,6 +30,7 @@ import bisect
 import json
 import logging
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -39,6 +40,7 @@ BLOCK = 4096
 # Before the file system is mounted, its metadata ranges are unknown on a cold cache:
 # these are kept from the start (LUKS header area and the btrfs superblock area).
 FIRST_MIB = (0, 1024 * 1024)
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class Ranges:
@@ -120,6 +122,23 @@ class Store:
 
     def _load(self, anchor: int) -> str | bytes:
         """Why the cache cannot be kept; or, if it may be, its copy of the anchor block to compare."""
+        state = self.load_saved()
+        if isinstance(state, str):
+            return state
+        if state.get("anchor") != anchor:
+            return "emptied: the anchor block moved"
+        try:
+            cached = self.saved_block(anchor)
+        except OSError as exc:
+            return f"emptied: unreadable ({exc})"
+        if cached is None:
+            return "emptied: it does not hold the anchor block"
+        self.ranges = Ranges(state.get("ranges", [FIRST_MIB]))
+        return cached
+
+    def load_saved(self) -> str | dict:
+        """Load the bitmap of a cache saved clean for this image: its state, or why it cannot be used.
+        (Read-only: `cryptsnap check` uses this to compare the cache with the server's copy.)"""
         try:
             state = json.loads(self.state_path.read_text())
             if not state.get("clean"):
@@ -131,19 +150,33 @@ class Store:
             return f"emptied: unreadable ({exc})"
         if state.get("identity") != self.identity or len(present) != len(self.present):
             return "emptied: it belongs to another image (cryptsnap init ran again?)"
-        if state.get("anchor") != anchor:
-            return "emptied: the anchor block moved"
         self.present = present
-        if not self.has(anchor):
-            return "emptied: it does not hold the anchor block"
-        try:
-            with open(self.blocks_path, "rb") as blocks:
-                blocks.seek(anchor)
-                cached = blocks.read(BLOCK)
-        except OSError as exc:
-            return f"emptied: unreadable ({exc})"
-        self.ranges = Ranges(state.get("ranges", [FIRST_MIB]))
-        return cached
+        return state
+
+    def saved_block(self, offset: int, length: int = BLOCK) -> bytes | None:
+        """The saved cache's copy of [offset, offset+length), if it holds all of it."""
+        if not all(self.has(at) for at in range(offset, offset + length, BLOCK)):
+            return None
+        with open(self.blocks_path, "rb") as blocks:
+            return os.pread(blocks.fileno(), length, offset)
+
+    def held_runs(self, start: int, longest: int):
+        """(offset, length) of the runs of held blocks from `start` on, each at most `longest` bytes."""
+        block, last = start // BLOCK, self.size // BLOCK
+        while block < last:
+            if not self.present[block >> 3]:  # eight blocks not held: find the next held one in C
+                found = _NONZERO.search(self.present, (block >> 3) + 1)
+                if not found:
+                    return
+                block = found.start() * 8
+                continue
+            if not self.has(block * BLOCK):
+                block += 1
+                continue
+            first = block
+            while block < last and (block - first) * BLOCK < longest and self.has(block * BLOCK):
+                block += 1
+            yield first * BLOCK, (block - first) * BLOCK
 
     def save(self, anchor: int) -> None:
         """After an orderly disconnect: everything the server acknowledged is in the cache."""

@@ -176,12 +176,17 @@ def cmd_prune(args) -> int:
 
 def cmd_check(args) -> int:
     target = _target(args)
-    report, traffic = pipeline.check(target, fraction=args.fraction)
+    report, traffic = pipeline.check(target, fraction=args.fraction, repair=args.repair)
     if report.header_bytes:
         print(f"header: {report.header_bytes:,} bytes compared with the local backup: identical")
     else:
         print("header: no local header backup on this machine to compare with (made by `cryptsnap init`)")
     print(f"generation: {report.generation} (no rollback)")
+    if report.cache_blocks:
+        print(f"metadata cache: {report.cache_blocks} blocks compared with the server's copy: "
+              f"{report.cache_note or 'identical'}")
+    elif target.filesystem == "btrfs":
+        print(f"metadata cache: {report.cache_note or 'no block compared (the budget went on opening the image)'}")
     verified = "checksums verified" if target.filesystem == "btrfs" else "readable (ext2/ext4 keep no data checksums)"
     if report.files_read:
         wrapped = ", then started over from the first file" if report.wrapped else ""
@@ -318,11 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "check the image's integrity, downloading at most a small part of it",
             "Open the image read-only and check, within a download budget (--fraction of the image size, the whole "
             "run counted): that the image's LUKS header equals the local header backup; that its generation "
-            "counter is not behind this machine's (no rollback); and, with what is left, read back the next slice "
-            "of the newest snapshot's files. btrfs verifies each block against its checksum as it is read; "
-            "ext2/ext4 can only show unreadable blocks. Successive checks continue where the last stopped, so "
-            "about 1/fraction checks read the whole snapshot. Exit code 7 (integrity) names each problem found.")
+            "counter is not behind this machine's (no rollback); with up to half of what is left (btrfs), that the "
+            "server's copy of the next slice of the metadata blocks this machine caches equals the cache's "
+            "(backups read the cache, a restore from the server alone would not); and with the rest, read back "
+            "the next slice of the newest snapshot's files. btrfs verifies each block against its checksum as it "
+            "is read; ext2/ext4 can only show unreadable blocks. Successive checks continue where the last "
+            "stopped, so about 1/fraction checks cover the whole snapshot. Exit code 7 (integrity) names each "
+            "problem found.")
     p.add_argument("target")
+    p.add_argument("--repair", action="store_true",
+                   help="write this machine's copy over metadata blocks the server damaged (only blocks its "
+                        "cache holds, and only while the cache is current)")
     p.add_argument("--fraction", type=float, default=0.01, metavar="F",
                    help="download at most F times the image size (default 0.01: 1%%)")
 

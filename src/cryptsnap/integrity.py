@@ -5,6 +5,10 @@ Each check, within a download budget (1% of the image by default, the whole run 
 - the image's LUKS header (both metadata copies and the key slot areas) must equal the
   local header backup: restoring with stock tools needs the server's copy intact;
 - the image's generation counter must not be behind this machine's (no rollback);
+- the server's copy of the next slice of the blocks this machine's metadata cache holds
+  (cryptsnap.blockcache) must equal the cache's: backups read metadata from the cache, so
+  without this, damage the server did to metadata would be seen only by a restore from the
+  server alone. `--repair` writes this machine's copy back;
 - the next slice of the newest snapshot's files is read back. btrfs verifies every data
   block against its checksum as it reads it (a damaged block is an I/O error); ext2/ext4
   can only show blocks that cannot be read. A cursor kept locally makes successive checks
@@ -25,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import changes, snapshot
+from .blockcache import BLOCK, Store
 from .errors import IntegrityError
-from .layers import luks_metadata
+from .layers import luks_metadata, open_image
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ class CheckReport:
     first: str = ""
     last: str = ""
     wrapped: bool = False  # the cursor went past the last file and started over
+    cache_blocks: int = 0  # metadata blocks compared with the server's copy
+    cache_note: str = ""  # why none were, or what was repaired
     problems: list[str] = field(default_factory=list)
 
 
@@ -202,6 +209,73 @@ def _read_file(root: Path, path: bytes, report: CheckReport, budget_left: Callab
     report.first = report.first or "/" + shown
     report.last = "/" + shown
     return None
+
+
+def verify_cached_blocks(image: Path, state: TargetState, budget_left: Callable[[], int], report: CheckReport,
+                         repair: bool = False) -> None:  # fmt: skip
+    """Compare the server's copy of the blocks the metadata cache holds with the cache's, from
+    where the last check stopped, while the budget lasts; with `repair`, write the cache's
+    copy over each block that differs.
+
+    The cache is compared only while it is current: its copy of the anchor block (the btrfs
+    superblock, rewritten by every commit) equals the server's. Otherwise the image was
+    written without it since (a run with `metadata_cache: false`), the next backup empties
+    it, and a difference would mean nothing.
+    """
+    size = state.image()["size"]
+    store = Store(state.block_cache, state.cache_identity(), size)
+    saved = store.load_saved()
+    if isinstance(saved, str):
+        report.cache_note = f"no metadata cache to compare with the server ({saved.partition(': ')[2] or saved})"
+        return
+    cursor_file = state.dir / "check-cache-cursor"
+    try:
+        start = int(cursor_file.read_text())
+    except (OSError, ValueError):
+        start = 0
+    fd = open_image(image, not repair, size)
+    try:
+        anchor = store.saved_block(saved["anchor"])
+        if anchor is None or _pread(fd, saved["anchor"], BLOCK) != anchor:
+            report.cache_note = ("the metadata cache is out of date (the image was written without it since): "
+                                 "nothing to compare; the next backup empties it")  # fmt: skip
+            return
+        position, differ = start, []
+        runs = [*store.held_runs(start, CHUNK), *((o, n) for o, n in store.held_runs(0, CHUNK) if o < start)]
+        for offset, length in runs:
+            if budget_left() < CHUNK_COST:
+                break
+            server, local = _pread(fd, offset, length), store.saved_block(offset, length)
+            differ += [offset + i for i in range(0, length, BLOCK) if server[i : i + BLOCK] != local[i : i + BLOCK]]
+            report.cache_blocks += length // BLOCK
+            position = offset + length
+        if repair and differ:
+            for offset in differ:
+                os.pwrite(fd, store.saved_block(offset), offset)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    cursor_file.write_text(f"{position}\n")
+    if differ and repair:
+        report.cache_note = f"repaired {len(differ)} blocks on the server with this machine's copy"
+        log.warning("integrity: wrote this machine's copy over %d damaged blocks of %s", len(differ), image)
+    elif differ:
+        report.problems.append(
+            f"{len(differ)} of the {report.cache_blocks} metadata blocks compared differ on the server from this "
+            f"machine's copy (the first at byte {differ[0]} of the image): the server changed them (damage or "
+            f"tampering). Backups from this machine read its own copy and are not affected, but a restore from "
+            f"the server alone would meet the damage; `cryptsnap check {state.target.name} --repair` writes this "
+            f"machine's copy back")  # fmt: skip
+
+
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"the image ended at byte {offset + len(data)}")
+        data += more
+    return data
 
 
 def raise_on_problems(report: CheckReport) -> None:

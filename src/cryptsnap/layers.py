@@ -579,6 +579,48 @@ class CachedDevice:
             return "(no error output)"
 
 
+DAMAGE = ("checksum verify failed", "csum failed", "transid verify failed", "bad tree block", "parent transid",
+          "corrupt leaf", "corrupt node", "bad superblock", "superblock checksum mismatch", "open_ctree failed")
+
+
+def damage_reported(device: str, messages: list[str]) -> str:
+    """What these kernel messages say about damage on this device (its dm-N name), if anything."""
+    about = re.compile(rf"\(device {re.escape(Path(os.path.realpath(device)).name)}[ )]")
+    found = [m for m in messages if about.search(m) and any(d in m for d in DAMAGE)]
+    return "; ".join(dict.fromkeys(found[-3:]))
+
+
+class KernelMessages:
+    """The kernel's messages from now on (/dev/kmsg), to say why a mount failed: only these,
+    not those of an earlier mount of a device that had the same name."""
+
+    def __init__(self):
+        try:
+            self.fd: int | None = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:  # not root, or no /dev/kmsg: the failure is then told without them
+            self.fd = None
+
+    def read(self) -> list[str]:
+        messages = []
+        while self.fd is not None:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten while we read: go on with the next
+                continue
+            if not record:
+                break
+            messages.append(record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
+        return messages
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def open_image(image: Path, readonly: bool, expected_size: int | None, flags: int = 0) -> int:
     """Open the image on the sshfs mount, refusing anything but a regular file of the expected size."""
     flags |= (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW
@@ -700,7 +742,20 @@ class FsMount:
         preen = None if self.readonly else commands.fsck_preen(self.device, self.filesystem)
         if preen:
             self._preen(preen)
-        runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem, self.readonly))
+        kernel = KernelMessages()
+        try:
+            runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem, self.readonly))
+        except ToolFailed as exc:
+            damage = damage_reported(self.device, kernel.read())
+            if damage:
+                raise IntegrityError(
+                    f"the {self.filesystem} file system in the image is damaged, it cannot be mounted; the kernel "
+                    f"said: {damage}. The server changed blocks of it (ciphertext decrypts to garbage). Nothing "
+                    f"was written. `cryptsnap check` tells whether this machine's metadata cache can mend it "
+                    f"(`--repair`); else see docs/restore-by-hand.md to copy out what is readable") from exc
+            raise
+        finally:
+            kernel.close()
         self.mounted = True
         return self
 

@@ -206,8 +206,9 @@ def prune(target: Target, reporter: Reporter | None = None) -> list[str]:
         return pruned
 
 
-def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.01):
+def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.01, repair: bool = False):
     """Check the image within a download budget of `fraction` of its size (cryptsnap.integrity).
+    With `repair`, metadata blocks damaged on the server are rewritten from this machine's cache.
 
     Returns (CheckReport, traffic); raises IntegrityError naming every problem found.
     """
@@ -216,8 +217,20 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
     state = TargetState(target)
     report = integrity.CheckReport(image_size=state.image()["size"])
     budget = int(report.image_size * fraction)
+    # The whole run counts (the meter restarts when the stack opens), and what closing will
+    # still download is set aside.
+    left = lambda: budget - integrity.CLOSE_ALLOWANCE - meter.read(counter).down  # noqa: E731
+
+    def compare_cache(image: Path) -> None:
+        """Before the file system is mounted (it may not mount from the server's copy alone):
+        the metadata cache's blocks, with up to half of the budget."""
+        if target.filesystem == "btrfs":
+            kept_back = left() // 2
+            integrity.verify_cached_blocks(image, state, lambda: left() - kept_back, report, repair)
+
     try:
-        with open_stack(target, readonly=True, what="check", on_phase=metered.phase) as op:
+        with open_stack(target, readonly=True, what="check", on_phase=metered.phase,
+                        before_attaching=compare_cache) as op:  # fmt: skip
             metered.phase("checking")
             if state.header_backup.is_file():
                 report.header_bytes, problems = integrity.compare_header(op.paths.remote / target.image,
@@ -228,10 +241,11 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
                 check_server_fsync(target, state.ssh_config)
             except UnsafeServer as exc:
                 report.problems.append(str(exc))
-            # The whole run counts (the meter restarted when the stack opened), and what closing
-            # will still download is set aside.
-            left = lambda: budget - integrity.CLOSE_ALLOWANCE - meter.read(counter).down  # noqa: E731
             integrity.read_back(op.fs, state, left, report)
+    except CryptsnapError as exc:
+        if not report.problems:
+            raise
+        report.problems.append(str(exc))  # the problems found before it say why (and what to do)
     finally:
         total = metered.finish()
         log.info("target %s: check traffic %d bytes up, %d down (%.2f%% of the image)", target.name, total.up,

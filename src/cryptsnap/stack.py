@@ -179,8 +179,12 @@ def open_stack(
     mountpoint: Path | None = None,
     keep_open: bool = False,
     lock_fd: int | None = None,
+    before_attaching: Callable[[Path], None] | None = None,
 ) -> Iterator[Opened]:
-    """Open the stack; unwind it when the block ends (unless keep_open, for detached views)."""
+    """Open the stack; unwind it when the block ends (unless keep_open, for detached views).
+    `before_attaching(image)` runs once connected and locked, before anything reads the
+    image as a file system (`check` compares blocks there that a damaged file system could
+    not be mounted without)."""
     state = TargetState(target)
     image = state.image()
     key = key_path(target)
@@ -208,6 +212,9 @@ def open_stack(
             watch = stack.enter_context(ConnectionWatch(state.ssh_config))
             connected = True
             stack.enter_context(RemoteLock(paths.remote, target.image, what, break_lock))
+        if before_attaching:
+            with step("checking"):
+                before_attaching(paths.remote / target.image)
         phase("attaching")
         with step("attaching"):
             loop = stack.enter_context(_block_device(target, state, image, readonly))
@@ -309,7 +316,7 @@ def _block_device(target: Target, state: TargetState, image: dict, readonly: boo
     if wanted and state.header_backup.is_file():  # the anchor's place comes from the header
         if CachedDevice.available():
             return CachedDevice(paths.remote / target.image, image["size"], state.block_cache,
-                                f"{image['luks_uuid']}:{image['size']}", _payload(state), BTRFS_SUPERBLOCK,
+                                state.cache_identity(), _payload(state), BTRFS_SUPERBLOCK,
                                 paths.nbd_record, paths.nbd_log)  # fmt: skip
         log.info("this kernel has no nbd devices: the image is attached as a loop device, without the "
                  "metadata cache (each run downloads the metadata it reads)")  # fmt: skip

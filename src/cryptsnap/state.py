@@ -75,6 +75,11 @@ class TargetState:
             raise UsageError(f"target {self.target.name} has not been initialized on this machine "
                              f"({self.image_file} is missing); run `cryptsnap init {self.target.name}`") from None
 
+    def cache_identity(self) -> str:
+        """What the block cache must belong to: this image (a new init makes a new LUKS UUID)."""
+        image = self.image()
+        return f"{image['luks_uuid']}:{image['size']}"
+
     def record_image(self, size: int, luks_uuid: str) -> None:
         _write_atomic(self.image_file, json.dumps({"size": size, "luks_uuid": luks_uuid}) + "\n")
 

@@ -142,3 +142,25 @@ def test_a_failing_read_of_the_server_is_not_taken_for_a_cache_failure(tmp_path)
     with pytest.raises(OSError) as raised:
         Store(tmp_path / "cache", "uuid:4M", SIZE).open(ANCHOR, unreachable)
     assert not isinstance(raised.value, CacheFailed)
+
+
+def test_a_saved_cache_lists_its_blocks_in_runs_for_the_check(tmp_path):
+    remote = Remote()
+    store, _ = open_store(tmp_path, remote)
+    held = [ANCHOR, 100 * BLOCK, 101 * BLOCK, 102 * BLOCK, 700 * BLOCK, 1023 * BLOCK]
+    for offset in held:
+        store.read(offset, BLOCK, remote.read)
+    store.save(ANCHOR)
+    store.close()
+    unsaved = Store(tmp_path / "cache", "uuid:4M", SIZE)
+    assert unsaved.load_saved()["anchor"] == ANCHOR
+    assert list(unsaved.held_runs(0, 1 << 20)) == [(ANCHOR, BLOCK), (100 * BLOCK, 3 * BLOCK), (700 * BLOCK, BLOCK),
+                                                   (1023 * BLOCK, BLOCK)]  # fmt: skip
+    assert list(unsaved.held_runs(101 * BLOCK, 2 * BLOCK)) == [(101 * BLOCK, 2 * BLOCK), (700 * BLOCK, BLOCK),
+                                                               (1023 * BLOCK, BLOCK)]  # fmt: skip
+    assert list(unsaved.held_runs(100 * BLOCK, BLOCK))[:3] == [(100 * BLOCK, BLOCK), (101 * BLOCK, BLOCK),
+                                                               (102 * BLOCK, BLOCK)]  # fmt: skip
+    assert unsaved.saved_block(100 * BLOCK, 3 * BLOCK) == bytes(remote.data[100 * BLOCK : 103 * BLOCK])
+    assert unsaved.saved_block(99 * BLOCK, 2 * BLOCK) is None  # not all of it held
+    assert Store(tmp_path / "cache", "another:4M", SIZE).load_saved().startswith("emptied: it belongs to another")
+    assert Store(tmp_path / "nothing", "uuid:4M", SIZE).load_saved() == "empty: no cache yet"

@@ -77,6 +77,8 @@ def test_luks_and_loop_and_mount_builders():
     ro = commands.mount("/dev/mapper/x", "/m", "ext2", readonly=True)
     assert ro == ("mount", "-t", "ext2", "-o", "nodev,nosuid,noatime,ro", "/dev/mapper/x", "/m")
     assert commands.mkfs("ext2", "/dev/mapper/x") == ("mkfs.ext2", "-q", "-F", "-L", "cryptsnap", "/dev/mapper/x")
+    btrfs = commands.mkfs("btrfs", "/dev/mapper/x")
+    assert btrfs[btrfs.index("--csum") + 1] == "xxhash" and btrfs[-1] == "/dev/mapper/x"  # 64-bit checksums
 
 
 def test_every_program_has_a_package_for_the_missing_tool_message():
@@ -99,3 +101,16 @@ def test_restore_spec():
             assert exc.exit_code == 2
         else:
             raise AssertionError(bad)
+
+
+def test_a_failed_mount_is_called_damage_only_from_the_kernels_messages_about_that_device():
+    from cryptsnap.layers import damage_reported
+
+    messages = ["BTRFS info (device dm-7): using xxhash64 (xxhash64-generic) checksum algorithm",
+                "BTRFS error (device dm-7 state EA): bad tree block start, mirror 1 want 30572544 have 0",
+                "BTRFS error (device dm-17): checksum verify failed on logical 1052672",
+                "BTRFS error (device dm-7): open_ctree failed: -5"]  # fmt: skip
+    assert damage_reported("/dev/dm-7", messages) == "; ".join([messages[1], messages[3]])
+    assert damage_reported("/dev/dm-17", messages) == messages[2]
+    assert damage_reported("/dev/dm-3", messages) == ""
+    assert damage_reported("/dev/dm-7", messages[:1]) == ""  # a mount that failed for another reason
