@@ -118,6 +118,11 @@ class Canceled(CryptsnapError):
     exit_code = 9
 
 
+def canceled(exc: BaseException) -> bool:
+    """Whether a failure is a cancel (Ctrl-C, SIGTERM, D-Bus Cancel), itself or as a step's cause."""
+    return isinstance(exc, KeyboardInterrupt | Canceled) or isinstance(getattr(exc, "cause", None), Canceled)
+
+
 class Interrupted(CryptsnapError):
     """The run did not finish: cryptsnapd or the job's process was killed, or the machine stopped.
 

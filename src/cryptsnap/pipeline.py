@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from . import changes, commands, integrity, meter, runner, snapshot
 from .config import Target
-from .errors import Canceled, CryptsnapError, UnsafeServer, UsageError
+from .errors import CryptsnapError, UnsafeServer, UsageError, canceled
 from .layers import check_server_fsync
 from .stack import Paths, open_stack, step
 from .state import TargetState
@@ -161,8 +161,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
                  len(record.snapshots), len(record.pruned))
         return record
     except BaseException as exc:
-        canceled = isinstance(exc, KeyboardInterrupt | Canceled) or isinstance(getattr(exc, "cause", None), Canceled)
-        record.result = "canceled" if canceled else "failed"
+        record.result = "canceled" if canceled(exc) else "failed"
         record.error = str(exc)
         record.exit_code = getattr(exc, "exit_code", 1)
         raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import chunks, integrity, meter, runner
 from .config import Target
-from .errors import Canceled, CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed
+from .errors import CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed, canceled
 from .layers import (
     CachedDevice,
     ConnectionWatch,
@@ -297,8 +297,8 @@ def _check_header(image: Path, header_backup: Path, readonly: bool) -> None:
 
 def _lost(target: Target, state: TargetState, paths: Paths, exc: BaseException, phase: str) -> StepFailed | None:
     """The failure restated as what it is when the ssh connection went away under the run."""
-    cause = getattr(exc, "cause", exc)
-    if not isinstance(exc, CryptsnapError | OSError) or isinstance(cause, Canceled | Interrupted):
+    interrupted = isinstance(getattr(exc, "cause", exc), Interrupted)
+    if not isinstance(exc, CryptsnapError | OSError) or canceled(exc) or interrupted:
         return None  # a cancel (or cryptsnapd's end) stops the run on purpose
     lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
     if lost is None:

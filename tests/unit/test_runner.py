@@ -64,3 +64,12 @@ def test_failures_name_the_tool_and_the_package():
     with pytest.raises(MissingTool) as missing:
         runner.run(("cryptsetup-does-not-exist",))
     assert "cryptsetup-does-not-exist" in str(missing.value)
+
+
+def test_a_cancel_is_recognized_itself_or_as_a_steps_cause():
+    from cryptsnap.errors import Canceled, Interrupted, StepFailed, ToolFailed, canceled
+
+    assert canceled(Canceled("stop")) and canceled(KeyboardInterrupt())
+    assert canceled(StepFailed("syncing", Canceled("stop")))
+    assert not canceled(StepFailed("syncing", ToolFailed("rsync failed")))
+    assert not canceled(StepFailed("syncing", Interrupted("killed")))  # not on purpose: recorded as failed
