@@ -19,6 +19,8 @@ import random
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.support import figures, trees, writelog
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.service import sh
@@ -62,7 +64,8 @@ def state_of_the_disk(replayed: str, cow: str, image_path: str, key: Path, mount
         yield image_fs
 
 
-def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_path, untrusted_host):
+@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_path, untrusted_host, filesystem):
     sh("modprobe", "dm-log-writes")
     sh("modprobe", "dm-snapshot")
     held: dict[str, dict] = {}  # snapshot -> what its source held
@@ -85,7 +88,7 @@ def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_
             server.callback(sh, "umount", str(remote), check=False)
             os.chown(remote, owner.pw_uid, owner.pw_gid)
 
-            setup = make_setup(tmp_path, untrusted_host, size="160M")
+            setup = make_setup(tmp_path, untrusted_host, size="160M", filesystem=filesystem)
             rng = random.Random(482)
             (setup.source / "first").write_text("before the power cut\n")
             cryptsnap(setup, "init", setup.name)
@@ -122,5 +125,6 @@ def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_
                     checked += 1
             finally:
                 os.close(target)
-        figures.record("server power cut (dm-log-writes replay)", runs=len(held), durable_points_checked=checked)
+        figures.record(f"server power cut (dm-log-writes replay), {filesystem}", runs=len(held),
+                       durable_points_checked=checked)  # fmt: skip
         assert checked >= len(held), f"only {checked} durable points after init"
