@@ -2,7 +2,7 @@
 PY := /usr/bin/python3
 VENV := .venv
 
-.PHONY: deps test test-fast lint demo soak clean
+.PHONY: deps test test-fast lint demo soak man clean
 
 deps:                     ## Debian packages the tests and the demo need
 	scripts/install-deps
@@ -24,6 +24,9 @@ demo: deps                 ## the main job end to end in a throwaway guest (demo
 
 soak: deps                 ## faults drawn by a seeded generator, run after run, in the guest (tests/soak.py)
 	$(PY) -m tests.harness run --timeout 7200 --results build/soak-results -- python3 -m tests.soak $(SOAK_ARGS)
+
+man: $(VENV)/.installed    ## the man pages, generated from the parser, the schema and the D-Bus XML, in build/man
+	$(VENV)/bin/python -m cryptsnap.manpages build/man
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -18,6 +18,9 @@ from .state import TargetState
 log = logging.getLogger("cryptsnap")
 
 
+TARGET_HELP = "a target's name in the configuration (`cryptsnap status` lists them)"
+
+
 def _exit_codes_text() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:<3} {text}" for code, text in sorted(EXIT_CODES.items()))
 
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
             "image on the server without sending zeros (fallocate, else dd, or sparse), format it as LUKS2 with "
             "4096-byte sectors, make the file system, save a LUKS header backup under the state directory, and "
             "print the authorized_keys line that limits the key to SFTP. Never overwrites an image without --force.")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--force", action="store_true", help="overwrite an existing image (destroys all its snapshots)")
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="replace the pinned host key by the one the server offers now")
@@ -298,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
             "interrupted leaves no partial snapshot in `list` and no mounts behind. When cryptsnapd is "
             "running (or D-Bus-activatable) and the default configuration is used, the daemon runs the job and "
             "this command follows it with a progress line; the exit code is the job's result.")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--break-lock", action="store_true",
                    help="take over a remote lock left by a run on another machine that is gone for good")
     p.add_argument("--full-compare", action="store_true",
@@ -314,11 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="with the daemon: start the job and return at once")
 
     p = add("list", cmd_list, "list a target's complete snapshots, oldest first")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
     p = add("prune", cmd_prune, "delete the snapshots the retention rules do not keep (also done after each backup)")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
 
     p = add("check", cmd_check, "check the image's integrity, downloading at most a small part of it",
             "Open the image read-only and check, within a download budget (--fraction of the image size, the whole "
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
             "is read; ext2/ext4 can only show unreadable blocks. Successive checks continue where the last "
             "stopped, so about 1/fraction checks cover the whole snapshot. Exit code 7 (integrity) names each "
             "problem found.")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--repair", action="store_true",
                    help="write this machine's copy over metadata blocks the server damaged (only blocks its "
                         "cache holds, and only while the cache is current)")
@@ -341,24 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Open the image read-only (losetup -r, cryptsetup --readonly, mount -o ro) at "
             "RUNTIME_DIR/restore/TARGET and leave it open until `cryptsnap umount TARGET`. Backups of the "
             "target are refused as busy while it is open.")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--foreground", action="store_true", help="stay until stopped (SIGTERM), then unmount")
 
     p = add("umount", cmd_umount, "close the read-only view opened by `cryptsnap mount`")
-    p.add_argument("target")
+    p.add_argument("target", help=TARGET_HELP)
 
     p = add("restore", cmd_restore, "copy a file or directory out of a snapshot",
             "Restore PATH as it was in SNAPSHOT (default: latest; a unique prefix of a name is enough) to DEST, "
             "which becomes that file or directory. Hard links, ACLs, xattrs, ownership and sparse files are kept. "
             "Example: cryptsnap restore home@latest:/etc/fstab --to /tmp/fstab")
-    p.add_argument("spec", metavar="TARGET[@SNAPSHOT]:PATH")
+    p.add_argument("spec", metavar="TARGET[@SNAPSHOT]:PATH",
+                   help="what to restore: a target, optionally a snapshot (default latest), an absolute path")
     p.add_argument("--to", required=True, metavar="DEST", help="where to put the restored file or directory")
 
     p = add("status", cmd_status, "show each target's state and last run",
             "Reads the daemon's D-Bus properties when cryptsnapd is reachable (the same as `busctl "
             "get-property org.cryptsnap1 /org/cryptsnap1/target/NAME org.cryptsnap1.Target ...`), else the "
             "local run records under the state directory.")
-    p.add_argument("target", nargs="?")
+    p.add_argument("target", nargs="?", help="only this target (default: every configured target)")
     p.add_argument("--local", action="store_true", help="read local state even if cryptsnapd runs")
 
     p = add("config", cmd_config, "check the configuration or print a commented example")

@@ -365,7 +365,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryptsnapd",
         description="The cryptsnap service: runs backups on request (systemd timers, D-Bus, `cryptsnap backup`) "
@@ -376,8 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"else {config.DEFAULT_PATH})")
     parser.add_argument("--bus-address", metavar="ADDRESS",
                         help="connect to this bus instead of the system bus (tests, debugging)")
-    parser.add_argument("--verbose", "-v", action="count", default=1)
-    args = parser.parse_args(argv)
+    parser.add_argument("--verbose", "-v", action="count", default=1,
+                        help="also log every command run (without it: what happens)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logs.setup(args.verbose, program="cryptsnapd")
     from .bus import BusExporter
 
