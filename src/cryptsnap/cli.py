@@ -61,6 +61,9 @@ def cmd_config(args) -> int:
         sys.stdout.write(config.example())
         return 0
     loaded = config.load(args.config)
+    if args.config_action == "targets":
+        print("\n".join(sorted(loaded.targets)))
+        return 0
     names = ", ".join(sorted(loaded.targets))
     print(f"{loaded.path}: valid; targets: {names}")
     return 0
@@ -159,7 +162,11 @@ def cmd_backup(args) -> int:
 
 
 def cmd_list(args) -> int:
-    names = pipeline.list_snapshots(_target(args))
+    target = _target(args)
+    if args.recorded:
+        names = TargetState(target).last_run().get("snapshots", [])
+    else:
+        names = pipeline.list_snapshots(target)
     if args.json:
         print(json.dumps(names))
     else:
@@ -319,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", cmd_list, "list a target's complete snapshots, oldest first")
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--recorded", action="store_true",
+                   help="do not open the image: print the snapshots this machine's last run recorded (what shell "
+                        "completion uses; it may miss snapshots pruned or made elsewhere since)")
 
     p = add("prune", cmd_prune, "delete the snapshots the retention rules do not keep (also done after each backup)")
     p.add_argument("target", help=TARGET_HELP)
@@ -365,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="only this target (default: every configured target)")
     p.add_argument("--local", action="store_true", help="read local state even if cryptsnapd runs")
 
-    p = add("config", cmd_config, "check the configuration or print a commented example")
-    p.add_argument("config_action", choices=("check", "example"),
+    p = add("config", cmd_config, "check the configuration, print a commented example, or list the targets")
+    p.add_argument("config_action", choices=("check", "example", "targets"),
                    help="check: validate and report every error with file:line: key; example: print a "
-                   "commented configuration generated from the schema")
+                   "commented configuration generated from the schema; targets: print the targets' names")
     return parser
 
 

@@ -39,7 +39,7 @@ def test_distribution_layout(tmp_path):
                  "usr/lib/sysusers.d/cryptsnap.conf", "usr/lib/tmpfiles.d/cryptsnap.conf",
                  "usr/lib/udev/rules.d/56-cryptsnap.rules", "usr/lib/modules-load.d/cryptsnap.conf",
                  "usr/share/man/man1/cryptsnap.1", "usr/share/man/man5/cryptsnap.yaml.5",
-                 "usr/share/man/man8/cryptsnapd.8"):  # fmt: skip
+                 "usr/share/man/man8/cryptsnapd.8", "usr/share/bash-completion/completions/cryptsnap"):  # fmt: skip
         assert (tmp_path / path).is_file(), path
     assert not (tmp_path / "lib/systemd/system/org.cryptsnap1.service").exists()
     run = subprocess.run([str(tmp_path / "usr/bin/cryptsnap"), "--version"], capture_output=True, text=True,
