@@ -2,7 +2,7 @@
 PY := /usr/bin/python3
 VENV := .venv
 
-.PHONY: deps test test-fast lint demo soak man clean
+.PHONY: deps test test-fast lint demo soak man deb clean
 
 deps:                     ## Debian packages the tests and the demo need
 	scripts/install-deps
@@ -27,6 +27,9 @@ soak: deps                 ## faults drawn by a seeded generator, run after run,
 
 man: $(VENV)/.installed    ## the man pages, generated from the parser, the schema and the D-Bus XML, in build/man
 	$(VENV)/bin/python -m cryptsnap.manpages build/man
+
+deb:                       ## the Debian package, built from a copy of the tree, then lintian: build/deb/
+	scripts/build-deb build/deb
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
