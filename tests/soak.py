@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from cryptsnap.bus import target_path
-from tests.support import sshd, trees
+from tests.support import package, sshd, trees
 from tests.support.checks import cryptsnap, leftovers
 from tests.support.service import SRV, prop, sh, wait_until
 from tests.support.targets import make_setup
@@ -116,7 +116,7 @@ def main() -> int:
     rng = random.Random(seed)
     print(f"soak: seed {seed} (replay with --seed {seed}), up to {args.runs} runs or {args.minutes} minutes",
           flush=True)
-    sh(str(Path(__file__).resolve().parents[1] / "packaging" / "install"))
+    package.install()  # the .deb `make soak` built on the host
     server = sshd.start(base=SRV)
     setup = prepare(server)
     started = time.monotonic()

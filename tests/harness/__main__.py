@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support import package
+
 from .image import ensure_image
 from .vm import PYTHON_ENV, REPO, Guest, GuestError
 
@@ -55,6 +57,11 @@ def main() -> int:
     if args.action == "demo":
         return demo()
     command = [c for c in args.command if c != "--"] or ["systemctl", "is-system-running", "--wait"]
+    try:
+        package.build()  # what the guest's service tests install (tests/support/package.py)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         with Guest(results=args.results) as guest:
             print(f"guest up in {guest.boot_seconds:.1f}s ({guest.accel})", file=sys.stderr)

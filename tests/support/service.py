@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cryptsnap.bus import target_path
-from tests.support import sshd
+from tests.support import package, sshd
 from tests.support.checks import cryptsnap
 from tests.support.targets import make_setup
 
@@ -45,7 +45,7 @@ def wait_until(predicate, timeout: float = 180, what: str = "condition"):
 
 @pytest.fixture(scope="module")
 def installed():
-    sh(str(Path(__file__).resolve().parents[2] / "packaging" / "install"))
+    package.install()  # the .deb the host built, as users install it
     sh("useradd", "--no-create-home", "--shell", "/bin/sh", "outsider", check=False)
     server = sshd.start(base=SRV)
     yield server
