@@ -103,3 +103,27 @@ def test_damaged_metadata_is_found_by_check_mended_from_this_machines_copy_and_r
     assert image.read_bytes() == before, "a backup over damaged metadata wrote to the image"
     assert_nothing_left(setup)
     assert len(OOPS.findall(kernel_log())) == oopses_before, kernel_log()[-3000:]
+
+
+def test_a_backup_through_cryptsnapd_over_damaged_metadata_is_refused_by_name(service):
+    """The installed service (its hardening included) reads the kernel's reasons for a failed
+    mount too: the job ends as an integrity error, exit 7, naming the damage."""
+    import shutil
+
+    from cryptsnap.bus import target_path
+    from tests.support.service import prop
+
+    cryptsnap(service, "backup", service.name)  # through cryptsnapd: the default configuration
+    (service.source / "more").write_text("a second run, so the cache holds what it reads and writes\n")
+    cryptsnap(service, "backup", service.name)
+    blocks = cached_metadata_blocks(service)
+    image = remote_image(service)
+    for offset in blocks:
+        flip(image, offset + 100)
+    shutil.rmtree(service.state_dir / service.name / "block-cache")  # no copy here: the server's is read
+    failed = cryptsnap(service, "backup", service.name, expect=7)
+    assert "file system in the image is damaged" in failed.stderr and "BTRFS" in failed.stderr, failed.stderr
+    target = target_path(service.name)
+    assert prop(target, "org.cryptsnap1.Target", "LastExitCode") == 7
+    assert "damaged" in prop(target, "org.cryptsnap1.Target", "LastError")
+    assert_nothing_left(service)
