@@ -86,6 +86,19 @@ def sftp_probe(config_file: str, target: Target) -> Argv:
     return ("sftp", "-F", config_file, "-vv", "-b", "-", ssh_host(target))
 
 
+def sftp_batch(config_file: str, target: Target) -> Argv:
+    """An SFTP session running the batch of commands given on stdin (for accounts without a shell)."""
+    return ("sftp", "-F", config_file, "-b", "-", ssh_host(target))
+
+
+def sftp_mkdirs(path: str) -> str:
+    """The sftp batch that makes `path` and its parents; "-" ignores an error (one that exists)."""
+    parts = [p for p in path.split("/") if p]
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    lead = "/" if path.startswith("/") else ""
+    return "".join(f'-mkdir "{lead}{prefix}"\n' for prefix in prefixes)
+
+
 def keyscan(target: Target) -> Argv:
     return ("ssh-keyscan", "-T", "20", "-p", str(target.port), "-t", "ed25519,ecdsa,rsa", target.host)
 

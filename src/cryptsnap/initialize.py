@@ -66,9 +66,34 @@ def pin_host_key(target: Target, state: TargetState, accept_new: bool, say: Say)
     say("  Compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the server; later runs refuse any other key.")
 
 
-def _allocate(config_file: Path, target: Target, remote: Path, name: str, say: Say) -> None:
+def _make_remote_dir(config_file: Path, target: Target) -> bool:
+    """Make remote_dir on the server. True if the account runs commands; False if it allows
+    SFTP alone (a key with command="internal-sftp", or ForceCommand): the directory is then
+    made over SFTP, and the image can only be allocated sparse (`_allocate`)."""
+    argv = commands.ssh(str(config_file), target, ["mkdir", "-p", "--", target.remote_dir])
+    result = runner.run(argv, check=False, timeout=600)
+    if result.returncode == 0:
+        return True
+    if result.returncode == 255:  # ssh's own failure (login, network); anything else is the server's answer
+        raise ssh_failure(target, result.stderr, 255, result.stderr.strip()) or RemoteUnreachable(
+            f"ssh to {target.host} failed: {result.stderr.strip()[-300:]}")
+    if result.stderr.strip():  # a shell that ran mkdir, and mkdir failed
+        raise ToolFailed(f"mkdir -p {target.remote_dir} on {target.host} failed: {result.stderr.strip()[-300:]}")
+    # No command ran and nothing was said: the account is limited to SFTP.
+    runner.run(commands.sftp_batch(str(config_file), target), input=commands.sftp_mkdirs(target.remote_dir).encode(),
+               timeout=120)  # fmt: skip
+    return False
+
+
+def _allocate(config_file: Path, target: Target, remote: Path, name: str, say: Say, shell: bool = True) -> None:
     """Make the image file at its full size without sending its bytes over the network."""
     path = remote / name
+    if not target.sparse and not shell:
+        raise UsageError(
+            f"the account {target.user}@{target.host} allows SFTP only (no commands), so cryptsnap cannot allocate "
+            f"the image there without sending its {target.size:,} bytes of zeros over the network. Either set "
+            f"sparse: true for target {target.name} (the host then sees which blocks were ever written), or allow "
+            f"commands for this key until `init` is done (the line init prints limits it to SFTP afterwards)")
     if target.sparse:
         room = os.statvfs(remote)
         if room.f_bavail * room.f_frsize < target.size:
@@ -192,7 +217,7 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
         remove_leftovers(target)
         with step("connecting"):
             check_server_fsync(target, config_file)
-            remote_run(config_file, target, ["mkdir", "-p", "--", target.remote_dir])
+            shell = _make_remote_dir(config_file, target)
         with contextlib.ExitStack() as outer:
             with step("connecting"):
                 outer.enter_context(SshfsMount(target, config_file, paths.remote))
@@ -207,7 +232,7 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
                 # Until the rename below, a failure removes the half-made image again.
                 outer.callback(_remove_quietly, paths.remote / staging)
                 say(f"Allocating {target.size} bytes for {target.remote_dir}/{target.image} on {target.host}.")
-                _allocate(config_file, target, paths.remote, staging, say)
+                _allocate(config_file, target, paths.remote, staging, say, shell)
             with step("formatting"):
                 say("Formatting as LUKS2 (4096-byte sectors).")
                 uuid = _format_header(target, state, key, paths.remote / staging)
