@@ -175,6 +175,19 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_resize(args) -> int:
+    target = _target(args)
+    size = config.parse_size(args.size)
+    if not size:
+        raise UsageError(f"{args.size!r} is not a size; use e.g. 60G")
+    old, new = pipeline.resize(target, size)
+    print(f"target {target.name}: image and {target.filesystem} file system grown from {old:,} to {new:,} bytes")
+    if target.size != new:
+        print(f"set size: {args.size} for target {target.name} in the configuration: it says {target.size:,} "
+              f"bytes, which `cryptsnap init` would use")  # fmt: skip
+    return 0
+
+
 def cmd_prune(args) -> int:
     pruned = pipeline.prune(_target(args))
     for name in pruned:
@@ -329,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recorded", action="store_true",
                    help="do not open the image: print the snapshots this machine's last run recorded (what shell "
                         "completion uses; it may miss snapshots pruned or made elsewhere since)")
+
+    p = add("resize", cmd_resize, "grow a target's image and the file system in it",
+            "Grow the image on the server to SIZE without sending its bytes (fallocate over ssh; with sparse: true, "
+            "a sparse extension over SFTP), record the new size on this machine once the server has it on disk, "
+            "then open the image as a backup does and grow the file system in place (btrfs filesystem resize max, "
+            "or resize2fs). Refused while a backup or view holds the target, on an image rolled back or changed "
+            "on the server, and for a smaller SIZE (shrinking is not supported). Snapshots are kept.")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("size", metavar="SIZE", help="the new size, larger than the current one, e.g. 60G")
 
     p = add("prune", cmd_prune, "delete the snapshots the retention rules do not keep (also done after each backup)")
     p.add_argument("target", help=TARGET_HELP)

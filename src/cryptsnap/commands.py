@@ -30,6 +30,7 @@ PACKAGES = {
     "mkfs.ext2": "e2fsprogs",
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
     "rsync": "rsync",
     "modprobe": "kmod",
 }
@@ -196,6 +197,13 @@ def mkfs(filesystem: str, device: str) -> Argv:
         return ("mkfs.btrfs", "-q", "-f", "-L", LABEL, "-n", "4096", "-m", "single", "-d", "single",
                 "--csum", "xxhash", device)  # fmt: skip
     return (f"mkfs.{filesystem}", "-q", "-F", "-L", LABEL, device)
+
+
+def grow_filesystem(filesystem: str, mountpoint: str, device: str) -> Argv:
+    """Grow a mounted file system to its device's size (both work online)."""
+    if filesystem == "btrfs":
+        return ("btrfs", "filesystem", "resize", "max", mountpoint)
+    return ("resize2fs", device)
 
 
 def fsck_preen(device: str, filesystem: str) -> Argv | None:

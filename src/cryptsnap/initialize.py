@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import commands, meter, runner, snapshot
 from .config import Target
-from .errors import RemoteUnreachable, ServerFull, ToolFailed, UsageError
+from .errors import IntegrityError, RemoteUnreachable, ServerFull, ToolFailed, UsageError
 from .layers import (
     FsMount,
     LocalLock,
@@ -26,6 +26,7 @@ from .layers import (
     SshfsMount,
     check_server_fsync,
     luks_metadata,
+    open_image,
     ssh_failure,
 )
 from .stack import Paths, remove_leftovers, step
@@ -123,6 +124,69 @@ def _allocate(config_file: Path, target: Target, remote: Path, name: str, say: S
 
 
 NO_SPACE = "No space left on device"
+
+
+def grow_image(target: Target, state: TargetState, image: Path, size: int, say: Say = print) -> None:
+    """Grow the image file on the server to `size` bytes without sending its bytes (fallocate
+    over ssh; a sparse image grows by SFTP's truncate), then record the new size here once the
+    server has it on disk. Runs with the target's locks held, before the image is attached."""
+    recorded = state.image()
+    fd = open_image(image, True, None)  # a regular file, whatever its size
+    try:
+        current = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if current not in (recorded["size"], size):
+        raise IntegrityError(f"the image {target.image} is {current:,} bytes, not the {recorded['size']:,} this "
+                             f"machine recorded: it was changed on the remote side; nothing was grown")  # fmt: skip
+    if current < size:
+        _grow(target, state, image, current, size)
+    fd = open_image(image, False, size)
+    try:
+        os.fsync(fd)  # the new size on the server's disk before this machine relies on it
+    finally:
+        os.close(fd)
+    state.record_image(size, recorded["luks_uuid"])
+    say(f"The image {target.remote_dir}/{target.image} on {target.host} is now {size:,} bytes "
+        f"(it was {recorded['size']:,}).")
+
+
+def _grow(target: Target, state: TargetState, image: Path, current: int, size: int) -> None:
+    room = os.statvfs(image.parent)
+    free = room.f_bavail * room.f_frsize
+    if not target.sparse and free < size - current:
+        raise ServerFull(f"the server has {free >> 20:,} MiB free in {target.remote_dir} on {target.host}; growing "
+                         f"the image needs {(size - current) >> 20:,} MiB more. Nothing was changed")  # fmt: skip
+    # Through sshfs first (SFTP setstat): the server extends the file, sparse, and this
+    # machine's sshfs knows the new size at once (a size changed behind its back it would
+    # see only when its attribute cache expires). Then fallocate there fills the holes.
+    os.truncate(image, size)
+    if target.sparse:
+        return
+    try:
+        _allocate_holes(target, state, current, size)
+    except BaseException:
+        os.truncate(image, current)  # as it was: nothing changed
+        raise
+
+
+def _allocate_holes(target: Target, state: TargetState, current: int, size: int) -> None:
+    remote_path = f"{target.remote_dir}/{target.image}"
+    result = runner.run(commands.ssh(str(state.ssh_config), target, ["fallocate", "-l", str(size), "--", remote_path]),
+                        check=False, timeout=600)  # fmt: skip
+    said = result.stderr.strip()
+    if result.returncode == 0:
+        return
+    if result.returncode == 255:
+        raise ssh_failure(target, result.stderr, 255, said) or RemoteUnreachable(f"ssh to {target.host} failed: {said}")
+    if NO_SPACE in said:
+        raise ServerFull(f"the server has no room to grow the image to {size:,} bytes ({said}); nothing was changed")
+    if not said:  # no command ran: an account limited to SFTP (see _make_remote_dir)
+        raise UsageError(f"the account {target.user}@{target.host} allows SFTP only (no commands): the image "
+                         f"cannot grow there without sending {size - current:,} bytes of zeros. Set sparse: true "
+                         f"for target {target.name} to grow it sparse, or allow commands for this key while resizing")
+    raise ToolFailed(f"fallocate on {target.host} failed: {said[-300:]}; with sparse: true for target "
+                     f"{target.name} the image grows sparse instead")  # fmt: skip
 
 
 def _require_room(target: Target, remote: Path, failed: str = "") -> None:

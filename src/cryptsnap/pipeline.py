@@ -194,15 +194,49 @@ def prune(target: Target, reporter: Reporter | None = None) -> list[str]:
     reporter = reporter or Reporter()
     state = TargetState(target)
     with open_stack(target, readonly=False, what="prune", on_phase=reporter.phase) as op:
-        generation = snapshot.check_generation(op.fs, state)
-        known = changes.Record.load(state.file_record)
-        state.file_record.unlink(missing_ok=True)
-        pruned = snapshot.prune(op.fs, target)
-        snapshot.bump_generation(op.fs, state, generation)
-        if known and known.generation == generation and known.snapshot not in pruned:
-            known.generation += 1  # pruning never touches the newest snapshot: the record still holds
-            known.save(state.file_record)
-        return pruned
+        return _write_outside_a_backup(op, state, lambda: snapshot.prune(op.fs, target))
+
+
+def _write_outside_a_backup(op, state: TargetState, change):
+    """Run change() on the open image as one counted write: refused on a rolled-back image
+    (before writing), the generation bumped after it. The local record of the newest snapshot
+    stays valid (neither pruning nor resizing touches the newest snapshot) and follows."""
+    generation = snapshot.check_generation(op.fs, state)
+    known = changes.Record.load(state.file_record)
+    state.file_record.unlink(missing_ok=True)
+    result = change()
+    snapshot.bump_generation(op.fs, state, generation)
+    if known and known.generation == generation and known.snapshot in snapshot.list_snapshots(op.fs):
+        known.generation += 1
+        known.save(state.file_record)
+    return result
+
+
+def resize(target: Target, size: int, reporter: Reporter | None = None, say=print) -> tuple[int, int]:
+    """Grow the image to `size` bytes, then the file system in it; (old size, new size).
+
+    The image grows on the server first, inside the run's locks and before it is attached
+    (initialize.grow_image: without sending its bytes), and the new size is recorded here
+    once the server has it on disk. The image is then opened as a backup opens it: LUKS2's
+    segment is "dynamic", so the mapping covers the larger device by itself, and the file
+    system grows in place, mounted. Shrinking is refused: it would cut off what the file
+    system has there.
+    """
+    from .initialize import grow_image
+
+    reporter = reporter or Reporter()
+    state = TargetState(target)
+    old = state.image()["size"]
+    if size < old:
+        raise UsageError(f"target {target.name}'s image is {old:,} bytes; it cannot shrink to {size:,} "
+                         f"(only growing is supported)")  # fmt: skip
+    with open_stack(target, readonly=False, what="resize", on_phase=reporter.phase,
+                    before_attaching=lambda image: grow_image(target, state, image, size, say)) as op:  # fmt: skip
+        reporter.phase("resizing")
+        with step("resizing"):
+            _write_outside_a_backup(op, state, lambda: runner.run(commands.grow_filesystem(
+                target.filesystem, str(op.fs), op.mapping_device)))  # fmt: skip
+    return old, size
 
 
 def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.01, repair: bool = False):

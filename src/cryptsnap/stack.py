@@ -217,6 +217,7 @@ def open_stack(
                 before_attaching(paths.remote / target.image)
         phase("attaching")
         with step("attaching"):
+            image = state.image()  # again: `before_attaching` may have grown it (cryptsnap resize)
             loop = stack.enter_context(_block_device(target, state, image, readonly))
         phase("unlocking")
         with step("unlocking"):

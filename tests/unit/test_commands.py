@@ -77,6 +77,8 @@ def test_luks_and_loop_and_mount_builders():
     ro = commands.mount("/dev/mapper/x", "/m", "ext2", readonly=True)
     assert ro == ("mount", "-t", "ext2", "-o", "nodev,nosuid,noatime,ro", "/dev/mapper/x", "/m")
     assert commands.mkfs("ext2", "/dev/mapper/x") == ("mkfs.ext2", "-q", "-F", "-L", "cryptsnap", "/dev/mapper/x")
+    assert commands.grow_filesystem("btrfs", "/m", "/dev/mapper/x") == ("btrfs", "filesystem", "resize", "max", "/m")
+    assert commands.grow_filesystem("ext2", "/m", "/dev/mapper/x") == ("resize2fs", "/dev/mapper/x")
     btrfs = commands.mkfs("btrfs", "/dev/mapper/x")
     assert btrfs[btrfs.index("--csum") + 1] == "xxhash" and btrfs[-1] == "/dev/mapper/x"  # 64-bit checksums
 
