@@ -53,7 +53,8 @@ TARGET = {
     "remote_dir": Option("str", "Directory on the host that holds the image, relative to the user's home.",
                          "cryptsnap"),
     "image": Option("str", "File name of the encrypted disk image inside remote_dir.", "cryptsnap.img"),
-    "size": Option("size", "Size of the image, e.g. 40G; fixed at `cryptsnap init`.", example="40G"),
+    "size": Option("size", "Size of the image made by `cryptsnap init`, e.g. 40G; `cryptsnap resize` grows it "
+                   "later.", example="40G"),
     "sparse": Option("bool", "Create the image as a sparse file instead of preallocating it "
                      "(the host then sees which blocks were ever written).", False),
     "filesystem": Option("choice", "File system inside the image: btrfs (snapshots, compression, "
