@@ -31,7 +31,7 @@ def test_an_upgrade_while_a_backup_runs_neither_stops_nor_restarts_it(service):
         package.install(package.built(package.NEXT_DIR))
         assert package.installed_version() == before + package.NEXT_VERSION
         assert main_pid() == daemon, "the upgrade restarted cryptsnapd under a running backup"
-        assert prop(job, "org.cryptsnap1.Job", "Phase") in ("syncing", "finalizing", "unmounting")
+        # The job (syncing when the upgrade began) ends as it would have without it.
         assert wait_idle(service) == "done", prop(target_path(service.name), "org.cryptsnap1.Target", "LastError")
         assert sh("systemctl", "is-enabled", "cryptsnapd.service", check=False).stdout.strip() != "enabled"
         sh("systemctl", "restart", "cryptsnapd.service")  # the new version, once idle
