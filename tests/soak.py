@@ -29,6 +29,7 @@ import psutil
 from cryptsnap.bus import target_path
 from tests.support import package, sshd, trees
 from tests.support.checks import cryptsnap, leftovers
+from tests.support.runs import kill_server_sessions
 from tests.support.service import SRV, prop, sh, wait_until
 from tests.support.targets import make_setup
 
@@ -83,12 +84,8 @@ def inject(fault: str, setup, server, job: dict) -> bool:
     elif fault == "kill service":
         sh("systemctl", "kill", "--signal=SIGKILL", "cryptsnapd.service")
     elif fault == "cut connection":
-        sessions = [p for p in psutil.process_iter(["name", "username"])
-                    if p.info["username"] == server.user and "sshd" in (p.info["name"] or "")]  # fmt: skip
-        if not sessions:
+        if not kill_server_sessions(server):  # (a session that ends by itself meanwhile is not an error)
             return False
-        for proc in sessions:
-            proc.kill()
     elif fault == "cancel":
         sh("busctl", "call", "org.cryptsnap1", target_path(setup.name), TARGET, "Cancel")
     return True
