@@ -68,20 +68,13 @@ complete -F _cryptsnap cryptsnap
 """
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
 def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     return [o for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")]
 
 
 def script() -> str:
     parser = cli.build_parser()
-    commands = _subparsers(parser)
+    commands = cli.subcommands(parser)
     targeted = [name for name, sub in commands.items() if any(a.dest == "target" for a in sub._actions)]
     valued = sorted({o for sub in [parser, *commands.values()] for a in sub._actions if a.option_strings
                      and a.nargs != 0 and a.dest not in ("config", "to") for o in a.option_strings})  # fmt: skip

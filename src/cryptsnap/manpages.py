@@ -60,13 +60,6 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return lines
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
 def cryptsnap_1() -> str:
     parser = cli.build_parser()
     out = _head("cryptsnap", "1", "cryptsnap manual",
@@ -74,7 +67,7 @@ def cryptsnap_1() -> str:
     out += [".SH SYNOPSIS", ".B cryptsnap", "[\\fB\\-\\-config\\fR \\fIPATH\\fR] [\\fB\\-v\\fR] \\fICOMMAND\\fR "
             "[\\fIARGUMENTS\\fR]", ".SH DESCRIPTION", _inline(parser.description), ".SH OPTIONS", *_options(parser),
             ".TP", "\\fB\\-\\-version\\fR", "Print the version and exit.", ".SH COMMANDS"]  # fmt: skip
-    for name, sub in _subcommands(parser).items():
+    for name, sub in cli.subcommands(parser).items():
         usage = " ".join(sub.format_usage().split())[len("usage: ") :].replace(" [-h]", "")
         out += [f'.SS "{esc(name)}"', f".B {esc(usage)}", ".PP", _inline(sub.description or ""), *_options(sub)]
     out += [".SH EXIT STATUS", *[f".TP\n.B {code}\n{_inline(text)}" for code, text in sorted(EXIT_CODES.items())]]

@@ -28,7 +28,7 @@ def options_of(parser):
 def test_every_command_option_and_exit_code_is_in_cryptsnap_1(pages):
     page = pages["cryptsnap.1"]
     parser = cli.build_parser()
-    commands = manpages._subcommands(parser)
+    commands = cli.subcommands(parser)
     assert {"init", "backup", "list", "restore", "check", "status", "config"} <= set(commands)
     for name, sub in commands.items():
         assert f'.SS "{esc(name)}"' in page, f"command {name} is not in cryptsnap(1)"
