@@ -31,6 +31,8 @@ from .worker import DAEMON_PID
 log = logging.getLogger("cryptsnapd")
 
 EXIT_CANCELED = 9
+# How long a killed worker's lock may stay held by a child between fork and exec: 20 × 100 ms.
+UNWIND_LOCK_TRIES, UNWIND_LOCK_RETRY_MS = 20, 100
 
 
 def usec(seconds: float) -> int:
@@ -177,7 +179,7 @@ class Daemon:
         """Turn `job` into the unwinding of what its dead run left (see cryptsnap.stack.unwind_dead_run)."""
         job.kind, job.why = "unwind", why
         job.phase = "unmounting"
-        if job.process:
+        if job.process and job.process not in job.retired:
             job.retired.append(job.process)
         self._spawn(job, f"cryptsnapd unwinding job {job.id}", ["--unwind", why])
         log.warning("job %d [%s]: unwinding what the run left: %s", job.id, job.target, why)
@@ -259,11 +261,33 @@ class Daemon:
             # Killed before it could unwind (SIGKILL, the OOM killer): its mounts, the decrypted
             # mapping and the block device server are still open. Remove them now, not next run.
             job.killed = True
-            try:
-                self._unwind(job, f"its process was killed by {_signal_name(-code)}")
-                return
-            except CryptsnapError as exc:
-                log.error("job %d [%s]: cannot unwind what the killed run left: %s", job.id, job.target, exc)
+            self._unwind_killed(job, f"its process was killed by {_signal_name(-code)}", code)
+            return
+        self._end(job, code)
+
+    def _unwind_killed(self, job: Job, why: str, code: int, tries: int = UNWIND_LOCK_TRIES) -> bool:
+        """Unwind what a killed worker left, as soon as its lock is free.
+
+        A child the worker was starting when it was killed holds the lock (and every other
+        descriptor) between fork and exec, where subprocess closes them: a moment, so the
+        target is tried again before it counts as busy. Returns False: a GLib timeout, once."""
+        try:
+            self._unwind(job, why)
+        except Busy as exc:
+            if tries > 1:
+                GLib.timeout_add(UNWIND_LOCK_RETRY_MS, self._unwind_killed, job, why, code, tries - 1)
+                return False
+            self._cannot_unwind(job, exc, code)
+        except CryptsnapError as exc:
+            self._cannot_unwind(job, exc, code)
+        return False
+
+    def _cannot_unwind(self, job: Job, exc: CryptsnapError, code: int) -> None:
+        log.error("job %d [%s]: cannot unwind what the killed run left: %s", job.id, job.target, exc)
+        self._end(job, code)
+
+    def _end(self, job: Job, code: int) -> None:
+        """Record and remove the job whose worker (run or unwinding) exited with `code`."""
         if job.kind == "unwind":
             if code != 0:
                 log.error("job %d [%s]: unwinding what the run left failed (exit %d); the next run tries again",

@@ -428,30 +428,41 @@ class LoopDevice:
     def remove_leftovers(under: Path, record: Path | None = None) -> None:
         """Detach loop devices backed by a file under `under`, or the one recorded in `record`.
 
-        The recorded device counts when its back-file still names the image: once sshfs is
-        gone (or the loop was set up in another mount namespace) the kernel shows the path
-        relative to the lost mount, e.g. /home.img.
+        The record is needed when the back-file no longer shows our path: once sshfs is gone,
+        or when the loop was set up in another mount namespace (cryptsnapd's, before it was
+        restarted), the kernel shows it relative to the lost mount, e.g. /home.img. A run
+        killed while losetup ran leaves the record "? IMAGE" (written before): the device is
+        then any whose back-file is just /IMAGE, the root of a mount no longer there.
         """
         recorded = record.read_text().split() if record and record.exists() else []
         listing = json.loads(runner.run(commands.loop_list()).stdout or "{}")
         for loop in listing.get("loopdevices", []):
             back = (loop.get("back-file") or "").removesuffix(" (deleted)")
             ours = back.startswith(str(under) + "/")
-            if recorded and loop["name"] == recorded[0] and back.endswith("/" + recorded[1]):
-                ours = True
+            if len(recorded) >= 2 and back.endswith("/" + recorded[1]):
+                ours = ours or loop["name"] == recorded[0] or (recorded[0] == "?" and back == "/" + recorded[1])
             if ours:
                 log.warning("detaching loop device %s left by an earlier run (%s)", loop["name"], back)
                 _retry(commands.loop_detach(loop["name"]))
         if record and record.exists():
             record.unlink()
 
+    def _note(self, device: str | None) -> None:
+        if self.record:
+            self.record.write_text(f"{device or '?'} {self.image.name}\n")
+
     def __enter__(self) -> LoopDevice:
         fd = open_image(self.image, self.readonly, self.expected_size)
         try:
-            result = runner.run(commands.loop_attach(f"/dev/fd/{fd}", self.readonly), pass_fds=(fd,))
+            self._note(None)  # before losetup: killed before the device is known, it can still be found
+            try:
+                result = runner.run(commands.loop_attach(f"/dev/fd/{fd}", self.readonly), pass_fds=(fd,))
+            except ToolFailed:  # losetup said no: nothing attached
+                if self.record:
+                    self.record.unlink(missing_ok=True)
+                raise
             self.device = result.stdout.strip()
-            if self.record:
-                self.record.write_text(f"{self.device} {self.image.name}\n")
+            self._note(self.device)
         finally:
             os.close(fd)
         return self
@@ -460,8 +471,8 @@ class LoopDevice:
         if self.device:
             _retry(commands.loop_detach(self.device))
             self.device = None
-            if self.record and self.record.exists():
-                self.record.unlink()
+        if self.record and self.record.exists():
+            self.record.unlink()
 
 
 class CachedDevice:

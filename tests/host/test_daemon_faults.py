@@ -91,6 +91,52 @@ def test_a_killed_worker_is_unwound_at_once_and_recorded(setup, bus, tarpit):  #
     assert "unwinding what the run left" in err, err
 
 
+def borrow_fd(pid: int, suffix: str) -> int:
+    """A copy in this process of `pid`'s descriptor of the file ending with `suffix`: the same
+    open file, so a lock taken through it is held by this process too (pidfd_getfd(2))."""
+    import ctypes
+
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(suffix):
+            pidfd = os.pidfd_open(pid)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                copy = libc.syscall(438, pidfd, int(fd), 0)  # SYS_pidfd_getfd
+                if copy < 0:
+                    raise OSError(ctypes.get_errno(), "pidfd_getfd")
+                return copy
+            finally:
+                os.close(pidfd)
+    raise AssertionError(f"process {pid} has no file ending with {suffix} open")
+
+
+def test_a_killed_worker_whose_lock_a_child_still_holds_for_a_moment_is_unwound_once_it_is_free(setup, bus, tarpit):  # noqa: F811
+    """Killed while starting a child, between that child's fork and exec (where its copies of
+    the worker's descriptors are closed): for a moment the child holds the target's lock. The
+    daemon waits for it rather than calling the target busy and leaving the run's mounts."""
+    setup.point_at_silent_server(tarpit)
+    daemon = Daemon(setup, bus).ready()
+    try:
+        start_job(daemon, setup)
+        wait_connecting(setup)
+        worker = worker_of(setup)
+        held = borrow_fd(worker.pid, f"{setup.name}.lock")  # as the forked child would
+        mark = daemon.notify.mark()
+        worker.kill()
+        time.sleep(1)
+        assert leftovers(setup), "unwound while the lock was held"
+        os.close(held)
+        unwinding = daemon.notify.wait_for(lambda m: "unwinding a dead run" in m, since=mark, timeout=10)
+        after = daemon.notify.messages.index(unwinding, mark) + 1
+        daemon.notify.wait_for(lambda m: m == "STATUS=idle", since=after, timeout=30)
+        assert_nothing_left(setup)
+        error = last(daemon, setup, "LastError")
+        assert "connecting: interrupted: its process was killed by SIGKILL" in error, error
+    finally:
+        err = daemon.stop()
+    assert "cannot unwind" not in err, err
+
+
 def test_a_client_following_a_job_exits_when_the_daemon_dies_and_the_worker_unwinds(setup, bus, tarpit):  # noqa: F811
     setup.point_at_silent_server(tarpit)
     daemon = Daemon(setup, bus).ready()

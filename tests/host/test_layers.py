@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptsnap import commands, runner
+from cryptsnap import commands, runner, stack
 from cryptsnap.errors import Busy, IntegrityError, MissingTool, StepFailed, ToolFailed
 from cryptsnap.initialize import _allocate, _format_header, pin_host_key, remote_run
 from cryptsnap.layers import FsMount, LocalLock, LoopDevice, RemoteLock, SshfsMount
@@ -25,6 +25,7 @@ from cryptsnap.mounts import is_mountpoint
 from cryptsnap.stack import Paths, open_stack
 from cryptsnap.state import TargetState, key_path
 from tests.support.checks import assert_nothing_left, cryptsnap, leftovers
+from tests.support.runs import kill_server_sessions
 
 
 def prepare(setup, luks: bool = True):
@@ -268,8 +269,6 @@ def test_sshfs_that_unmounts_itself_while_being_unmounted_is_not_a_failure(setup
     The mount is gone, which is what unmounting wanted: the run must not fail on it."""
     import threading
 
-    from tests.support.runs import kill_server_sessions
-
     target, state, paths = prepare(setup, luks=False)
     mount = SshfsMount(target, state.ssh_config, paths.remote, paths.ssh_log).__enter__()
     holder = subprocess.Popen(["sleep", "60"], cwd=paths.remote)  # keeps the mount busy
@@ -280,4 +279,26 @@ def test_sshfs_that_unmounts_itself_while_being_unmounted_is_not_a_failure(setup
     finally:
         holder.kill()
         holder.wait()
+    assert_nothing_left(setup)
+
+
+def test_a_loop_device_of_a_run_killed_while_losetup_ran_is_found_once_its_mount_is_gone(setup):
+    """What a worker SIGKILLed between losetup's answer and the record of the device leaves,
+    once its sshfs mount is gone (cryptsnapd's mount namespace ends with it): a device whose
+    back-file reads just /IMAGE. The record written before losetup ran finds it."""
+    target, state, paths = prepare(setup, luks=False)
+    record = paths.loop_record
+    record.parent.mkdir(parents=True, exist_ok=True)
+    SshfsMount(target, state.ssh_config, paths.remote).__enter__()
+    loop = LoopDevice(paths.remote / target.image, False, target.size, record).__enter__()
+    loop._note(None)  # as it was while losetup ran
+    kill_server_sessions(setup.server)  # sshfs ends with its connection, and unmounts itself
+    deadline = time.monotonic() + 10
+    while is_mountpoint(paths.remote) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_mountpoint(paths.remote):
+        subprocess.run(["umount", "--lazy", str(paths.remote)], check=True)
+    listing = json.loads(runner.run(commands.loop_list()).stdout)["loopdevices"]
+    assert {"name": loop.device, "back-file": f"/{target.image}", "ro": False} in listing, listing
+    stack.remove_leftovers(target)
     assert_nothing_left(setup)

@@ -45,8 +45,9 @@ def leftovers(setup: Setup) -> list[str]:
             found.append(f"process {proc.pid}: {cmdline}")
         if "cryptsnap.nbd" in cmdline and str(setup.state_dir / setup.name) in cmdline:
             found.append(f"block device server {proc.pid}: {cmdline}")
-    if (setup.runtime_dir / setup.name / "nbd").exists():
-        found.append("nbd record " + (setup.runtime_dir / setup.name / "nbd").read_text())
+    for record in ("nbd", "loop"):
+        if (setup.runtime_dir / setup.name / record).exists():
+            found.append(f"{record} record " + (setup.runtime_dir / setup.name / record).read_text())
     return found
 
 

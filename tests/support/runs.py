@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -30,6 +31,28 @@ def marker(setup) -> dict:
 def wait_phase(setup, phase: str, timeout: float = 300) -> dict:
     return wait_until(lambda: marker(setup) if marker(setup).get("phase") == phase else None, timeout,
                       f"phase {phase}")  # fmt: skip
+
+
+def catch_phase(setup, phase: str, timeout: float = 300) -> dict | None:
+    """The run's marker the moment it enters `phase`, or None once the run went past it or ended.
+
+    Polled every 5 ms, and only the marker file: mounting or finalizing last a fraction of a
+    second, which a poll that also asks the bus (a process per look) misses now and then."""
+    order = PHASES.index(phase)
+    seen = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = marker(setup)
+        at = now.get("phase")
+        if at == phase:
+            return now
+        if at in PHASES and PHASES.index(at) > order:
+            return None
+        if seen and not now:
+            return None
+        seen = seen or bool(now)
+        time.sleep(0.005)
+    raise AssertionError(f"timed out after {timeout}s waiting for phase {phase}")
 
 
 def fill(source: Path, megabytes: int, name: str = "big") -> None:

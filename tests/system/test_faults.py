@@ -19,6 +19,7 @@ from tests.support import figures, sshd
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.runs import (
     PHASES,
+    catch_phase,
     digests,
     fill,
     kill_server_sessions,
@@ -107,37 +108,36 @@ def test_cryptsnapd_alone_killed_mid_run(service):
 
 
 def test_the_worker_killed_in_each_phase_is_unwound_at_once(service):
-    fill(service.source, 16)
+    """SIGKILL to the worker the moment it enters each phase: cryptsnapd unwinds what it left at
+    once, records where it was killed, and the next run goes on from the snapshots before."""
+    fill(service.source, 8)
     sh("systemctl", "start", "cryptsnapd.service")
     path = target_path(service.name)
     hit = []
     for phase in PHASES:
-        sh("busctl", "call", "org.cryptsnap1", path, TARGET, "StartBackup", "a{sv}", "0")
-
-        def reached(phase=phase) -> dict | None:
-            now = marker(service)
-            return now if now.get("phase") == phase or prop(path, TARGET, "State") == "idle" else None
-
-        try:
-            found = wait_until(reached, 300, phase)
-        except AssertionError:
-            found = {}
-        if found.get("phase") == phase:
-            try:
-                os.kill(found["pid"], signal.SIGKILL)
-                hit.append(phase)
-            except ProcessLookupError:
-                pass
-        killed = time.monotonic()
-        result = wait_idle(service, 300)
-        if phase in hit:
-            figures.record(f"worker killed at {phase}", unwound_s=round(time.monotonic() - killed, 1), result=result)
-        assert_nothing_left(service)
-        if phase in hit and phase != "unmounting":
+        for _attempt in range(3):  # a phase passed before the first look is tried again
+            sh("busctl", "call", "org.cryptsnap1", path, TARGET, "StartBackup", "a{sv}", "0")
+            found = catch_phase(service, phase)
+            if found:
+                try:
+                    os.kill(found["pid"], signal.SIGKILL)
+                    hit.append(phase)
+                except ProcessLookupError:
+                    pass
+            killed = time.monotonic()
+            result = wait_idle(service, 300)
+            unwound = round(time.monotonic() - killed, 1)
+            assert_nothing_left(service)
+            (service.source / f"changed-{phase}-{_attempt}").write_text(phase)
+            if phase in hit:
+                break
+        if phase not in hit:
+            continue
+        figures.record(f"worker killed at {phase}", unwound_s=unwound, result=result)
+        if phase != "unmounting":  # killed while unmounting, the snapshot was complete: done
             assert result == "failed"
             error = prop(path, TARGET, "LastError")
             assert f"{phase}: interrupted: its process was killed by SIGKILL" in error, error
-        (service.source / f"changed-{phase}").write_text(phase)
     assert set(PHASES) - set(hit) <= {"finalizing"}, f"killed in {hit} only"
     cryptsnap(service, "backup", "--daemon", service.name)
     names = prop(path, TARGET, "Snapshots")
@@ -172,8 +172,9 @@ def test_a_cancel_once_the_snapshot_is_complete_leaves_the_run_done(service):
 # -- the connection lost -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
-def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesystem):
+def test_the_server_side_of_ssh_killed_mid_run(tmp_path, untrusted_host, filesystem="btrfs"):
+    """The server's sshd sessions killed while rsync writes. (ext2, and cuts in every phase:
+    test_cuts.py, whose seed 5 is this cut on both file systems.)"""
     setup, before = with_one_snapshot(tmp_path, untrusted_host, filesystem=filesystem, size="300M")
     fill(setup.source, 48)
     proc = start_local_backup(setup)
