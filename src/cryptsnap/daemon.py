@@ -35,6 +35,14 @@ EXIT_CANCELED = 9
 UNWIND_LOCK_TRIES, UNWIND_LOCK_RETRY_MS = 20, 100
 
 
+def _file_signature(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def usec(seconds: float) -> int:
     return int(seconds * 1_000_000) if seconds else 0
 
@@ -97,6 +105,7 @@ class Notifier:
 class Daemon:
     def __init__(self, config_path: str | None, listener: Listener | None = None, notifier: Notifier | None = None):
         self.config_path = config.config_path(config_path)
+        self.config_seen = _file_signature(self.config_path)
         self.config = config.load(self.config_path)  # a bad config fails the start, with its errors
         self.listener = listener or Listener()
         self.notifier = notifier or Notifier()
@@ -111,6 +120,11 @@ class Daemon:
         return sorted(self.config.targets)
 
     def target(self, name: str) -> config.Target:
+        if name not in self.config.targets and _file_signature(self.config_path) != self.config_seen:
+            # A target added since cryptsnapd started (the quickstart's order: edit, init, back
+            # up): the file changed, so read it again rather than answer "no such target".
+            log.info("target %s is not in the configuration as loaded, which has changed since: reloading", name)
+            self.reload()
         return self.config.target(name)  # NoSuchTarget for unknown names
 
     def job_for(self, name: str) -> Job | None:
@@ -345,6 +359,7 @@ class Daemon:
     def reload(self) -> None:
         self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
+            self.config_seen = _file_signature(self.config_path)
             self.config = config.load(self.config_path)
             log.info("configuration reloaded: targets %s", ", ".join(self.target_names()))
         except ConfigError as exc:

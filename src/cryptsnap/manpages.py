@@ -160,7 +160,8 @@ def cryptsnapd_8() -> str:
             _inline(parser.description),
             "It runs one job per target at a time under the target's lock, each in a worker process, and "
             "unwinds what a killed run left open when it starts. SIGHUP reloads the configuration without "
-            "touching running jobs; SIGTERM cancels and unwinds every job, then exits. Units: "
+            "touching running jobs (so does a request for an unknown target once the file changed); "
+            "SIGTERM cancels and unwinds every job, then exits. Units: "
             "\\fBcryptsnapd.service\\fR (bus-activated), \\fBcryptsnap\\-backup@TARGET.timer\\fR (a schedule per "
             "target), \\fBcryptsnap\\-restore@TARGET.service\\fR (all snapshots read-only under "
             "/run/cryptsnap/restore/TARGET).",

@@ -210,6 +210,27 @@ def test_reload_adds_targets_and_a_bad_config_fails_the_start(setup, bus):
     assert f"{setup.config_path}:" in err and "bogus: unknown option" in err
 
 
+def test_a_target_added_to_the_file_is_found_without_a_reload(setup, bus):
+    """Edit the configuration, `init`, back up (the quickstart's order): cryptsnapd, started
+    before the edit, is asked for a target it does not know and reads the changed file again."""
+    daemon = Daemon(setup, bus).ready()
+    manager = ("org.cryptsnap1", "/org/cryptsnap1", "org.cryptsnap1.Manager")
+    try:
+        missing = daemon.bus.busctl("call", *manager, "GetTarget", "s", "added", check=False)
+        assert missing.returncode != 0 and "added" in missing.stderr, missing
+        document = yaml.safe_load(setup.config_path.read_text())
+        document["targets"]["added"] = dict(document["targets"][setup.name], image="added.img")
+        setup.config_path.write_text(yaml.safe_dump(document))
+        found = daemon.bus.busctl("--json=short", "call", *manager, "GetTarget", "s", "added").stdout
+        assert json.loads(found)["data"] == [target_path("added")]
+        assert daemon.get(target_path("added"), "org.cryptsnap1.Target", "Name") == "added"
+        still = daemon.bus.busctl("call", *manager, "GetTarget", "s", "never", check=False)  # unchanged file: no reread
+        assert still.returncode != 0
+    finally:
+        err = daemon.stop()
+    assert err.count("reloading") == 1, err
+
+
 def test_jobs_of_two_targets_run_side_by_side_and_survive_a_reload(setup, bus, tarpit):
     document = yaml.safe_load(setup.config_path.read_text())
     first = document["targets"][setup.name]

@@ -7,13 +7,17 @@ the host also built the same code as a newer version, which the upgrade installs
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 from cryptsnap.bus import target_path
-from tests.support import package
+from tests.support import docs, package
 from tests.support.checks import assert_nothing_left, cryptsnap
-from tests.support.service import fill, prop, sh, start_backup, wait_idle, wait_until
+from tests.support.service import SRV, fill, prop, sh, start_backup, wait_idle, wait_until
+from tests.support.targets import Setup
 
 
 def main_pid() -> int:
@@ -64,3 +68,75 @@ def test_purge_removes_the_group_and_runtime_files_but_keeps_the_state_unless_as
     finally:
         package.install()
     assert Path("/var/lib/cryptsnap").is_dir() and Path("/run/cryptsnap").is_dir()  # tmpfiles made them again
+
+
+def test_the_restore_by_hand_page_works_with_cryptsnap_removed(service):
+    """docs/restore-by-hand.md's commands, as written, on a machine without cryptsnap: what is
+    left is the key, the pinned host key (kept in /var/lib/cryptsnap) and stock tools."""
+    wanted = service.source / "restore-by-hand.txt"
+    wanted.write_text("read back with stock tools\n")
+    cryptsnap(service, "backup", service.name)
+    snapshot = cryptsnap(service, "list", service.name).stdout.split()[-1]
+    target, server = service.load(), service.server
+    script = docs.with_values(docs.block("restore-by-hand.md", "restore-by-hand"), {
+        "TARGET": service.name, "REMOTE": f"{server.user}@{server.host}:{target.remote_dir}",
+        "PORT": str(server.port), "SSH_KEY": str(server.identity),
+        "KNOWN_HOSTS": f"/var/lib/cryptsnap/{service.name}/known_hosts", "IMAGE": target.image,
+        "KEY": str(service.key_file), "SNAPSHOT": snapshot, "FILE": str(wanted),
+    })  # fmt: skip
+    restored = Path("/tmp") / wanted.name
+    restored.unlink(missing_ok=True)
+    try:
+        sh("apt-get", "remove", "--yes", "cryptsnap")
+        assert shutil.which("cryptsnap") is None and not Path("/usr/lib/python3/dist-packages/cryptsnap").exists()
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert snapshot in ran.stdout.split(), ran.stdout  # what `ls` listed
+        assert restored.read_text() == "read back with stock tools\n"
+    finally:  # a failure halfway leaves what the page opened: close it as its last line would
+        for argv in (["umount", "/mnt/backup"], ["cryptsetup", "close", "cryptsnap-restore"],
+                     ["fusermount3", "-u", "/mnt/remote"]):  # fmt: skip
+            sh(*argv, check=False)
+        for loop in sh("losetup", "--associated", f"/mnt/remote/{target.image}", check=False).stdout.splitlines():
+            sh("losetup", "--detach", loop.split(":")[0], check=False)
+        package.install()
+    assert_nothing_left(service)
+
+
+def test_the_quickstart_page_from_nothing_to_a_daily_timer(installed):
+    """docs/quickstart.md's block as written, its first line filled in with the test server's
+    values: the key, the configuration, init, the daily timer, a first backup through
+    cryptsnapd (running since earlier tests: it must pick up the new target by itself). The
+    key derivation is left at its default (argon2id), as a user's is."""
+    server = installed
+    source = Path(SRV) / uuid.uuid4().hex[:8] / "home"
+    source.mkdir(parents=True)
+    (source / "hello").write_text("from the quickstart\n")
+    config = Path("/etc/cryptsnap/config.yaml")
+    saved = config.read_bytes() if config.exists() else None
+    identity = Path("/etc/cryptsnap/id_ed25519")
+    shutil.copy(server.identity, identity)  # step 2 of the page, with the key the server accepts
+    identity.chmod(0o600)
+    script = docs.with_values(docs.block("quickstart.md", "quickstart"), {
+        "HOST": server.host, "PORT": str(server.port), "ACCOUNT": server.user, "SOURCES": str(source),
+        "SIZE": "200M",
+    })  # fmt: skip
+    setup = Setup("home", config, source, Path("/etc/cryptsnap/home.key"), Path("/var/lib/cryptsnap"),
+                  Path("/run/cryptsnap"), server)  # fmt: skip
+    try:
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=900)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert sh("systemctl", "is-enabled", "cryptsnap-backup@home.timer").stdout.strip() == "enabled"
+        assert "cryptsnap-backup@home.timer" in ran.stdout, ran.stdout  # list-timers
+        assert len(cryptsnap(setup, "list", "home").stdout.split()) == 1
+        cryptsnap(setup, "restore", f"home@latest:{source}/hello", "--to", str(source.parent / "back"))
+        assert (source.parent / "back").read_text() == "from the quickstart\n"
+        assert_nothing_left(setup)
+    finally:
+        sh("systemctl", "disable", "--now", "cryptsnap-backup@home.timer", check=False)
+        if saved is not None:
+            config.write_bytes(saved)
+        for path in (identity, Path("/etc/cryptsnap/home.key")):
+            path.unlink(missing_ok=True)
+        shutil.rmtree("/var/lib/cryptsnap/home", ignore_errors=True)
+        shutil.rmtree(Path(pwd.getpwnam(server.user).pw_dir) / "cryptsnap", ignore_errors=True)
