@@ -317,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Pin the server's ssh host key (showing its fingerprint), create the remote directory, allocate the "
             "image on the server without sending zeros (fallocate, else dd, or sparse), format it as LUKS2 with "
             "4096-byte sectors, make the file system, save a LUKS header backup under the state directory, and "
-            "print the authorized_keys line that limits the key to SFTP. Never overwrites an image without --force.")
+            "print the authorized_keys line that limits the key to SFTP. An image already there that is this "
+            "target's (its LUKS header and size match this machine's records: moved to a new server, or init run "
+            "again with --accept-new-host-key) is kept as it is; any other is never overwritten without --force "
+            "(docs/moving.md).")
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--force", action="store_true", help="overwrite an existing image (destroys all its snapshots)")
     p.add_argument("--accept-new-host-key", action="store_true",

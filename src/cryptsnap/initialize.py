@@ -10,11 +10,12 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import commands, meter, runner, snapshot
+from . import commands, integrity, meter, runner, snapshot
 from .config import Target
 from .errors import IntegrityError, RemoteUnreachable, ServerFull, ToolFailed, UsageError
 from .layers import (
@@ -276,7 +277,7 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
         pin_host_key(target, state, accept_new_host_key, say)
         meter.reset(paths.traffic)
         config_file = state.write_ssh_config(paths.traffic)
-    staging = target.image + ".new"
+    uuid = None
     with LocalLock(target.runtime_dir, "init"):
         remove_leftovers(target)
         with step("connecting"):
@@ -288,42 +289,68 @@ def init(target: Target, *, force: bool = False, accept_new_host_key: bool = Fal
                 outer.enter_context(RemoteLock(paths.remote, target.image, "init"))
             final = paths.remote / target.image
             if os.path.lexists(final) and not force:
-                raise UsageError(f"{target.remote_dir}/{target.image} already exists on {target.host}; "
-                                 f"`cryptsnap init --force {target.name}` overwrites it, destroying every snapshot")
-            with step("allocating"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(paths.remote / staging)
-                # Until the rename below, a failure removes the half-made image again.
-                outer.callback(_remove_quietly, paths.remote / staging)
-                say(f"Allocating {target.size} bytes for {target.remote_dir}/{target.image} on {target.host}.")
-                _allocate(config_file, target, paths.remote, staging, say, shell)
-            with step("formatting"):
-                say("Formatting as LUKS2 (4096-byte sectors).")
-                uuid = _format_header(target, state, key, paths.remote / staging)
-                say(f"Saved the LUKS header backup to {state.header_backup}.")
-            with contextlib.ExitStack() as inner:
-                with step("attaching"):
-                    loop = inner.enter_context(LoopDevice(paths.remote / staging, False, target.size,
-                                                          paths.loop_record))
-                with step("unlocking"):
-                    mapping = inner.enter_context(LuksMapping(loop.device, paths.mapping, key, False, uuid))
-                with step("formatting"):
-                    say(f"Making a {target.filesystem} file system inside.")
-                    runner.run(commands.mkfs(target.filesystem, mapping.path))
-                with step("mounting"):
-                    inner.enter_context(FsMount(mapping.path, paths.fs, target.filesystem, False))
-                    snapshot.prepare_filesystem(paths.fs)
-            with step("finalizing"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final)
-                os.rename(paths.remote / staging, final)
-                _make_durable(final)
+                _keep_existing(target, state, final, say)
+            else:
+                uuid = _create(target, state, key, paths, config_file, shell, say, outer)
     traffic = meter.read(paths.traffic)
     say(f"Traffic: {traffic.up:,} bytes up, {traffic.down:,} bytes down.")
-    state.record_image(target.size, uuid)
-    state.set_generation(0)
-    with contextlib.suppress(FileNotFoundError):
-        (state.dir / "last-run.json").unlink()
+    if uuid is not None:
+        state.record_image(target.size, uuid)
+        state.set_generation(0)
+        with contextlib.suppress(FileNotFoundError):
+            (state.dir / "last-run.json").unlink()
     say(f"Target {target.name} is ready: {target.remote_dir}/{target.image} on {target.host}.")
     say("Restrict this key to SFTP on the server: put this line in the user's ~/.ssh/authorized_keys there:")
     say(f"  {authorized_keys_line(target)}")
+
+
+def _keep_existing(target: Target, state: TargetState, image: Path, say: Say) -> None:
+    """An image is already there: this target's own (moved to a new server, or `init` run
+    again to pin a new host key) is kept as it is; any other is refused without --force."""
+    info = os.lstat(image)
+    ours = (state.image_file.exists() and state.header_backup.is_file() and stat.S_ISREG(info.st_mode)
+            and info.st_size == state.image().get("size")
+            and not integrity.primary_header_changed(image, state.header_backup))  # fmt: skip
+    if not ours:
+        raise UsageError(f"{target.remote_dir}/{target.image} already exists on {target.host} and is not the "
+                         f"image this machine made for {target.name} (its LUKS header or size differs from the "
+                         f"records here); `cryptsnap init --force {target.name}` overwrites it, destroying every "
+                         f"snapshot")  # fmt: skip
+    say(f"{target.remote_dir}/{target.image} on {target.host} is already this target's image (its LUKS header "
+        f"matches the backup made here at init, and its size the recorded one): kept as it is, snapshots and all.")
+
+
+def _create(target: Target, state: TargetState, key: str, paths: Paths, config_file: Path, shell: bool, say: Say,
+            outer: contextlib.ExitStack) -> str:
+    """Allocate, format and fill a new image beside the final name, then rename it there; its LUKS UUID."""
+    final = paths.remote / target.image
+    staging = target.image + ".new"
+    with step("allocating"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.remote / staging)
+        # Until the rename below, a failure removes the half-made image again.
+        outer.callback(_remove_quietly, paths.remote / staging)
+        say(f"Allocating {target.size} bytes for {target.remote_dir}/{target.image} on {target.host}.")
+        _allocate(config_file, target, paths.remote, staging, say, shell)
+    with step("formatting"):
+        say("Formatting as LUKS2 (4096-byte sectors).")
+        uuid = _format_header(target, state, key, paths.remote / staging)
+        say(f"Saved the LUKS header backup to {state.header_backup}.")
+    with contextlib.ExitStack() as inner:
+        with step("attaching"):
+            loop = inner.enter_context(LoopDevice(paths.remote / staging, False, target.size, paths.loop_record))
+        with step("unlocking"):
+            mapping = inner.enter_context(LuksMapping(loop.device, paths.mapping, key, False, uuid))
+        with step("formatting"):
+            say(f"Making a {target.filesystem} file system inside.")
+            runner.run(commands.mkfs(target.filesystem, mapping.path))
+        with step("mounting"):
+            inner.enter_context(FsMount(mapping.path, paths.fs, target.filesystem, False))
+            snapshot.prepare_filesystem(paths.fs)
+    with step("finalizing"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(final)
+        os.rename(paths.remote / staging, final)
+        _make_durable(final)
+    return uuid
+
