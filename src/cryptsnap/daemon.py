@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from gi.repository import GLib
 
-from . import __version__, config, logs
+from . import __version__, config, logs, upgrades
 from .errors import Busy, ConfigError, CryptsnapError, Interrupted
 from .layers import LocalLock
 from .stack import has_leftovers
@@ -113,6 +113,7 @@ class Daemon:
         self.next_id = 1
         self.loop = GLib.MainLoop()
         self.stopping = False
+        self.replaced = False  # a new version was installed: exit once no job runs (cryptsnap.upgrades)
 
     # -- targets -----------------------------------------------------------------------
 
@@ -338,7 +339,10 @@ class Daemon:
         if job.target in self.config.targets:
             self.listener.target_changed(job.target, self.target_properties(job.target))
         self.update_status()
-        if self.stopping and not self.jobs:
+        if (self.stopping or self.replaced) and not self.jobs:
+            if self.replaced and not self.stopping:
+                log.info("cryptsnap was upgraded and no job runs now: exiting; the next request starts the new version")
+                self.notifier.send("STOPPING=1")
             self.loop.quit()
 
     # -- service lifecycle ---------------------------------------------------------------
@@ -378,6 +382,20 @@ class Daemon:
         if not self.jobs:
             self.loop.quit()
 
+    def code_replaced(self) -> None:
+        """cryptsnap's files were replaced (an upgrade): exit once idle, to be started again as
+        the new version by the next request (D-Bus activation); running jobs go on."""
+        if self.replaced or self.stopping:
+            return
+        self.replaced = True
+        if self.jobs:
+            log.info("cryptsnap was upgraded: exiting once the %d running job(s) end, so that the next request "
+                     "starts the new version", len(self.jobs))  # fmt: skip
+            return
+        log.info("cryptsnap was upgraded: exiting now (no job runs); the next request starts the new version")
+        self.notifier.send("STOPPING=1")
+        self.loop.quit()
+
     def _watchdog(self) -> bool:
         self.notifier.send("WATCHDOG=1")
         return True
@@ -390,10 +408,12 @@ class Daemon:
         if watchdog:
             GLib.timeout_add(max(watchdog // 2000, 100), self._watchdog)
         self.unwind_leftovers()
+        watch = upgrades.InstalledFiles(self.code_replaced)
         self.notifier.send("READY=1")
         self.update_status()
         log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")
         self.loop.run()
+        watch.close()
         log.info("cryptsnapd stopped")
 
 
