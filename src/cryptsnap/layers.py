@@ -505,21 +505,28 @@ class CachedDevice:
         return any(Path("/sys/block").glob("nbd*"))
 
     @staticmethod
-    def remove_leftovers(record: Path) -> None:
-        """Stop the server a crashed run left (the cache it held is then not trusted)."""
-        if not record.exists():
-            return
-        device, _, pid = record.read_text().partition(" ")
-        with contextlib.suppress(psutil.Error, ValueError):
-            proc = psutil.Process(int(pid))
-            if "cryptsnap.nbd" in " ".join(proc.cmdline()):
-                log.warning("stopping the block device server of %s left by an earlier run (pid %s)", device, pid)
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-        record.unlink()
+    def remove_leftovers(record: Path, cache_dir: Path | None = None) -> None:
+        """Stop the server a crashed run left (the cache it held is then not trusted): the one
+        in the record, or, killed before the record was written, any serving `cache_dir`."""
+        pids = set()
+        if record.exists():
+            with contextlib.suppress(ValueError):
+                pids.add(int(record.read_text().partition(" ")[2]))
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if cache_dir and "cryptsnap.nbd" in cmdline and str(cache_dir) in cmdline:
+                pids.add(proc.info["pid"])
+        for pid in sorted(pids):
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if "cryptsnap.nbd" in " ".join(proc.cmdline()):
+                    log.warning("stopping the block device server left by an earlier run (pid %s)", pid)
+                    proc.terminate()
+                    try:
+                        proc.wait(30)
+                    except psutil.TimeoutExpired:
+                        proc.kill()
+        record.unlink(missing_ok=True)
 
     def __enter__(self) -> CachedDevice:
         fd = open_image(self.image, False, self.expected_size, os.O_DIRECT)

@@ -58,6 +58,7 @@ class Paths:
     traffic: Path  # byte counters of the ssh connection (cryptsnap.meter)
     nbd_record: Path  # which nbd device and server process serve the image (CachedDevice)
     nbd_log: Path  # that server's error output
+    block_cache: Path  # the server's cache directory: names it in its command line
     ssh_log: Path  # what the ssh under sshfs said (why a connection was lost)
 
     @classmethod
@@ -71,6 +72,7 @@ class Paths:
             traffic=target.runtime_dir / "traffic",
             nbd_record=target.runtime_dir / "nbd",
             nbd_log=target.runtime_dir / "nbd.log",
+            block_cache=target.state_dir / "block-cache",
             ssh_log=target.runtime_dir / "ssh.log",
         )
 
@@ -131,7 +133,7 @@ def _remove_device_leftovers(paths: Paths) -> None:
     for mountpoint in (paths.fs, paths.view):
         FsMount.remove_leftovers(mountpoint)
     LuksMapping.remove_leftovers(paths.mapping)
-    CachedDevice.remove_leftovers(paths.nbd_record)
+    CachedDevice.remove_leftovers(paths.nbd_record, paths.block_cache)
     LoopDevice.remove_leftovers(paths.remote, paths.loop_record)
 
 

@@ -302,3 +302,26 @@ def test_a_loop_device_of_a_run_killed_while_losetup_ran_is_found_once_its_mount
     assert {"name": loop.device, "back-file": f"/{target.image}", "ro": False} in listing, listing
     stack.remove_leftovers(target)
     assert_nothing_left(setup)
+
+
+def test_a_block_device_server_left_without_its_record_is_found_by_its_cache_dir(tmp_path):
+    """A run killed between starting its block device server and recording its pid leaves a
+    server nobody recorded: the sweep finds it by the cache directory in its command line, and
+    leaves another target's alone. (Stand-ins with the server's command line: this machine has
+    no nbd devices for the real one; the guest tier runs it.)"""
+    from cryptsnap.layers import CachedDevice
+
+    def stand_in(cache: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "cryptsnap.nbd",
+                                 "--cache", str(cache)])  # fmt: skip
+
+    ours, other = stand_in(tmp_path / "ours" / "block-cache"), stand_in(tmp_path / "other" / "block-cache")
+    try:
+        time.sleep(0.3)
+        CachedDevice.remove_leftovers(tmp_path / "nbd", tmp_path / "ours" / "block-cache")
+        ours.wait(timeout=10)  # stopped (its status already reaped by the sweep's wait)
+        assert other.poll() is None, "another target's server was stopped"
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
