@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from . import __version__, config, pipeline, runner
+from . import __version__, config, pipeline, report, runner
 from .errors import EXIT_CODES, Canceled, CryptsnapError, Interrupted, RemoteUnreachable, UsageError
 from .stack import close_view
 from .state import TargetState
@@ -148,13 +148,15 @@ def cmd_backup(args) -> int:
         return backup_via_daemon(client, args)
     if args.no_wait:
         raise UsageError("--no-wait needs the daemon (cryptsnapd); without it the backup runs in the foreground")
-    target = _target(args)
+    loaded = config.load(args.config)
+    target = loaded.target(args.target)
     reporter = TerminalReporter()
     try:
         record = pipeline.backup(target, reporter, break_lock=args.break_lock, full_compare=args.full_compare,
                                  accept_rollback=args.accept_rollback)  # fmt: skip
     finally:
         reporter.done()
+        report.update_metrics(loaded)
     print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
           + (f", pruned {', '.join(record.pruned)}" if record.pruned else ""))
     print(f"traffic: {pipeline.traffic_text(record)}")
@@ -258,29 +260,33 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def _when(usec: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(usec / 1e6)) if usec else "never"
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "never"
 
 
 def cmd_status(args) -> int:
     client = _daemon_client(args)
     if client is not None:
-        for name in [args.target] if args.target else client.targets():
-            p = client.properties(name)
-            print(f"{name}: {p['State']}, last run {p['LastResult'] or 'none'} at {_when(p['LastAttempt'])}, "
-                  f"last success {_when(p['LastSuccess'])}, {len(p['Snapshots'])} snapshots, "
-                  f"up {p['BytesUploaded']:,} / down {p['BytesDownloaded']:,} bytes, "
-                  f"next {_when(p['NextElapse'])}" + (f"\n  error: {p['LastError']}" if p["LastError"] else ""))
+        documents = [report.from_properties(client.properties(name))
+                     for name in ([args.target] if args.target else client.targets())]  # fmt: skip
+        source = "cryptsnapd"
+    else:
+        loaded = config.load(args.config)
+        names = [args.target] if args.target else sorted(loaded.targets)
+        states = [TargetState(loaded.target(name)) for name in names]
+        documents = [report.from_record(state.target.name, state.last_run(), state.run_marker.exists())
+                     for state in states]  # fmt: skip
+        source = "local records"
+    if args.json:
+        print(json.dumps(report.document(documents, source), indent=2))
         return 0
-    loaded = config.load(args.config)
-    names = [args.target] if args.target else sorted(loaded.targets)
-    for name in names:
-        run = TargetState(loaded.target(name)).last_run()
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["finished"])) if run.get("finished") else "never"
-        print(f"{name}: last run {run.get('result', 'none')} at {when}"
-              + (f", snapshot {run['snapshot']}" if run.get("snapshot") else "")
-              + (f", {len(run.get('snapshots', []))} snapshots" if run else "")
-              + (f"\n  error: {run['error']}" if run.get("error") else ""))
+    for d in documents:
+        state = f"{d['state']}, " if d["state"] else ""
+        print(f"{d['name']}: {state}last run {d['last_result'] or 'none'} at {_when(d['last_attempt'])}, "
+              f"last success {_when(d['last_success'])}, {len(d['snapshots'])} snapshots, "
+              f"up {d['bytes_up']:,} / down {d['bytes_down']:,} bytes"
+              + (f", next {_when(d['next_run'])}" if source == "cryptsnapd" else "")
+              + (f"\n  error: {d['last_error']}" if d["last_error"] else ""))
     return 0
 
 
@@ -407,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
             "local run records under the state directory.")
     p.add_argument("target", nargs="?", help="only this target (default: every configured target)")
     p.add_argument("--local", action="store_true", help="read local state even if cryptsnapd runs")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (fields: docs/monitoring.md; they only grow, never change)")
 
     p = add("config", cmd_config, "check the configuration, print a commented example, or list the targets")
     p.add_argument("config_action", choices=("check", "example", "targets"),

@@ -67,6 +67,7 @@ class Config:
     state_dir: Path
     runtime_dir: Path
     targets: dict[str, Target]
+    metrics_file: str = ""
 
     def target(self, name: str) -> Target:
         if name not in self.targets:
@@ -252,7 +253,7 @@ def parse(text: str, filename: str) -> Config:
     if check.problems:
         raise ConfigError(check.problems)
     return Config(path=filename, state_dir=Path(top["state_dir"]), runtime_dir=Path(top["runtime_dir"]),
-                  targets=targets)
+                  targets=targets, metrics_file=top["metrics_file"])
 
 
 def load(path: str | None = None) -> Config:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from gi.repository import GLib
 
-from . import __version__, config, logs, upgrades
+from . import __version__, config, logs, report, upgrades
 from .errors import Busy, ConfigError, CryptsnapError, Interrupted
 from .layers import LocalLock
 from .stack import has_leftovers
@@ -336,6 +336,7 @@ class Daemon:
                 job.id, job.target, result, code)  # fmt: skip
         del self.jobs[job.id]
         self.listener.job_removed(job, result)
+        report.update_metrics(self.config)
         if job.target in self.config.targets:
             self.listener.target_changed(job.target, self.target_properties(job.target))
         self.update_status()
@@ -366,6 +367,7 @@ class Daemon:
             self.config_seen = _file_signature(self.config_path)
             self.config = config.load(self.config_path)
             log.info("configuration reloaded: targets %s", ", ".join(self.target_names()))
+            report.update_metrics(self.config)
         except ConfigError as exc:
             log.error("configuration not reloaded, keeping the previous one:\n%s", exc)
         self.listener.targets_changed(self)
@@ -409,6 +411,7 @@ class Daemon:
             GLib.timeout_add(max(watchdog // 2000, 100), self._watchdog)
         self.unwind_leftovers()
         watch = upgrades.InstalledFiles(self.code_replaced)
+        report.update_metrics(self.config)
         self.notifier.send("READY=1")
         self.update_status()
         log.info("cryptsnapd %s ready: targets %s", __version__, ", ".join(self.target_names()) or "none")

@@ -86,6 +86,9 @@ TOP = {
     "state_dir": Option("path", "Local state: per-target host key, LUKS header backup, run records.",
                         "/var/lib/cryptsnap"),
     "runtime_dir": Option("path", "Mount points and locks of running jobs.", "/run/cryptsnap"),
+    "metrics_file": Option("str", "Prometheus metrics of every target's last run, rewritten after each run for "
+                           "node_exporter's textfile collector; only written when its directory exists; empty: "
+                           "never (docs/monitoring.md).", "/var/lib/prometheus/node-exporter/cryptsnap.prom"),
     "targets": Option("named", "Named backup targets; a name is lower-case letters, digits, - and _.",
                       example={"home": None}, children=TARGET),
 }

@@ -14,9 +14,12 @@ from tests.support.buses import Monitor
 from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.service import fill, prop, sh, start_backup, wait_idle, wait_until
 
+METRICS = Path("/var/lib/prometheus/node-exporter/cryptsnap.prom")  # metrics_file's default
+
 
 def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     name = service.name
+    METRICS.parent.mkdir(parents=True, exist_ok=True)  # as prometheus-node-exporter makes it
     sh("systemctl", "enable", "--now", f"cryptsnap-backup@{name}.timer")
     assert prop(target_path(name), "org.cryptsnap1.Target", "NextElapse") > time.time() * 1e6
     sh("systemctl", "start", f"cryptsnap-backup@{name}.service", timeout=900)
@@ -28,6 +31,11 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert prop(target_path(name), "org.cryptsnap1.Target", "BytesDownloaded") == record["bytes_down"] > 0
     status = sh("cryptsnap", "status", name).stdout
     assert f"{name}: idle, last run done" in status
+    document = json.loads(sh("cryptsnap", "status", "--json", name).stdout)
+    assert document["source"] == "cryptsnapd" and document["targets"][name]["last_result"] == "done", document
+    assert document["targets"][name]["next_run"] > time.time(), document
+    # Monitoring: cryptsnapd (sandboxed: ReadWritePaths) wrote node_exporter's textfile.
+    assert f'cryptsnap_last_run_success{{target="{name}"}} 1' in METRICS.read_text(), METRICS.read_text()
     # A failing backup fails the unit the same way (OnFailure= hooks see it).
     service.key_file.write_bytes(os.urandom(64))
     failed = sh("systemctl", "start", f"cryptsnap-backup@{name}.service", check=False, timeout=900)
@@ -36,6 +44,7 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert sh("systemctl", "show", "-P", "ExecMainStatus", f"cryptsnap-backup@{name}.service").stdout.strip() == "6"
     assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "failed"
     assert "unlocking" in prop(target_path(name), "org.cryptsnap1.Target", "LastError")
+    assert f'cryptsnap_last_run_exit_code{{target="{name}"}} 6' in METRICS.read_text(), METRICS.read_text()
     assert_nothing_left(service)
 
 

@@ -87,7 +87,7 @@ def test_missing_required_options_and_key():
 def test_unknown_top_level_key_and_duplicate_key():
     found = problems(GOOD + "statedir: /x\n")
     assert found == ["config.yaml:9: statedir: unknown option; did you mean state_dir? valid here: "
-                     "runtime_dir, state_dir, targets"]
+                     "metrics_file, runtime_dir, state_dir, targets"]
     found = problems(GOOD.replace("    user: backup\n", "    user: backup\n    user: other\n"))
     assert found == ["config.yaml:5: targets.home.user: given twice (first on line 4)"]
 
