@@ -34,6 +34,14 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Hooks:
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    on_error: tuple[str, ...] = ()
+    timeout: int = 600
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     host: str
@@ -59,6 +67,7 @@ class Target:
     retention: Retention
     state_dir: Path  # this target's own directory under the global state_dir
     runtime_dir: Path  # this target's own directory under the global runtime_dir
+    hooks: Hooks = Hooks()
 
 
 @dataclass(frozen=True)
@@ -246,6 +255,7 @@ def parse(text: str, filename: str) -> Config:
             sources=tuple(values.pop("sources")),
             excludes=tuple(values.pop("excludes")),
             retention=Retention(**values.pop("retention")),
+            hooks=Hooks(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.pop("hooks").items()}),
             state_dir=Path(top["state_dir"]) / name,
             runtime_dir=Path(top["runtime_dir"]) / name,
             **values,

@@ -96,6 +96,12 @@ class UnsafeServer(CryptsnapError):
     exit_code = 13
 
 
+class HookFailed(CryptsnapError):
+    """A target's `before` hook failed or timed out: the run was skipped."""
+
+    exit_code = 14
+
+
 class MissingTool(ToolFailed):
     """A program cryptsnap needs is not installed; the message names the Debian package."""
 
@@ -163,4 +169,6 @@ EXIT_CODES = {
     UnsafeServer.exit_code: "unsafe server: its SFTP cannot fsync (see require_fsync in the configuration)",
     Interrupted.exit_code: "interrupted: cryptsnapd or the run's process was killed, or the machine stopped "
     "(what the run opened is unwound; see `cryptsnap status`)",
+    HookFailed.exit_code: "before hook failed: the target's hooks.before command failed or timed out, so the run "
+    "was skipped",
 }

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import changes, commands, integrity, meter, runner, snapshot
+from . import changes, commands, hooks, integrity, meter, runner, snapshot
 from .config import Target
 from .errors import CryptsnapError, UnsafeServer, UsageError, canceled
 from .layers import check_server_fsync
@@ -136,6 +136,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
     reporter = MeteredReporter(MarkedReporter(reporter or Reporter(), state), lambda: meter.read(counter))
     record = RunRecord("backup", target.name)
     try:
+        hooks.before(target)  # inside: a skipped run is recorded as failed, with the hook's reason
         with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
                         lock_fd=lock_fd) as op:  # fmt: skip
             generation = snapshot.check_generation(op.fs, state, accept_rollback)
@@ -182,6 +183,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             state.end_run()
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
+        hooks.after_run(target, record)
 
 
 def list_snapshots(target: Target, reporter: Reporter | None = None) -> list[str]:

@@ -36,12 +36,12 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _popen(argv: Sequence[str], **kwargs) -> subprocess.Popen:
+def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     global _spawning, _deferred
     log.debug("+ %s", shlex.join(argv))
     _spawning = True
     try:
-        proc = subprocess.Popen(list(argv), env=_environment(), **kwargs)
+        proc = subprocess.Popen(list(argv), env={**_environment(), **(extra_env or {})}, **kwargs)
         with _children_lock:
             _children.add(proc)
     except FileNotFoundError:
@@ -73,9 +73,9 @@ def _failure(argv: Sequence[str], returncode: int, stderr: str) -> ToolFailed:
 
 
 def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True, timeout: float | None = None,
-        pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess:  # fmt: skip
-    """Run argv to completion, capturing its output as text."""
-    proc = _popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        pass_fds: Sequence[int] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run argv to completion, capturing its output as text (env: added to cryptsnap's own)."""
+    proc = _popen(argv, env, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds))  # fmt: skip
     started = time.monotonic()
     try:

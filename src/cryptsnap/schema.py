@@ -34,6 +34,17 @@ RETENTION = {
     "monthly": Option("int", "Keep the newest snapshot of each of this many recent months.", 6, minimum=0),
 }
 
+HOOKS = {
+    "before": Option("strings", "Command run before each backup, as its argument list (no shell; write "
+                     "[sh, -c, '...'] for one), e.g. [/usr/local/bin/dump-db, --to, /var/backups/db.sql]: "
+                     "if it fails or times out, the run is skipped and fails (exit 14).", []),
+    "after": Option("strings", "Command run after a successful backup, e.g. [curl, -fsS, "
+                    "'https://hc.example.org/ping/ID']; its failure is logged and the run stays done.", []),
+    "on_error": Option("strings", "Command run after a failed or canceled backup (not when its process was "
+                       "killed: cryptsnapd records that run).", []),
+    "timeout": Option("int", "Seconds a hook may run before it is stopped.", 600, minimum=1),
+}
+
 TARGET = {
     "host": Option("str", "SSH host that stores the encrypted image (untrusted).", example="backup.example.org"),
     "port": Option("int", "SSH port.", 22, minimum=1),
@@ -80,6 +91,10 @@ TARGET = {
                                None, minimum=1),
     "retention": Option("section", "Which snapshots `cryptsnap prune` keeps (after each backup); "
                         "a snapshot kept by any rule stays.", None, children=RETENTION),
+    "hooks": Option("section", "Commands run around each backup; they get CRYPTSNAP_TARGET, CRYPTSNAP_HOOK, "
+                    "and after the run CRYPTSNAP_RESULT, CRYPTSNAP_EXIT_CODE, CRYPTSNAP_ERROR, "
+                    "CRYPTSNAP_SNAPSHOT, CRYPTSNAP_BYTES_UP and CRYPTSNAP_BYTES_DOWN in their environment; "
+                    "their output goes to the log (the journal).", None, children=HOOKS),
 }
 
 TOP = {

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 from cryptsnap.bus import interface_xml, target_path
 from tests.host.test_daemon import members
 from tests.support.buses import Monitor
@@ -20,6 +22,10 @@ METRICS = Path("/var/lib/prometheus/node-exporter/cryptsnap.prom")  # metrics_fi
 def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     name = service.name
     METRICS.parent.mkdir(parents=True, exist_ok=True)  # as prometheus-node-exporter makes it
+    after = Path("/run/cryptsnap") / f"after-{name}"  # writable in cryptsnapd's sandbox
+    document = yaml.safe_load(service.config_path.read_text())
+    document["targets"][name]["hooks"] = {"after": ["sh", "-c", f'echo "$CRYPTSNAP_RESULT $CRYPTSNAP_SNAPSHOT" > {after}']}
+    service.config_path.write_text(yaml.safe_dump(document))
     sh("systemctl", "enable", "--now", f"cryptsnap-backup@{name}.timer")
     assert prop(target_path(name), "org.cryptsnap1.Target", "NextElapse") > time.time() * 1e6
     sh("systemctl", "start", f"cryptsnap-backup@{name}.service", timeout=900)
@@ -31,6 +37,8 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert prop(target_path(name), "org.cryptsnap1.Target", "BytesDownloaded") == record["bytes_down"] > 0
     status = sh("cryptsnap", "status", name).stdout
     assert f"{name}: idle, last run done" in status
+    snapshots = prop(target_path(name), "org.cryptsnap1.Target", "Snapshots")
+    assert after.read_text() == f"done {snapshots[-1]}\n", "the after hook did not run, or not with the run's result"
     document = json.loads(sh("cryptsnap", "status", "--json", name).stdout)
     assert document["source"] == "cryptsnapd" and document["targets"][name]["last_result"] == "done", document
     assert document["targets"][name]["next_run"] > time.time(), document
