@@ -67,7 +67,9 @@ def ssh_config(target: Target, known_hosts: str, counter: str | None = None, pyt
         "LogLevel": "ERROR",
     }
     if counter:
-        options["ProxyCommand"] = f"{python} -m cryptsnap.meter --counter {counter} %h %p"
+        limits = "".join(f" --{way}-limit {kib}" for way, kib in (("up", target.upload_limit),
+                                                                   ("down", target.download_limit)) if kib)  # fmt: skip
+        options["ProxyCommand"] = f"{python} -m cryptsnap.meter --counter {counter}{limits} %h %p"
     body = "".join(f"    {key} {value}\n" for key, value in options.items())
     header = f"# written by cryptsnap for target {target.name}; regenerated on every run\n"
     return f"{header}Host cryptsnap-{target.name}\n{body}"

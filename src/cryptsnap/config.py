@@ -68,6 +68,8 @@ class Target:
     state_dir: Path  # this target's own directory under the global state_dir
     runtime_dir: Path  # this target's own directory under the global runtime_dir
     hooks: Hooks = Hooks()
+    upload_limit: int = 0  # KiB/s, 0: none
+    download_limit: int = 0
 
 
 @dataclass(frozen=True)

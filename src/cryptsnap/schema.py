@@ -57,6 +57,10 @@ TARGET = {
     "alive_count": Option("int", "Unanswered questions after which the connection counts as lost and the run "
                           "fails, unwinding everything: a cut link is noticed after alive_interval × "
                           "alive_count seconds (ServerAliveCountMax).", 4, minimum=1),
+    "upload_limit": Option("int", "Most KiB a second a run sends to the server (0: no limit), e.g. to leave "
+                           "a home uplink usable; each ssh connection of a run is limited on its own.", 0,
+                           minimum=0),
+    "download_limit": Option("int", "Most KiB a second a run or a restore receives (0: no limit).", 0, minimum=0),
     "require_fsync": Option("bool", "Refuse a server whose SFTP does not offer fsync@openssh.com (checked at "
                             "`cryptsnap init` and by `cryptsnap check`): without it nothing makes sure a snapshot "
                             "is on the server's disk before it is called complete, and a power cut of the server "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import yaml
 
@@ -126,3 +127,34 @@ def test_the_meter_ends_soon_after_ssh_even_when_the_server_never_closes(tmp_pat
     relay.wait(timeout=meter.CLOSE_GRACE + 10)
     assert time.monotonic() - started < meter.CLOSE_GRACE + 5
     assert meter.read(counter).up == len(b"SSH-2.0-test\r\n")
+
+
+def test_upload_and_download_limits_hold_the_connection_to_their_rate(setup):
+    """upload_limit / download_limit, applied by the relay: what crossed, over how long it took,
+    is never more than the limit (plus the quarter second the allowance may save up). How close
+    to the limit it comes is reported, not asserted (machines are noisy): docs/performance.md."""
+    prepare(setup, luks=False)
+    document = yaml.safe_load(setup.config_path.read_text())
+    document["targets"][setup.name].update(upload_limit=1024, download_limit=2048)
+    setup.config_path.write_text(yaml.safe_dump(document))
+    target = setup.load()
+    state, paths = TargetState(target), Paths.of(target)
+    counter = paths.traffic
+    payload = os.urandom(4 << 20)
+    rates = {}
+    for way, limit in (("up", 1024 << 10), ("down", 2048 << 10)):
+        meter.reset(counter)
+        started = time.monotonic()
+        with SshfsMount(target, state.write_ssh_config(counter), paths.remote):
+            if way == "up":
+                (paths.remote / "payload").write_bytes(payload)
+                os.sync()
+            else:
+                assert (paths.remote / "payload").read_bytes() == payload
+        took = time.monotonic() - started
+        crossed = getattr(meter.read(counter), way)
+        assert crossed > len(payload)
+        assert crossed - limit / 4 <= limit * took, f"{way}: {crossed:,} bytes in {took:.2f} s, limit {limit:,}/s"
+        rates[way] = round(crossed / took / limit, 3)
+    print(f"bandwidth limits: achieved/limit up {rates['up']}, down {rates['down']}")
+    assert_nothing_left(setup)

@@ -116,3 +116,13 @@ def test_a_failed_mount_is_called_damage_only_from_the_kernels_messages_about_th
     assert damage_reported("/dev/dm-17", messages) == messages[2]
     assert damage_reported("/dev/dm-3", messages) == ""
     assert damage_reported("/dev/dm-7", messages[:1]) == ""  # a mount that failed for another reason
+
+
+def test_ssh_config_puts_the_bandwidth_limits_on_the_meter_relay():
+    import dataclasses
+
+    plain = commands.ssh_config(TARGET, "/k", counter="/run/t")
+    assert "ProxyCommand /usr/bin/python3 -m cryptsnap.meter --counter /run/t %h %p\n" in plain
+    limited = commands.ssh_config(dataclasses.replace(TARGET, upload_limit=512, download_limit=2048), "/k",
+                                  counter="/run/t")  # fmt: skip
+    assert "-m cryptsnap.meter --counter /run/t --up-limit 512 --down-limit 2048 %h %p\n" in limited
