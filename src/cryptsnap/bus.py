@@ -138,6 +138,8 @@ class TargetObject(_Object):
     LastExitCode = property(lambda self: self._property("LastExitCode"))
     BytesUploaded = property(lambda self: self._property("BytesUploaded"))
     BytesDownloaded = property(lambda self: self._property("BytesDownloaded"))
+    ImageSize = property(lambda self: self._property("ImageSize"))
+    ImageFree = property(lambda self: self._property("ImageFree"))
     Snapshots = property(lambda self: self._property("Snapshots"))
     Job = property(lambda self: self._property("Job"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -280,11 +281,21 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(report.document(documents, source), indent=2))
         return 0
+    targets = {}
+    if any(d["image_size"] for d in documents):
+        with contextlib.suppress(CryptsnapError, OSError):  # a user who may not read the configuration
+            targets = config.load(args.config).targets
     for d in documents:
         state = f"{d['state']}, " if d["state"] else ""
+        space = ""
+        if d["image_size"]:
+            space = f", image {d['image_free'] / (1 << 20):,.0f} of {d['image_size'] / (1 << 20):,.0f} MiB free"
+            target = targets.get(d["name"])
+            if target and pipeline.low_on_space(target, d["image_size"], d["image_free"]):
+                space += f" (LOW: under free_space_warning, {target.free_space_warning}%)"
         print(f"{d['name']}: {state}last run {d['last_result'] or 'none'} at {_when(d['last_attempt'])}, "
               f"last success {_when(d['last_success'])}, {len(d['snapshots'])} snapshots, "
-              f"up {d['bytes_up']:,} / down {d['bytes_down']:,} bytes"
+              f"up {d['bytes_up']:,} / down {d['bytes_down']:,} bytes{space}"
               + (f", next {_when(d['next_run'])}" if source == "cryptsnapd" else "")
               + (f"\n  error: {d['last_error']}" if d["last_error"] else ""))
     return 0

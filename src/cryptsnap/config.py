@@ -69,6 +69,7 @@ class Target:
     runtime_dir: Path  # this target's own directory under the global runtime_dir
     hooks: Hooks = Hooks()
     upload_limit: int = 0  # KiB/s, 0: none
+    free_space_warning: int = 10  # percent
     download_limit: int = 0
 
 

@@ -144,6 +144,8 @@ class Daemon:
             "LastExitCode": int(run.get("exit_code", 0)),
             "BytesUploaded": int(run.get("bytes_up", 0)),
             "BytesDownloaded": int(run.get("bytes_down", 0)),
+            "ImageSize": int(run.get("image_size", 0)),
+            "ImageFree": int(run.get("image_free", 0)),
             "Snapshots": list(run.get("snapshots", [])),
             "Job": job.path if job else "/",
         }

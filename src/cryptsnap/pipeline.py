@@ -98,6 +98,14 @@ class MarkedReporter(Reporter):
         self.inner.progress(fraction, transferred)
 
 
+def low_on_space(target: Target, size: int, free: int) -> bool:
+    return bool(size) and free * 100 < size * target.free_space_warning
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
 def traffic_text(record: RunRecord) -> str:
     phases = ", ".join(f"{name} {up:,}/{down:,}" for name, (up, down) in record.traffic.items())
     return f"{record.bytes_up:,} bytes up, {record.bytes_down:,} down ({phases})"
@@ -119,6 +127,8 @@ class RunRecord:
     bytes_down: int = 0
     traffic: dict[str, tuple[int, int]] = field(default_factory=dict)  # per phase group: (up, down)
     traffic_steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # per phase: (up, down)
+    image_size: int = 0  # the file system inside the image, as this run measured it (0: not reached)
+    image_free: int = 0
 
 
 def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool = False,
@@ -157,6 +167,11 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
                 changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
                                entries).save(state.file_record)  # fmt: skip
             record.snapshots = snapshot.list_snapshots(op.fs)
+            record.image_size, record.image_free = snapshot.space(op.fs)
+            if low_on_space(target, record.image_size, record.image_free):
+                log.warning("target %s: the image has %s free of %s, under free_space_warning (%d%%): prune, "
+                            "exclude or `cryptsnap resize` before a run fails for want of room", target.name,
+                            _mib(record.image_free), _mib(record.image_size), target.free_space_warning)  # fmt: skip
         record.result = "done"
         log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
                  len(record.snapshots), len(record.pruned))
@@ -178,6 +193,8 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         entry["last_success"] = record.finished if record.result == "done" else previous.get("last_success", 0)
         if not record.snapshots:
             entry["snapshots"] = previous.get("snapshots", [])
+        if not record.image_size:  # not measured this time: the last measure still holds
+            entry["image_size"], entry["image_free"] = previous.get("image_size", 0), previous.get("image_free", 0)
         try:
             state.record_run(entry)
             state.end_run()

@@ -35,6 +35,8 @@ def from_properties(props: dict) -> dict:
         "bytes_down": props["BytesDownloaded"],
         "snapshots": list(props["Snapshots"]),
         "next_run": _seconds(props["NextElapse"]),
+        "image_size": props["ImageSize"] or None,
+        "image_free": props["ImageFree"] if props["ImageSize"] else None,
     }
 
 
@@ -52,6 +54,8 @@ def from_record(name: str, run: dict, running: bool | None) -> dict:
         "bytes_down": int(run.get("bytes_down", 0)),
         "snapshots": list(run.get("snapshots", [])),
         "next_run": None,
+        "image_size": run.get("image_size") or None,
+        "image_free": run.get("image_free") if run.get("image_size") else None,
     }
 
 
@@ -77,6 +81,10 @@ METRICS = (  # name, help, type, value from a target's record
      lambda run: run.get("bytes_down", 0)),
     ("cryptsnap_snapshots", "Complete snapshots in the image, as of the last run.", "gauge",
      lambda run: len(run.get("snapshots", []))),
+    ("cryptsnap_image_size_bytes", "Size of the file system inside the image (0: not measured yet).", "gauge",
+     lambda run: run.get("image_size", 0)),
+    ("cryptsnap_image_free_bytes", "Free bytes in the image's file system, as the last backup measured them.",
+     "gauge", lambda run: run.get("image_free", 0)),
 )  # fmt: skip
 
 

@@ -93,6 +93,9 @@ TARGET = {
     "pbkdf_iterations": Option("int", "Force this many PBKDF iterations (pbkdf2) or this time cost "
                                "(argon2), instead of benchmarking; mainly for slow or emulated CPUs.",
                                None, minimum=1),
+    "free_space_warning": Option("int", "Warn (in the log, and in `cryptsnap status`) when less than this "
+                                 "percentage of the image's file system is free after a backup: time to prune, "
+                                 "exclude or `cryptsnap resize` before a run fails with exit 12.", 10, minimum=0),
     "retention": Option("section", "Which snapshots `cryptsnap prune` keeps (after each backup); "
                         "a snapshot kept by any rule stays.", None, children=RETENTION),
     "hooks": Option("section", "Commands run around each backup; they get CRYPTSNAP_TARGET, CRYPTSNAP_HOOK, "

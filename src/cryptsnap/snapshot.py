@@ -149,9 +149,14 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
         raise full
 
 
-def _image_full(fs: Path, written: int) -> ImageFull:
+def space(fs: Path) -> tuple[int, int]:
+    """The mounted image file system's size and free bytes (what a non-root writer could use)."""
     info = os.statvfs(fs)
-    size, free = info.f_blocks * info.f_frsize, info.f_bavail * info.f_frsize
+    return info.f_blocks * info.f_frsize, info.f_bavail * info.f_frsize
+
+
+def _image_full(fs: Path, written: int) -> ImageFull:
+    size, free = space(fs)
     mib = lambda n: f"{n / (1 << 20):,.0f} MiB"  # noqa: E731
     return ImageFull(f"the image is full: its file system holds {mib(size)}, {mib(free)} free, and this run "
                      f"had copied {mib(written)} when it ran out. The unfinished snapshot was removed; earlier "

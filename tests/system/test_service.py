@@ -25,6 +25,7 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     after = Path("/run/cryptsnap") / f"after-{name}"  # writable in cryptsnapd's sandbox
     document = yaml.safe_load(service.config_path.read_text())
     document["targets"][name]["hooks"] = {"after": ["sh", "-c", f'echo "$CRYPTSNAP_RESULT $CRYPTSNAP_SNAPSHOT" > {after}']}
+    document["targets"][name]["free_space_warning"] = 100  # any image is "low": the warning shows
     service.config_path.write_text(yaml.safe_dump(document))
     sh("systemctl", "enable", "--now", f"cryptsnap-backup@{name}.timer")
     assert prop(target_path(name), "org.cryptsnap1.Target", "NextElapse") > time.time() * 1e6
@@ -37,13 +38,20 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert prop(target_path(name), "org.cryptsnap1.Target", "BytesDownloaded") == record["bytes_down"] > 0
     status = sh("cryptsnap", "status", name).stdout
     assert f"{name}: idle, last run done" in status
+    assert "(LOW: under free_space_warning, 100%)" in status, status
+    size, free = (prop(target_path(name), "org.cryptsnap1.Target", key) for key in ("ImageSize", "ImageFree"))
+    assert 300 << 20 < size <= 400 << 20 and 0 < free < size, (size, free)  # the 400M image's file system
+    journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout
+    assert f"target {name}: the image has" in journal and "under free_space_warning (100%)" in journal
     snapshots = prop(target_path(name), "org.cryptsnap1.Target", "Snapshots")
     assert after.read_text() == f"done {snapshots[-1]}\n", "the after hook did not run, or not with the run's result"
     document = json.loads(sh("cryptsnap", "status", "--json", name).stdout)
     assert document["source"] == "cryptsnapd" and document["targets"][name]["last_result"] == "done", document
     assert document["targets"][name]["next_run"] > time.time(), document
+    assert document["targets"][name]["image_free"] == free, document
     # Monitoring: cryptsnapd (sandboxed: ReadWritePaths) wrote node_exporter's textfile.
     assert f'cryptsnap_last_run_success{{target="{name}"}} 1' in METRICS.read_text(), METRICS.read_text()
+    assert f'cryptsnap_image_free_bytes{{target="{name}"}} {free}' in METRICS.read_text(), METRICS.read_text()
     # A failing backup fails the unit the same way (OnFailure= hooks see it).
     service.key_file.write_bytes(os.urandom(64))
     failed = sh("systemctl", "start", f"cryptsnap-backup@{name}.service", check=False, timeout=900)
