@@ -24,6 +24,7 @@ from .errors import AccessDenied, Busy, ConfigError, CryptsnapError, NoSuchTarge
 log = logging.getLogger(__name__)
 
 BUS_NAME = "org.cryptsnap1"
+UPOWER, NETWORK_MANAGER = "org.freedesktop.UPower", "org.freedesktop.NetworkManager"
 MANAGER_PATH = "/org/cryptsnap1"
 ADMIN_GROUP = "cryptsnap"
 
@@ -120,7 +121,8 @@ class TargetObject(_Object):
 
     def StartBackup(self, options, dbus_context=None):
         self._authorize(dbus_context)
-        return _translated(lambda: self.exporter.daemon.start_backup(self.name, options).path)
+        job = _translated(lambda: self.exporter.daemon.start_backup(self.name, options))
+        return job.path if job else "/"  # "/": put off by the target's conditions (Deferred)
 
     def ListSnapshots(self):
         return self._property("Snapshots")
@@ -142,6 +144,7 @@ class TargetObject(_Object):
     ImageFree = property(lambda self: self._property("ImageFree"))
     Snapshots = property(lambda self: self._property("Snapshots"))
     Job = property(lambda self: self._property("Job"))
+    Deferred = property(lambda self: self._property("Deferred"))
 
     @property
     def NextElapse(self):
@@ -213,6 +216,26 @@ class BusExporter:
             return int(timer.NextElapseUSecRealtime)
         except Exception:  # no systemd on this bus, timer not loaded: unknown
             return 0
+
+    def power_and_network(self) -> tuple[bool | None, bool | None]:
+        """(on battery, on a metered connection) from UPower and NetworkManager; None: unknown
+        (the service is not there, e.g. a server without them: nothing is put off)."""
+        on_battery = metered = None
+        try:
+            on_battery = bool(self.bus.get(UPOWER, "/org/freedesktop/UPower").OnBattery)
+        except Exception:
+            pass
+        try:  # NMMetered: 1 yes, 3 guessed yes; 2 no, 4 guessed no; 0 unknown
+            metered = {1: True, 3: True, 2: False, 4: False}.get(int(self.bus.get(NETWORK_MANAGER).Metered))
+        except Exception:
+            pass
+        return on_battery, metered
+
+    def watch_power_and_network(self, changed) -> None:
+        """Call changed() when UPower or NetworkManager report a change of their properties."""
+        for path in ("/org/freedesktop/UPower", "/org/freedesktop/NetworkManager"):
+            self.bus.subscribe(iface="org.freedesktop.DBus.Properties", signal="PropertiesChanged", object=path,
+                               signal_fired=lambda *_args: changed())  # fmt: skip
 
     # -- daemon.Listener ----------------------------------------------------------------
 

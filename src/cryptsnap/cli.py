@@ -98,9 +98,14 @@ def _daemon_client(args):
 def backup_via_daemon(client, args) -> int:
     reporter = TerminalReporter()
     wanted = (("break-lock", args.break_lock), ("full-compare", args.full_compare),
-              ("accept-rollback", args.accept_rollback))  # fmt: skip
+              ("accept-rollback", args.accept_rollback), ("ignore-conditions", args.anyway))  # fmt: skip
     options = {name: True for name, asked in wanted if asked}
     job = client.start_backup(args.target, options)
+    if job == "/":
+        why = client.properties(args.target).get("Deferred", "")
+        print(f"{args.target}: backup put off ({why}): cryptsnapd starts it once that changes; "
+              f"`cryptsnap backup --anyway {args.target}` backs up now", file=sys.stderr)
+        return 0
     print(f"{args.target}: started job {job}", file=sys.stderr)
     if args.no_wait:
         return 0
@@ -287,6 +292,8 @@ def cmd_status(args) -> int:
             targets = config.load(args.config).targets
     for d in documents:
         state = f"{d['state']}, " if d["state"] else ""
+        if d["deferred"]:
+            state += f"backup put off ({d['deferred']}), "
         space = ""
         if d["image_size"]:
             space = f", image {d['image_free'] / (1 << 20):,.0f} of {d['image_size'] / (1 << 20):,.0f} MiB free"
@@ -352,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--break-lock", action="store_true",
                    help="take over a remote lock left by a run on another machine that is gone for good")
+    p.add_argument("--anyway", action="store_true",
+                   help="back up now even on battery or a metered connection (skip_on_battery, skip_on_metered); "
+                   "without it cryptsnapd puts such a backup off and starts it once that changes")
     p.add_argument("--full-compare", action="store_true",
                    help="let rsync compare every file with the image (reads all metadata through the network) "
                         "instead of trusting the local record of what the last snapshot holds")

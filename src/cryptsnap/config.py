@@ -70,6 +70,8 @@ class Target:
     hooks: Hooks = Hooks()
     upload_limit: int = 0  # KiB/s, 0: none
     free_space_warning: int = 10  # percent
+    skip_on_battery: bool = True
+    skip_on_metered: bool = True
     download_limit: int = 0
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("cryptsnapd")
 EXIT_CANCELED = 9
 # How long a killed worker's lock may stay held by a child between fork and exec: 20 × 100 ms.
 UNWIND_LOCK_TRIES, UNWIND_LOCK_RETRY_MS = 20, 100
+RECHECK_S = 300  # a deferred backup is looked at this often even without a signal from UPower/NM
 
 
 def _file_signature(path: str) -> tuple:
@@ -79,6 +80,8 @@ class Listener:
     def job_new(self, job: Job) -> None: ...
     def job_changed(self, job: Job, properties: dict) -> None: ...
     def job_removed(self, job: Job, result: str) -> None: ...
+    def power_and_network(self) -> tuple[bool | None, bool | None]:
+        return None, None  # (on battery, metered): unknown
 
 
 class Notifier:
@@ -114,6 +117,8 @@ class Daemon:
         self.loop = GLib.MainLoop()
         self.stopping = False
         self.replaced = False  # a new version was installed: exit once no job runs (cryptsnap.upgrades)
+        self.deferred: dict[str, str] = {}  # target -> why its requested backup waits (conditions)
+        self.recheck = 0  # GLib source of the periodic look at deferred backups
 
     # -- targets -----------------------------------------------------------------------
 
@@ -148,17 +153,39 @@ class Daemon:
             "ImageFree": int(run.get("image_free", 0)),
             "Snapshots": list(run.get("snapshots", [])),
             "Job": job.path if job else "/",
+            "Deferred": self.deferred.get(name, ""),
         }
 
     # -- jobs --------------------------------------------------------------------------
 
-    def start_backup(self, name: str, options: dict) -> Job:
+    def why_not_now(self, name: str) -> str:
+        """What puts off a backup of `name` now (its skip_on_battery, skip_on_metered); "" if nothing."""
+        target = self.target(name)
+        on_battery, metered = self.listener.power_and_network()
+        reasons = [reason for reason, applies in (("on battery", target.skip_on_battery and on_battery),
+                                                  ("on a metered connection", target.skip_on_metered and metered))
+                   if applies]  # fmt: skip
+        return " and ".join(reasons)
+
+    def start_backup(self, name: str, options: dict) -> Job | None:
+        """Start a backup job; None when the target's conditions put it off (it starts by itself later)."""
         self.target(name)
         if self.stopping:
             raise CryptsnapError("cryptsnapd is stopping")
         running = self.job_for(name)
         if running:
             raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
+        why = "" if options.get("ignore-conditions") else self.why_not_now(name)
+        if why:
+            if self.deferred.get(name) != why:
+                log.info("target %s: backup put off: %s; it starts once that changes", name, why)
+                self.deferred[name] = why
+                self.listener.target_changed(name, {"Deferred": why})
+            if not self.recheck:
+                self.recheck = GLib.timeout_add_seconds(RECHECK_S, self._recheck_periodically)
+            return None
+        if self.deferred.pop(name, None) is not None:
+            self.listener.target_changed(name, {"Deferred": ""})
         job = Job(self.next_id, name)
         extra = [f"--{option}" for option in ("break-lock", "full-compare", "accept-rollback") if options.get(option)]
         self._spawn(job, f"backup job {job.id} of cryptsnapd", extra)
@@ -169,6 +196,33 @@ class Daemon:
         self.listener.target_changed(name, {"State": "running", "Job": job.path})
         self.update_status()
         return job
+
+    def conditions_changed(self) -> None:
+        """UPower or NetworkManager changed (or the periodic look): start what waited, if it may now."""
+        for name in list(self.deferred):
+            if name not in self.config.targets:
+                del self.deferred[name]
+                continue
+            if self.job_for(name):
+                continue
+            why = self.why_not_now(name)
+            if why:
+                if why != self.deferred[name]:
+                    self.deferred[name] = why
+                    self.listener.target_changed(name, {"Deferred": why})
+                continue
+            log.info("target %s: the condition that put its backup off has cleared: starting it", name)
+            try:
+                self.start_backup(name, {})
+            except CryptsnapError as exc:  # Busy: a CLI run or a view holds it; it stays put off
+                log.warning("target %s: cannot start the backup that was put off: %s", name, exc)
+
+    def _recheck_periodically(self) -> bool:
+        self.conditions_changed()
+        if self.deferred:
+            return True
+        self.recheck = 0
+        return False
 
     def _spawn(self, job: Job, holder: str, extra: list[str]) -> None:
         """Start the job's worker process, handing it the target's lock."""
@@ -413,6 +467,9 @@ class Daemon:
             GLib.timeout_add(max(watchdog // 2000, 100), self._watchdog)
         self.unwind_leftovers()
         watch = upgrades.InstalledFiles(self.code_replaced)
+        watch_conditions = getattr(self.listener, "watch_power_and_network", None)
+        if watch_conditions:
+            watch_conditions(self.conditions_changed)
         report.update_metrics(self.config)
         self.notifier.send("READY=1")
         self.update_status()

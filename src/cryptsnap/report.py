@@ -37,6 +37,7 @@ def from_properties(props: dict) -> dict:
         "next_run": _seconds(props["NextElapse"]),
         "image_size": props["ImageSize"] or None,
         "image_free": props["ImageFree"] if props["ImageSize"] else None,
+        "deferred": props.get("Deferred") or None,
     }
 
 
@@ -56,6 +57,7 @@ def from_record(name: str, run: dict, running: bool | None) -> dict:
         "next_run": None,
         "image_size": run.get("image_size") or None,
         "image_free": run.get("image_free") if run.get("image_size") else None,
+        "deferred": None,
     }
 
 

@@ -93,6 +93,12 @@ TARGET = {
     "pbkdf_iterations": Option("int", "Force this many PBKDF iterations (pbkdf2) or this time cost "
                                "(argon2), instead of benchmarking; mainly for slow or emulated CPUs.",
                                None, minimum=1),
+    "skip_on_battery": Option("bool", "Put a requested backup off while the machine runs on battery (UPower "
+                              "says so); cryptsnapd starts it once on mains power. `cryptsnap backup --anyway` "
+                              "does not wait.", True),
+    "skip_on_metered": Option("bool", "Put a requested backup off while the network connection is metered "
+                              "(NetworkManager says so, e.g. a phone's hotspot); cryptsnapd starts it once it is "
+                              "not.", True),
     "free_space_warning": Option("int", "Warn (in the log, and in `cryptsnap status`) when less than this "
                                  "percentage of the image's file system is free after a backup: time to prune, "
                                  "exclude or `cryptsnap resize` before a run fails with exit 12.", 10, minimum=0),
