@@ -58,6 +58,9 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     assert failed.returncode != 0
     assert sh("systemctl", "show", "-P", "Result", f"cryptsnap-backup@{name}.service").stdout.strip() == "exit-code"
     assert sh("systemctl", "show", "-P", "ExecMainStatus", f"cryptsnap-backup@{name}.service").stdout.strip() == "6"
+    # OnFailure=: the failure is in the journal at priority err, with its step and reason.
+    wait_until(lambda: "unlocking" in sh("journalctl", "-u", f"cryptsnap-failed@{name}.service", "-p", "err",
+                                         "--no-pager", "-o", "cat").stdout, 60, "the failure report")  # fmt: skip
     assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "failed"
     assert "unlocking" in prop(target_path(name), "org.cryptsnap1.Target", "LastError")
     assert f'cryptsnap_last_run_exit_code{{target="{name}"}} 6' in METRICS.read_text(), METRICS.read_text()
