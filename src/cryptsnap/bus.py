@@ -124,6 +124,10 @@ class TargetObject(_Object):
         job = _translated(lambda: self.exporter.daemon.start_backup(self.name, options))
         return job.path if job else "/"  # "/": put off by the target's conditions (Deferred)
 
+    def StartCheck(self, options, dbus_context=None):
+        self._authorize(dbus_context)
+        return _translated(lambda: self.exporter.daemon.start_check(self.name).path)
+
     def ListSnapshots(self):
         return self._property("Snapshots")
 
@@ -145,6 +149,10 @@ class TargetObject(_Object):
     Snapshots = property(lambda self: self._property("Snapshots"))
     Job = property(lambda self: self._property("Job"))
     Deferred = property(lambda self: self._property("Deferred"))
+    LastCheck = property(lambda self: self._property("LastCheck"))
+    LastCheckTime = property(lambda self: self._property("LastCheckTime"))
+    LastCheckError = property(lambda self: self._property("LastCheckError"))
+    LastCheckExitCode = property(lambda self: self._property("LastCheckExitCode"))
 
     @property
     def NextElapse(self):
@@ -308,6 +316,10 @@ class BusClient:
     def properties(self, name: str) -> dict:
         obj = self.target(name)
         return self._call(lambda: obj.GetAll("org.cryptsnap1.Target"))
+
+    def start_check(self, name: str) -> str:
+        obj = self.target(name)
+        return self._call(lambda: obj.StartCheck({}))
 
     def start_backup(self, name: str, options: dict | None = None) -> str:
         obj = self.target(name)

@@ -96,7 +96,6 @@ def _daemon_client(args):
 
 
 def backup_via_daemon(client, args) -> int:
-    reporter = TerminalReporter()
     wanted = (("break-lock", args.break_lock), ("full-compare", args.full_compare),
               ("accept-rollback", args.accept_rollback), ("ignore-conditions", args.anyway))  # fmt: skip
     options = {name: True for name, asked in wanted if asked}
@@ -109,6 +108,21 @@ def backup_via_daemon(client, args) -> int:
     print(f"{args.target}: started job {job}", file=sys.stderr)
     if args.no_wait:
         return 0
+    result = _follow(client, args, job)
+    props = client.properties(args.target)
+    if result == "done":
+        snaps = props.get("Snapshots", [])
+        print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
+        print(f"traffic: {props['BytesUploaded']:,} bytes up, {props['BytesDownloaded']:,} down")
+        return 0
+    print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
+    return int(props.get("LastExitCode") or (Canceled.exit_code if result == "canceled" else 1))
+
+
+def _follow(client, args, job: str) -> str:
+    """Show the job's progress until it ends; its result (done, failed, canceled). A first
+    SIGINT/SIGTERM cancels the job; cryptsnapd leaving the bus is Interrupted."""
+    reporter = TerminalReporter()
 
     def changed(props):
         if "Phase" in props:
@@ -138,14 +152,7 @@ def backup_via_daemon(client, args) -> int:
                           f"`cryptsnap status {args.target}` shows what was recorded")  # fmt: skip
     if result == "abandoned":
         raise Canceled(f"stopped waiting for job {job}; cryptsnapd is canceling it")
-    props = client.properties(args.target)
-    if result == "done":
-        snaps = props.get("Snapshots", [])
-        print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
-        print(f"traffic: {props['BytesUploaded']:,} bytes up, {props['BytesDownloaded']:,} down")
-        return 0
-    print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
-    return int(props.get("LastExitCode") or (Canceled.exit_code if result == "canceled" else 1))
+    return result
 
 
 def cmd_backup(args) -> int:
@@ -206,6 +213,17 @@ def cmd_prune(args) -> int:
 
 
 def cmd_check(args) -> int:
+    if args.daemon:
+        client = _daemon_client(args)
+        job = client.start_check(args.target)
+        print(f"{args.target}: started check job {job}", file=sys.stderr)
+        result = _follow(client, args, job)
+        props = client.properties(args.target)
+        if props["LastCheck"] == "ok":
+            print(f"{args.target}: check ok (the details are in the journal: journalctl -u cryptsnapd)")
+            return 0
+        print(f"cryptsnap: error: {props['LastCheckError'] or result}", file=sys.stderr)
+        return int(props["LastCheckExitCode"] or (Canceled.exit_code if result == "canceled" else 1))
     target = _target(args)
     report, traffic = pipeline.check(target, fraction=args.fraction, repair=args.repair)
     if report.header_bytes:
@@ -280,8 +298,8 @@ def cmd_status(args) -> int:
         loaded = config.load(args.config)
         names = [args.target] if args.target else sorted(loaded.targets)
         states = [TargetState(loaded.target(name)) for name in names]
-        documents = [report.from_record(state.target.name, state.last_run(), state.run_marker.exists())
-                     for state in states]  # fmt: skip
+        documents = [report.from_record(state.target.name, state.last_run(), state.run_marker.exists(),
+                                        state.last_check()) for state in states]  # fmt: skip
         source = "local records"
     if args.json:
         print(json.dumps(report.document(documents, source), indent=2))
@@ -304,6 +322,8 @@ def cmd_status(args) -> int:
               f"last success {_when(d['last_success'])}, {len(d['snapshots'])} snapshots, "
               f"up {d['bytes_up']:,} / down {d['bytes_down']:,} bytes{space}"
               + (f", next {_when(d['next_run'])}" if source == "cryptsnapd" else "")
+              + (f"\n  last check {d['last_check']} at {_when(d['last_check_time'])}" if d["last_check"] else "")
+              + (f": {d['last_check_error']}" if d["last_check_error"] else "")
               + (f"\n  error: {d['last_error']}" if d["last_error"] else ""))
     return 0
 
@@ -407,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="write this machine's copy over metadata blocks the server damaged (only blocks its "
                         "cache holds, and only while the cache is current)")
-    p.add_argument("--fraction", type=float, default=0.01, metavar="F",
-                   help="download at most F times the image size (default 0.01: 1%%)")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="download at most F times the image size (default: the target's check_budget, 1%%)")
+    p.add_argument("--daemon", action="store_true",
+                   help="have cryptsnapd run the check (as cryptsnap-check@TARGET.timer does) and wait for it; "
+                   "its result is also the target's LastCheck property")
 
     p = add("mount", cmd_mount, "mount all snapshots of a target read-only",
             "Open the image read-only (losetup -r, cryptsetup --readonly, mount -o ro) at "

@@ -63,6 +63,7 @@ class Job:
     # cryptsnapd) left open; such a job holds the target until it is done, and ends with
     # the killed run's recorded result (failed, or done if its snapshot was complete).
     kind: str = "backup"
+    action: str = "backup"  # what the job was started for: backup or check (kept when kind becomes unwind)
     why: str = ""  # what ended the run, for an unwind job
     killed: bool = False  # its backup worker was killed (else: an unwind at start-up)
     retired: list = field(default_factory=list)  # earlier workers: their pipes stay open until read to the end
@@ -137,7 +138,8 @@ class Daemon:
         return next((job for job in self.jobs.values() if job.target == name), None)
 
     def target_properties(self, name: str) -> dict:
-        run = TargetState(self.target(name)).last_run()
+        state = TargetState(self.target(name))
+        run, checked = state.last_run(), state.last_check()
         job = self.job_for(name)
         return {
             "Name": name,
@@ -154,6 +156,10 @@ class Daemon:
             "Snapshots": list(run.get("snapshots", [])),
             "Job": job.path if job else "/",
             "Deferred": self.deferred.get(name, ""),
+            "LastCheck": checked.get("result", ""),
+            "LastCheckTime": usec(checked.get("finished", 0)),
+            "LastCheckError": checked.get("error", ""),
+            "LastCheckExitCode": int(checked.get("exit_code", 0)),
         }
 
     # -- jobs --------------------------------------------------------------------------
@@ -169,12 +175,7 @@ class Daemon:
 
     def start_backup(self, name: str, options: dict) -> Job | None:
         """Start a backup job; None when the target's conditions put it off (it starts by itself later)."""
-        self.target(name)
-        if self.stopping:
-            raise CryptsnapError("cryptsnapd is stopping")
-        running = self.job_for(name)
-        if running:
-            raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
+        self._must_be_free(name)
         why = "" if options.get("ignore-conditions") else self.why_not_now(name)
         if why:
             if self.deferred.get(name) != why:
@@ -186,9 +187,25 @@ class Daemon:
             return None
         if self.deferred.pop(name, None) is not None:
             self.listener.target_changed(name, {"Deferred": ""})
-        job = Job(self.next_id, name)
         extra = [f"--{option}" for option in ("break-lock", "full-compare", "accept-rollback") if options.get(option)]
-        self._spawn(job, f"backup job {job.id} of cryptsnapd", extra)
+        return self._start(name, "backup", extra)
+
+    def start_check(self, name: str) -> Job:
+        """Start a check of the target's image (`cryptsnap check`, its check_budget) as a job."""
+        self._must_be_free(name)
+        return self._start(name, "check", ["--check"])
+
+    def _must_be_free(self, name: str) -> None:
+        self.target(name)  # NoSuchTarget
+        if self.stopping:
+            raise CryptsnapError("cryptsnapd is stopping")
+        running = self.job_for(name)
+        if running:
+            raise Busy(f"target {name} is busy: job {running.id} is running ({running.path})")
+
+    def _start(self, name: str, action: str, extra: list[str]) -> Job:
+        job = Job(self.next_id, name, kind=action, action=action)
+        self._spawn(job, f"{action} job {job.id} of cryptsnapd", extra)
         self.next_id += 1
         self.jobs[job.id] = job
         log.info("job %d [%s]: started (pid %d)", job.id, name, job.process.pid)
@@ -328,7 +345,7 @@ class Daemon:
         # SIGTERM, SIGINT or SIGHUP that killed it came before it could handle them, that is
         # before it opened anything; any other signal (SIGKILL) may have hit it anywhere.
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        if code < 0 and -code not in handled and job.kind == "backup" and job.target in self.config.targets:
+        if code < 0 and -code not in handled and job.kind in ("backup", "check") and job.target in self.config.targets:
             # Killed before it could unwind (SIGKILL, the OOM killer): its mounts, the decrypted
             # mapping and the block device server are still open. Remove them now, not next run.
             job.killed = True
@@ -365,6 +382,9 @@ class Daemon:
                           job.id, job.target, code)  # fmt: skip
             if job.killed:  # a worker of this daemon's, maybe killed before its run made its marker
                 self._record_if_unrecorded(job, "failed", Interrupted.exit_code, f"interrupted: {job.why}")
+            if job.action == "check":
+                self._remove_job(job, "failed", Interrupted.exit_code)
+                return
             # As recorded: a run killed while unmounting, after its snapshot was complete, is done.
             recorded = TargetState(self.target(job.target)).last_run() if job.target in self.config.targets else {}
             if recorded.get("finished", 0) >= job.start_time:
@@ -383,6 +403,11 @@ class Daemon:
         if job.target not in self.config.targets:
             return
         state = TargetState(self.target(job.target))
+        if job.action == "check":
+            if state.last_check().get("finished", 0) < job.start_time:
+                state.record_check({"result": "failed", "started": job.start_time, "finished": time.time(),
+                                    "error": error, "exit_code": code})  # fmt: skip
+            return
         if state.last_run().get("finished", 0) < job.start_time:
             state.record_run({**state.last_run(), "result": result, "finished": time.time(), "exit_code": code,
                               "error": error, "action": "backup"})  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from . import changes, commands, hooks, integrity, meter, runner, snapshot
 from .config import Target
-from .errors import CryptsnapError, UnsafeServer, UsageError, canceled
+from .errors import CryptsnapError, IntegrityError, UnsafeServer, UsageError, canceled
 from .layers import check_server_fsync
 from .stack import Paths, open_stack, step
 from .state import TargetState
@@ -258,12 +258,35 @@ def resize(target: Target, size: int, reporter: Reporter | None = None, say=prin
     return old, size
 
 
-def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.01, repair: bool = False):
-    """Check the image within a download budget of `fraction` of its size (cryptsnap.integrity).
-    With `repair`, metadata blocks damaged on the server are rewritten from this machine's cache.
+def check(target: Target, reporter: Reporter | None = None, fraction: float | None = None, repair: bool = False,
+          lock_fd: int | None = None):  # fmt: skip
+    """Check the image within a download budget of `fraction` of its size (cryptsnap.integrity;
+    default: the target's check_budget percent). With `repair`, metadata blocks damaged on the
+    server are rewritten from this machine's cache. The result is recorded (last-check.json).
 
     Returns (CheckReport, traffic); raises IntegrityError naming every problem found.
     """
+    state = TargetState(target)
+    started = time.time()
+    result, error, code = "failed", "", 1
+    try:
+        found = _check(target, reporter, target.check_budget / 100 if fraction is None else fraction, repair,
+                       lock_fd)  # fmt: skip
+        result = "ok"
+        return found
+    except BaseException as exc:
+        result = "canceled" if canceled(exc) else "problems" if isinstance(exc, IntegrityError) else "failed"
+        error, code = str(exc), getattr(exc, "exit_code", 1)
+        raise
+    finally:
+        try:
+            state.record_check({"result": result, "started": started, "finished": time.time(), "error": error,
+                                "exit_code": 0 if result == "ok" else code})  # fmt: skip
+        except OSError as exc:
+            log.error("could not record the check in %s: %s", state.dir, exc)
+
+
+def _check(target: Target, reporter: Reporter | None, fraction: float, repair: bool, lock_fd: int | None):
     counter = Paths.of(target).traffic
     metered = MeteredReporter(reporter or Reporter(), lambda: meter.read(counter))
     state = TargetState(target)
@@ -282,7 +305,7 @@ def check(target: Target, reporter: Reporter | None = None, fraction: float = 0.
 
     try:
         with open_stack(target, readonly=True, what="check", on_phase=metered.phase,
-                        before_attaching=compare_cache) as op:  # fmt: skip
+                        before_attaching=compare_cache, lock_fd=lock_fd) as op:  # fmt: skip
             metered.phase("checking")
             if state.header_backup.is_file():
                 report.header_bytes, problems = integrity.compare_header(op.paths.remote / target.image,

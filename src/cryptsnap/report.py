@@ -38,11 +38,16 @@ def from_properties(props: dict) -> dict:
         "image_size": props["ImageSize"] or None,
         "image_free": props["ImageFree"] if props["ImageSize"] else None,
         "deferred": props.get("Deferred") or None,
+        "last_check": props.get("LastCheck") or None,
+        "last_check_time": _seconds(props.get("LastCheckTime", 0)),
+        "last_check_error": props.get("LastCheckError") or None,
     }
 
 
-def from_record(name: str, run: dict, running: bool | None) -> dict:
-    """A target's document from its last-run.json (state_dir); `running`: None when unknown."""
+def from_record(name: str, run: dict, running: bool | None, checked: dict | None = None) -> dict:
+    """A target's document from its last-run.json and last-check.json (state_dir); `running`:
+    None when unknown."""
+    checked = checked or {}
     return {
         "name": name,
         "state": None if running is None else "running" if running else "idle",
@@ -58,6 +63,9 @@ def from_record(name: str, run: dict, running: bool | None) -> dict:
         "image_size": run.get("image_size") or None,
         "image_free": run.get("image_free") if run.get("image_size") else None,
         "deferred": None,
+        "last_check": checked.get("result") or None,
+        "last_check_time": checked.get("finished") or None,
+        "last_check_error": checked.get("error") or None,
     }
 
 
@@ -85,6 +93,10 @@ METRICS = (  # name, help, type, value from a target's record
      lambda run: len(run.get("snapshots", []))),
     ("cryptsnap_image_size_bytes", "Size of the file system inside the image (0: not measured yet).", "gauge",
      lambda run: run.get("image_size", 0)),
+    ("cryptsnap_last_check_ok", "1 if the last `cryptsnap check` found the image sound, else 0.", "gauge",
+     lambda run: 1 if run.get("check", {}).get("result") == "ok" else 0),
+    ("cryptsnap_last_check_timestamp_seconds", "End of the last check (0: never).", "gauge",
+     lambda run: run.get("check", {}).get("finished", 0)),
     ("cryptsnap_image_free_bytes", "Free bytes in the image's file system, as the last backup measured them.",
      "gauge", lambda run: run.get("image_free", 0)),
 )  # fmt: skip
@@ -125,7 +137,8 @@ def update_metrics(config) -> None:
         return
     from .state import TargetState
 
-    runs = {name: TargetState(target).last_run() for name, target in config.targets.items()}
+    states = {name: TargetState(target) for name, target in config.targets.items()}
+    runs = {name: {**state.last_run(), "check": state.last_check()} for name, state in states.items()}
     try:
         if write_metrics(Path(config.metrics_file), runs):
             log.debug("metrics written to %s", config.metrics_file)

@@ -99,6 +99,9 @@ TARGET = {
     "skip_on_metered": Option("bool", "Put a requested backup off while the network connection is metered "
                               "(NetworkManager says so, e.g. a phone's hotspot); cryptsnapd starts it once it is "
                               "not.", True),
+    "check_budget": Option("int", "How much of the image a `cryptsnap check` may download, in percent of its "
+                           "size (the checks go on where the last one stopped; cryptsnap-check@NAME.timer runs "
+                           "one a week).", 1, minimum=1),
     "free_space_warning": Option("int", "Warn (in the log, and in `cryptsnap status`) when less than this "
                                  "percentage of the image's file system is free after a backup: time to prune, "
                                  "exclude or `cryptsnap resize` before a run fails with exit 12.", 10, minimum=0),

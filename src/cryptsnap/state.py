@@ -6,6 +6,7 @@ luks-header.img  LUKS header backup (restore it with cryptsetup luksHeaderRestor
 image.json       image size and LUKS UUID, to detect a replaced or truncated image
 generation       counter also kept inside the image, to detect a rollback
 last-run.json    result, times, snapshot and traffic of the last run
+last-check.json  result and time of the last `cryptsnap check`
 running.json     the run in progress (pid, phase): one that died without finishing is found by it
 files.gz         the files of the newest snapshot, to find what changed locally (cryptsnap.changes)
 block-cache/     the image's metadata blocks as stored, encrypted (cryptsnap.blockcache)
@@ -101,6 +102,17 @@ class TargetState:
     def record_run(self, record: dict) -> None:
         self.ensure_dir()
         _write_atomic(self.dir / "last-run.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def last_check(self) -> dict:
+        """The last `cryptsnap check`: result (ok, problems, failed, canceled), finished, error, exit_code."""
+        try:
+            return json.loads((self.dir / "last-check.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def record_check(self, record: dict) -> None:
+        self.ensure_dir()
+        _write_atomic(self.dir / "last-check.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
 
     # -- the run in progress -----------------------------------------------------------
     # A run that is killed (SIGKILL, OOM, power cut) cannot record its own end. It leaves

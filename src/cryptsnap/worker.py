@@ -3,6 +3,7 @@
     python3 -m cryptsnap.worker --config PATH --job ID TARGET [--break-lock] [--full-compare]
         [--accept-rollback] [--lock-fd N]
     python3 -m cryptsnap.worker --config PATH --job ID TARGET --unwind WHY [--lock-fd N]
+    python3 -m cryptsnap.worker --config PATH --job ID TARGET --check [--lock-fd N]
 
 Progress goes to stdout as one JSON object per line ({"phase": ...} or {"progress": f,
 "bytes": n}); log lines go to stderr (the journal), tagged with the job and target. The
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept-rollback", action="store_true")
     parser.add_argument("--lock-fd", type=int, help="the target's local lock, taken by cryptsnapd")
     parser.add_argument("--unwind", metavar="WHY", help="only unwind what a dead run left; WHY: what ended it")
+    parser.add_argument("--check", action="store_true", help="check the image (`cryptsnap check`) instead")
     parser.add_argument("target")
     args = parser.parse_args(argv)
     logs.setup(1, program=f"job {args.job} [{args.target}]", tag=f"job {args.job} [{args.target}]: ")
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             interrupted = unwind_dead_run(target, args.unwind, args.lock_fd)
             if interrupted:
                 log.warning("%s", interrupted)
+            return 0
+        if args.check:
+            pipeline.check(target, PipeReporter(), lock_fd=args.lock_fd)
             return 0
         pipeline.backup(target, PipeReporter(), break_lock=args.break_lock, full_compare=args.full_compare,
                         accept_rollback=args.accept_rollback, lock_fd=args.lock_fd)  # fmt: skip

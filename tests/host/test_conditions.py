@@ -39,12 +39,13 @@ def start(daemon, setup, *options: str) -> str:
     return json.loads(out)["data"][0]
 
 
-def until(predicate, timeout: float = 15, what: str = ""):
+def until(daemon, predicate, timeout: float = 15, what: str = ""):
+    """Wait, reading cryptsnapd's sd_notify meanwhile (as systemd does: a full queue blocks it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
-        time.sleep(0.05)
+        daemon.notify.receive(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -61,16 +62,16 @@ def test_a_backup_on_battery_waits_says_why_and_starts_once_on_mains(setup, bus,
         assert client.returncode == 0 and "backup put off (on battery)" in err and "--anyway" in err, err
 
         daemon.bus.busctl("set-property", *NM, "Metered", "u", "1")  # a phone's hotspot as well
-        until(lambda: daemon.get(path, TARGET, "Deferred") == "on battery and on a metered connection", what="both")
+        until(daemon, lambda: daemon.get(path, TARGET, "Deferred") == "on battery and on a metered connection", what="both")
         daemon.bus.busctl("set-property", *UPOWER, "OnBattery", "b", "false")
-        until(lambda: daemon.get(path, TARGET, "Deferred") == "on a metered connection", what="metered alone")
+        until(daemon, lambda: daemon.get(path, TARGET, "Deferred") == "on a metered connection", what="metered alone")
         assert daemon.get(path, TARGET, "Job") == "/"
         daemon.bus.busctl("set-property", *NM, "Metered", "u", "2")  # home wifi: it starts by itself
-        until(lambda: daemon.get(path, TARGET, "Job") != "/", what="the put-off backup to start")
+        until(daemon, lambda: daemon.get(path, TARGET, "Job") != "/", what="the put-off backup to start")
         assert daemon.get(path, TARGET, "Deferred") == ""
         wait_connecting(setup)
         daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
     finally:
         daemon.stop()
     assert_nothing_left(setup)
@@ -84,12 +85,12 @@ def test_anyway_starts_now_and_a_machine_without_upower_never_waits(setup, bus, 
         assert start(daemon, setup, "ignore-conditions", "b", "true") != "/"  # on battery, but asked to
         assert daemon.get(path, TARGET, "Deferred") == ""
         daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
         power.kill()  # no UPower, no NetworkManager (a server): unknown is not a reason to wait
         power.wait()
         assert start(daemon, setup) != "/"
         daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
     finally:
         daemon.stop()
     assert_nothing_left(setup)

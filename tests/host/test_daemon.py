@@ -299,3 +299,36 @@ def test_jobs_leave_no_file_descriptors_behind(setup, bus):
         assert fds[-1] <= fds[1], f"open descriptors after each job: {fds}"
     finally:
         daemon.stop()
+
+
+def test_a_check_runs_as_a_job_and_its_result_is_a_property_not_a_backup(setup, bus):
+    """StartCheck (cryptsnap-check@.timer's way): a job under the target's lock, its result in
+    LastCheck*. Here it fails at unlocking (no device-mapper on this machine): it is recorded as
+    the check's result, never as a backup's."""
+    from tests.host.test_layers import prepare
+
+    prepare(setup)
+    daemon = Daemon(setup, bus).ready()
+    path = target_path(setup.name)
+    try:
+        out = daemon.bus.busctl("--json=short", "call", "org.cryptsnap1", path, "org.cryptsnap1.Target",
+                                "StartCheck", "a{sv}", "0").stdout  # fmt: skip
+        assert json.loads(out)["data"][0].startswith("/org/cryptsnap1/job/")
+        deadline = time.monotonic() + 60
+        while daemon.get(path, "org.cryptsnap1.Target", "LastCheck") == "" and time.monotonic() < deadline:
+            daemon.notify.receive(0.1)  # read sd_notify as systemd would: a full queue blocks cryptsnapd
+        assert daemon.get(path, "org.cryptsnap1.Target", "LastCheck") == "failed"
+        assert daemon.get(path, "org.cryptsnap1.Target", "LastCheckError").startswith("unlocking:")
+        assert daemon.get(path, "org.cryptsnap1.Target", "LastCheckExitCode") == 8
+        assert daemon.get(path, "org.cryptsnap1.Target", "LastResult") == "", "a check was recorded as a backup"
+        assert not (setup.state_dir / setup.name / "last-run.json").exists()
+        client = subprocess.Popen([sys.executable, "-m", "cryptsnap", "--config", str(setup.config_path), "check",
+                                   "--daemon", setup.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, CRYPTSNAP_BUS_ADDRESS=bus.address))  # fmt: skip
+        while client.poll() is None and time.monotonic() < deadline:
+            daemon.notify.receive(0.1)
+        err = client.communicate(timeout=10)[1]
+        assert client.returncode == 8 and "error: unlocking:" in err, err
+    finally:
+        daemon.stop()
+    assert_nothing_left(setup)

@@ -34,5 +34,5 @@ def test_a_failed_local_run_shows_in_the_metrics_file_and_in_status_json(setup, 
     assert mine["last_error"].startswith("unlocking:") and mine["state"] == "idle", mine
     assert set(mine) == {"name", "state", "last_result", "last_attempt", "last_success", "last_error",
                          "last_exit_code", "bytes_up", "bytes_down", "snapshots", "next_run", "image_size",
-                         "image_free", "deferred"}  # fmt: skip
+                         "image_free", "deferred", "last_check", "last_check_time", "last_check_error"}  # fmt: skip
     assert_nothing_left(setup)

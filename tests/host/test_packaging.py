@@ -61,6 +61,7 @@ def test_the_debian_package_builds_from_a_clean_copy_and_lintian_finds_nothing(t
                  "/usr/lib/python3/dist-packages/cryptsnap/org.cryptsnap1.xml",
                  "/lib/systemd/system/cryptsnapd.service", "/lib/systemd/system/cryptsnap-backup@.timer",
                  "/lib/systemd/system/cryptsnap-restore@.service", "/lib/systemd/system/cryptsnap-failed@.service",
+                 "/lib/systemd/system/cryptsnap-check@.service", "/lib/systemd/system/cryptsnap-check@.timer",
                  "/usr/share/dbus-1/system.d/org.cryptsnap1.conf",
                  "/usr/share/dbus-1/system-services/org.cryptsnap1.service", "/usr/lib/sysusers.d/cryptsnap.conf",
                  "/usr/lib/tmpfiles.d/cryptsnap.conf", "/usr/lib/udev/rules.d/56-cryptsnap.rules",

@@ -52,6 +52,12 @@ def test_the_timer_unit_runs_a_backup_through_the_daemon(service):
     # Monitoring: cryptsnapd (sandboxed: ReadWritePaths) wrote node_exporter's textfile.
     assert f'cryptsnap_last_run_success{{target="{name}"}} 1' in METRICS.read_text(), METRICS.read_text()
     assert f'cryptsnap_image_free_bytes{{target="{name}"}} {free}' in METRICS.read_text(), METRICS.read_text()
+    # The weekly check's unit: cryptsnapd runs it as a job; its result is a property.
+    sh("systemctl", "start", f"cryptsnap-check@{name}.service", timeout=900)
+    assert sh("systemctl", "show", "-P", "Result", f"cryptsnap-check@{name}.service").stdout.strip() == "success"
+    assert prop(target_path(name), "org.cryptsnap1.Target", "LastCheck") == "ok"
+    assert prop(target_path(name), "org.cryptsnap1.Target", "LastCheckTime") > time.time() * 1e6 - 600e6
+    assert prop(target_path(name), "org.cryptsnap1.Target", "LastResult") == "done", "the check counted as a backup"
     # A failing backup fails the unit the same way (OnFailure= hooks see it).
     service.key_file.write_bytes(os.urandom(64))
     failed = sh("systemctl", "start", f"cryptsnap-backup@{name}.service", check=False, timeout=900)

@@ -55,7 +55,7 @@ def complete(where: Path, line: str) -> list[str]:
 def test_commands_and_their_options_come_from_the_parser(configured):
     assert "backup" in complete(configured, "cryptsnap ") and "restore" in complete(configured, "cryptsnap ")
     assert complete(configured, "cryptsnap ba") == ["backup"]
-    assert complete(configured, "cryptsnap check --") == ["--fraction", "--repair"]
+    assert complete(configured, "cryptsnap check --") == ["--daemon", "--fraction", "--repair"]
     assert complete(configured, "cryptsnap -v list --r") == ["--recorded"]
     assert complete(configured, "cryptsnap --c") == ["--config"]
 

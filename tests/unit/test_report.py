@@ -14,11 +14,12 @@ RUN = {"result": "failed", "started": 1_700_000_000.0, "finished": 1_700_000_042
 PROPS = {"Name": "home", "State": "idle", "LastResult": "failed", "LastAttempt": 1_700_000_042_500_000,
          "LastSuccess": 1_699_990_000_000_000, "LastError": "unlocking: wrong key", "LastExitCode": 6,
          "BytesUploaded": 1234, "BytesDownloaded": 56, "Snapshots": RUN["snapshots"], "NextElapse": 0,
-         "Job": "/", "ImageSize": 10 << 30, "ImageFree": 3 << 30, "Deferred": ""}  # fmt: skip
+         "Job": "/", "ImageSize": 10 << 30, "ImageFree": 3 << 30, "Deferred": "", "LastCheck": "ok",
+         "LastCheckTime": 1_700_000_100_000_000, "LastCheckError": ""}  # fmt: skip
 
 
 def test_both_sources_give_the_same_document():
-    local = report.from_record("home", RUN, running=False)
+    local = report.from_record("home", RUN, running=False, checked={"result": "ok", "finished": 1_700_000_100.0})
     remote = report.from_properties(PROPS)
     assert local == remote
     assert local["last_attempt"] == 1_700_000_042.5 and local["last_exit_code"] == 6 and local["next_run"] is None
