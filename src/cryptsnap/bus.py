@@ -11,6 +11,7 @@ import grp
 import logging
 import os
 import pwd
+import time
 import xml.etree.ElementTree as ET
 from importlib import resources
 
@@ -301,6 +302,14 @@ class BusClient:
         return client if BUS_NAME in names else None
 
     def _call(self, call):
+        try:
+            return call()
+        except GLib.Error as exc:
+            # cryptsnapd exits when idle after an upgrade (cryptsnap.upgrades): a call that reached
+            # it just then was never handled, so asking again (which activates the new version) is safe.
+            if "disconnected from message bus without replying" not in str(exc):
+                raise _domain_error(exc) from None
+        time.sleep(1)
         try:
             return call()
         except GLib.Error as exc:
