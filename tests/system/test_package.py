@@ -6,6 +6,7 @@ the host also built the same code as a newer version, which the upgrade installs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -54,7 +55,9 @@ def test_an_upgrade_while_a_backup_runs_neither_stops_nor_restarts_it(service):
         package.install()  # back to this version for the tests after this one
         # ...which the idle daemon answers by exiting within seconds: let it, before the next test.
         idle = main_pid()
-        wait_until(lambda: main_pid() != idle, 60, "cryptsnapd to exit after the downgrade")
+        if idle:
+            with contextlib.suppress(AssertionError):  # not replaced (the test failed before): it stays
+                wait_until(lambda: main_pid() != idle, 30, "cryptsnapd to exit after the downgrade")
     assert_nothing_left(service)
 
 
