@@ -93,26 +93,28 @@ class TargetState:
     def set_generation(self, value: int) -> None:
         _write_atomic(self.dir / "generation", f"{value}\n")
 
-    def last_run(self) -> dict:
+    def _read(self, name: str) -> dict:
         try:
-            return json.loads((self.dir / "last-run.json").read_text())
+            return json.loads((self.dir / name).read_text())
         except (FileNotFoundError, ValueError):
             return {}
 
-    def record_run(self, record: dict) -> None:
+    def _record(self, name: str, record: dict) -> None:
         self.ensure_dir()
-        _write_atomic(self.dir / "last-run.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
+        _write_atomic(self.dir / name, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def last_run(self) -> dict:
+        return self._read("last-run.json")
+
+    def record_run(self, record: dict) -> None:
+        self._record("last-run.json", record)
 
     def last_check(self) -> dict:
         """The last `cryptsnap check`: result (ok, problems, failed, canceled), finished, error, exit_code."""
-        try:
-            return json.loads((self.dir / "last-check.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        return self._read("last-check.json")
 
     def record_check(self, record: dict) -> None:
-        self.ensure_dir()
-        _write_atomic(self.dir / "last-check.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
+        self._record("last-check.json", record)
 
     # -- the run in progress -----------------------------------------------------------
     # A run that is killed (SIGKILL, OOM, power cut) cannot record its own end. It leaves
