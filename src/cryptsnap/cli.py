@@ -290,6 +290,7 @@ def _when(seconds: float | None) -> str:
 
 def cmd_status(args) -> int:
     client = _daemon_client(args)
+    loaded = None
     if client is not None:
         documents = [report.from_properties(client.properties(name))
                      for name in ([args.target] if args.target else client.targets())]  # fmt: skip
@@ -304,8 +305,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(report.document(documents, source), indent=2))
         return 0
-    targets = {}
-    if any(d["image_size"] for d in documents):
+    targets = loaded.targets if loaded else {}
+    if not loaded and any(d["image_size"] for d in documents):
         with contextlib.suppress(CryptsnapError, OSError):  # a user who may not read the configuration
             targets = config.load(args.config).targets
     for d in documents:
