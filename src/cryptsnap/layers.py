@@ -512,9 +512,9 @@ class CachedDevice:
         if record.exists():
             with contextlib.suppress(ValueError):
                 pids.add(int(record.read_text().partition(" ")[2]))
-        for proc in psutil.process_iter(["pid", "cmdline"]):
+        for proc in psutil.process_iter(["pid", "cmdline"]) if cache_dir else ():
             cmdline = proc.info["cmdline"] or []
-            if cache_dir and "cryptsnap.nbd" in cmdline and str(cache_dir) in cmdline:
+            if "cryptsnap.nbd" in cmdline and str(cache_dir) in cmdline:
                 pids.add(proc.info["pid"])
         for pid in sorted(pids):
             with contextlib.suppress(psutil.Error):
