@@ -132,6 +132,8 @@ class TargetState:
             self._begin_run(action)
             marker = self._marker
         if marker["phase"] != phase:
+            if phase == "unmounting":  # a run killed while unwinding failed where the unwinding began
+                marker["unwinding_from"] = marker["phase"]
             marker["phase"] = phase
             _write_atomic(self.run_marker, json.dumps(marker) + "\n")
 
@@ -172,7 +174,7 @@ class TargetState:
             return None
         if marker.get("boot_id") != boot_id():
             why = "the machine stopped during the run (power loss, crash or reboot)"
-        phase = marker.get("phase") or "starting"
+        phase = marker.get("unwinding_from") or marker.get("phase") or "starting"
         error = Interrupted(f"{phase}: interrupted: {why}; what it had opened was unwound, and the next run "
                             f"starts afresh (complete snapshots are not affected)")  # fmt: skip
         previous = self.last_run()
