@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 from importlib import resources
 
 import pydbus
-from gi.repository import GLib
+from gi.repository import Gio, GLib
 from pydbus.generic import signal
 
 from . import __version__
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 BUS_NAME = "org.cryptsnap1"
 UPOWER, NETWORK_MANAGER = "org.freedesktop.UPower", "org.freedesktop.NetworkManager"
+LOGIND, LOGIND_PATH = "org.freedesktop.login1", "/org/freedesktop/login1"
+LOGIND_MANAGER = "org.freedesktop.login1.Manager"
 MANAGER_PATH = "/org/cryptsnap1"
 ADMIN_GROUP = "cryptsnap"
 
@@ -245,6 +247,29 @@ class BusExporter:
         for path in ("/org/freedesktop/UPower", "/org/freedesktop/NetworkManager"):
             self.bus.subscribe(iface="org.freedesktop.DBus.Properties", signal="PropertiesChanged", object=path,
                                signal_fired=lambda *_args: changed())  # fmt: skip
+
+    def take_inhibitor(self, why: str) -> int | None:
+        """A logind delay inhibitor for sleep and shutdown: the descriptor that holds it (close it
+        to release), or None without logind. logind then waits for it (InhibitDelayMaxSec, 5 s
+        by default) after announcing PrepareForSleep / PrepareForShutdown."""
+        try:  # the descriptor comes in the reply's fd list, which pydbus does not pass on
+            reply, fds = self.bus.con.call_with_unix_fd_list_sync(
+                LOGIND, LOGIND_PATH, LOGIND_MANAGER, "Inhibit",
+                GLib.Variant("(ssss)", ("sleep:shutdown", "cryptsnap", why, "delay")), GLib.VariantType("(h)"),
+                Gio.DBusCallFlags.NONE, 5000, None, None)  # fmt: skip
+            return fds.steal_fds()[reply.unpack()[0]]
+        except GLib.Error as exc:
+            log.debug("no sleep/shutdown inhibitor (logind): %s", exc.message)
+            return None
+
+    def watch_sleep_and_shutdown(self, prepare) -> None:
+        """Call prepare(what, starting) on logind's PrepareForSleep / PrepareForShutdown:
+        what is "sleep" or "shutdown"; starting is False when the machine woke up (or the
+        shutdown was called off)."""
+        for what in ("sleep", "shutdown"):
+            self.bus.subscribe(sender=LOGIND, iface=LOGIND_MANAGER, signal=f"PrepareFor{what.title()}",
+                               object=LOGIND_PATH,
+                               signal_fired=lambda *args, what=what: prepare(what, bool(args[4][0])))  # fmt: skip
 
     # -- daemon.Listener ----------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class Job:
     transferred: int = 0
     process: subprocess.Popen | None = None
     cancel_requested: bool = False
+    cancel_why: str = ""  # why cryptsnapd itself canceled it (the machine going to sleep), for its record
     buffer: bytes = b""
     # "backup", or "unwind": removing what a killed worker (or, at start-up, a killed
     # cryptsnapd) left open; such a job holds the target until it is done, and ends with
@@ -83,6 +84,9 @@ class Listener:
     def job_removed(self, job: Job, result: str) -> None: ...
     def power_and_network(self) -> tuple[bool | None, bool | None]:
         return None, None  # (on battery, metered): unknown
+
+    def take_inhibitor(self, why: str) -> int | None:
+        return None  # no logind: nothing to hold off
 
 
 class Notifier:
@@ -120,6 +124,8 @@ class Daemon:
         self.replaced = False  # a new version was installed: exit once no job runs (cryptsnap.upgrades)
         self.deferred: dict[str, str] = {}  # target -> why its requested backup waits (conditions)
         self.recheck = 0  # GLib source of the periodic look at deferred backups
+        self.going = ""  # "going to sleep", "shutting down": logind said so, and has not called it off
+        self.inhibitor: int | None = None  # logind's delay inhibitor, held while a job runs
 
     # -- targets -----------------------------------------------------------------------
 
@@ -169,14 +175,16 @@ class Daemon:
         target = self.target(name)
         on_battery, metered = self.listener.power_and_network()
         reasons = [reason for reason, applies in (("on battery", target.skip_on_battery and on_battery),
-                                                  ("on a metered connection", target.skip_on_metered and metered))
+                                                  ("on a metered connection", target.skip_on_metered and metered),
+                                                  (f"the machine is {self.going}", self.going))
                    if applies]  # fmt: skip
         return " and ".join(reasons)
 
     def start_backup(self, name: str, options: dict) -> Job | None:
         """Start a backup job; None when the target's conditions put it off (it starts by itself later)."""
         self._must_be_free(name)
-        why = "" if options.get("ignore-conditions") else self.why_not_now(name)
+        why = f"the machine is {self.going}" if self.going else ""  # not even --anyway: it would be cut off
+        why = why or ("" if options.get("ignore-conditions") else self.why_not_now(name))
         if why:
             if self.deferred.get(name) != why:
                 log.info("target %s: backup put off: %s; it starts once that changes", name, why)
@@ -233,6 +241,41 @@ class Daemon:
                 self.start_backup(name, {})
             except CryptsnapError as exc:  # Busy: a CLI run or a view holds it; it stays put off
                 log.warning("target %s: cannot start the backup that was put off: %s", name, exc)
+
+    # -- sleep and shutdown ------------------------------------------------------------
+    # While a job runs, cryptsnapd holds a logind delay inhibitor. When logind announces
+    # sleep or shutdown, each job is canceled: it unwinds (the half-written snapshot is
+    # removed, the decrypted mapping closed, sshfs unmounted) and the inhibitor goes with
+    # the last of them, so the machine does not sleep with an image open and a connection
+    # about to break. A backup canceled for sleep starts again when the machine wakes.
+
+    def prepare_for(self, what: str, starting: bool) -> None:
+        """logind's PrepareForSleep / PrepareForShutdown (what: sleep, shutdown)."""
+        if not starting:
+            if self.going:
+                log.info("the machine is back (%s over or called off): starting the backups put off for it", what)
+                self.going = ""
+                self.conditions_changed()
+            return
+        self.going = "going to sleep" if what == "sleep" else "shutting down"
+        for job in list(self.jobs.values()):
+            if job.kind == "unwind" or job.phase in ("finalizing", "unmounting"):
+                continue  # it only closes now: the fastest way to a consistent image is to let it
+            log.info("job %d [%s]: the machine is %s: canceling it", job.id, job.target, self.going)
+            job.cancel_why = f"the machine was {self.going}"
+            if job.action == "backup":
+                job.cancel_why += "; the backup starts again when the machine is back"
+                self.deferred[job.target] = f"the machine is {self.going}"
+                self.listener.target_changed(job.target, {"Deferred": self.deferred[job.target]})
+            self.cancel(job)
+
+    def _hold_off_sleep(self) -> None:
+        """Hold logind's delay inhibitor exactly while a job runs."""
+        if self.jobs and self.inhibitor is None and not self.going:
+            self.inhibitor = self.listener.take_inhibitor("a backup is open: it is closed cleanly first")
+        elif not self.jobs and self.inhibitor is not None:
+            os.close(self.inhibitor)
+            self.inhibitor = None
 
     def _recheck_periodically(self) -> bool:
         self.conditions_changed()
@@ -396,6 +439,10 @@ class Daemon:
             code = 128 - code
         result = "done" if code == 0 else "canceled" if job.cancel_requested or code == EXIT_CANCELED else "failed"
         self._record_if_unrecorded(job, result, code, f"the worker exited with code {code} (see the journal)")
+        if job.cancel_why and result == "canceled" and job.action == "backup":
+            state = TargetState(self.target(job.target))
+            run = state.last_run()
+            state.record_run({**run, "error": f"{run.get('error') or 'canceled'} ({job.cancel_why})"})
         self._remove_job(job, result, code)
 
     def _record_if_unrecorded(self, job: Job, result: str, code: int, error: str) -> None:
@@ -421,6 +468,8 @@ class Daemon:
         if job.target in self.config.targets:
             self.listener.target_changed(job.target, self.target_properties(job.target))
         self.update_status()
+        if job.target in self.deferred and not (self.stopping or self.replaced):
+            self.conditions_changed()  # the machine woke up before this run had unwound: start it now
         if (self.stopping or self.replaced) and not self.jobs:
             if self.replaced and not self.stopping:
                 log.info("cryptsnap was upgraded and no job runs now: exiting; the next request starts the new version")
@@ -440,7 +489,9 @@ class Daemon:
         return "; ".join(parts)
 
     def update_status(self) -> None:
+        """After any change of the jobs: systemd's STATUS=, and the sleep inhibitor."""
         self.notifier.status(self.status_text())
+        self._hold_off_sleep()
 
     def reload(self) -> None:
         self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
@@ -495,6 +546,9 @@ class Daemon:
         watch_conditions = getattr(self.listener, "watch_power_and_network", None)
         if watch_conditions:
             watch_conditions(self.conditions_changed)
+        watch_sleep = getattr(self.listener, "watch_sleep_and_shutdown", None)
+        if watch_sleep:
+            watch_sleep(self.prepare_for)
         report.update_metrics(self.config)
         self.notifier.send("READY=1")
         self.update_status()
