@@ -224,8 +224,12 @@ def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv
         options.append("compress=zstd:1")  # compress before encryption: less to upload
         # One transaction for the whole sync where it can: each periodic commit (default 30 s)
         # writes the path of tree nodes above every change again (docs/performance.md).
-        # The run ends with its own sync; an interrupted run's partial snapshot is discarded anyway.
+        # The run ends with its own sync.
         options.append("commit=300")
+        # Each commit (every 5 minutes, and the run's own) takes the data written before it
+        # along: what a commit shows was written whole, so a try after a lost connection can
+        # go on from the unfinished snapshot, skipping files rsync finds complete in it.
+        options.append("flushoncommit")
     return ("mount", "-t", filesystem, "-o", ",".join(options), device, mountpoint)
 
 

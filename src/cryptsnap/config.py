@@ -74,6 +74,8 @@ class Target:
     skip_on_battery: bool = True
     skip_on_metered: bool = True
     download_limit: int = 0
+    reconnect_tries: int = 3
+    reconnect_delay: int = 60  # seconds, doubled after each try
 
 
 @dataclass(frozen=True)

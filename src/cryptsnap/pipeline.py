@@ -6,6 +6,7 @@ progress (the terminal progress line, D-Bus properties).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,15 @@ from pathlib import Path, PurePosixPath
 
 from . import changes, commands, hooks, integrity, meter, runner, snapshot
 from .config import Target
-from .errors import CryptsnapError, IntegrityError, UnsafeServer, UsageError, canceled
+from .errors import (
+    ConnectionLost,
+    CryptsnapError,
+    IntegrityError,
+    RemoteUnreachable,
+    UnsafeServer,
+    UsageError,
+    canceled,
+)
 from .layers import check_server_fsync
 from .stack import Paths, open_stack, step
 from .state import TargetState
@@ -38,6 +47,7 @@ TRAFFIC_PHASES = {
     "syncing": "sync",
     "finalizing": "close", "unmounting": "close",
     "checking": "check",
+    "waiting": "connect",  # between tries, after a lost connection: nothing crosses the link
 }  # fmt: skip
 
 
@@ -147,31 +157,21 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
     record = RunRecord("backup", target.name)
     try:
         hooks.before(target)  # inside: a skipped run is recorded as failed, with the hook's reason
-        with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
-                        lock_fd=lock_fd) as op:  # fmt: skip
-            generation = snapshot.check_generation(op.fs, state, accept_rollback)
-            op.phase("syncing")
-            known = changes.Record.load(state.file_record)
-            with step("syncing"):
-                record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known,
-                                                                   generation, work_dir=target.runtime_dir,
-                                                                   full_compare=full_compare)  # fmt: skip
-            op.phase("finalizing")
-            state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
-            with step("finalizing"):
-                record.pruned = snapshot.prune(op.fs, target)
-                snapshot.bump_generation(op.fs, state, generation)
-            state.mark_complete(record.snapshot)
-            runner.ignore_cancels()  # complete: a cancel from here on would only make a done run look undone
-            if entries is not None:
-                changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
-                               entries).save(state.file_record)  # fmt: skip
-            record.snapshots = snapshot.list_snapshots(op.fs)
-            record.image_size, record.image_free = snapshot.space(op.fs)
-            if low_on_space(target, record.image_size, record.image_free):
-                log.warning("target %s: the image has %s free of %s, under free_space_warning (%d%%): prune, "
-                            "exclude or `cryptsnap resize` before a run fails for want of room", target.name,
-                            _mib(record.image_free), _mib(record.image_size), target.free_space_warning)  # fmt: skip
+        for tries in itertools.count(1):
+            try:
+                _write(target, state, reporter, record, break_lock=break_lock, full_compare=full_compare,
+                       accept_rollback=accept_rollback, lock_fd=lock_fd)  # fmt: skip
+                break
+            except CryptsnapError as exc:
+                wait = retry_after(target, exc, tries, complete=bool(record.snapshots))
+                if wait is None:
+                    if tries > 1 and connection_lost(exc, tries):
+                        exc.args = (f"{exc} (the last of {tries} tries; reconnect_tries: {target.reconnect_tries})",)
+                    raise
+                log.warning("target %s: %s; trying again in %d s (try %d of %d)", target.name, exc, wait, tries + 1,
+                            target.reconnect_tries + 1)  # fmt: skip
+                reporter.phase("waiting")
+                time.sleep(wait)  # a cancel (SIGTERM) ends it, and the run
         record.result = "done"
         log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
                  len(record.snapshots), len(record.pruned))
@@ -201,6 +201,53 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
         hooks.after_run(target, record)
+
+
+def _write(target: Target, state: TargetState, reporter: MeteredReporter, record: RunRecord, *,
+           break_lock: bool, full_compare: bool, accept_rollback: bool, lock_fd: int | None) -> None:  # fmt: skip
+    """One try of a backup: open the stack, write the snapshot, prune, close. Fills `record`."""
+    with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
+                    lock_fd=lock_fd) as op:  # fmt: skip
+        generation = snapshot.check_generation(op.fs, state, accept_rollback)
+        op.phase("syncing")
+        known = changes.Record.load(state.file_record)
+        unfinished = snapshot.Unfinished(state)
+        with step("syncing"):
+            record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
+                                                               work_dir=target.runtime_dir, full_compare=full_compare,
+                                                               unfinished=unfinished)  # fmt: skip
+        op.phase("finalizing")
+        state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
+        with step("finalizing"):
+            record.pruned = snapshot.prune(op.fs, target)
+            snapshot.bump_generation(op.fs, state, generation)
+        unfinished.clear()
+        state.mark_complete(record.snapshot)
+        runner.ignore_cancels()  # complete: a cancel from here on would only make a done run look undone
+        if entries is not None:
+            changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
+                           entries).save(state.file_record)  # fmt: skip
+        record.snapshots = snapshot.list_snapshots(op.fs)
+        record.image_size, record.image_free = snapshot.space(op.fs)
+        if low_on_space(target, record.image_size, record.image_free):
+            log.warning("target %s: the image has %s free of %s, under free_space_warning (%d%%): prune, "
+                        "exclude or `cryptsnap resize` before a run fails for want of room", target.name,
+                        _mib(record.image_free), _mib(record.image_size), target.free_space_warning)  # fmt: skip
+
+
+def connection_lost(exc: BaseException, tries: int = 1) -> bool:
+    """The run lost its connection; or, on a new try, could not get it back (yet)."""
+    cause = getattr(exc, "cause", exc)
+    return isinstance(cause, ConnectionLost) or (tries > 1 and isinstance(cause, RemoteUnreachable))
+
+
+def retry_after(target: Target, exc: BaseException, tries: int, complete: bool = False) -> int | None:
+    """Seconds to wait before the next try of a backup that failed with `exc` on try number
+    `tries`; None: it is not tried again (not a lost connection, its snapshot was complete,
+    or reconnect_tries are spent). Each wait is twice the last."""
+    if complete or not connection_lost(exc, tries) or tries > target.reconnect_tries:
+        return None
+    return target.reconnect_delay << (tries - 1)
 
 
 def list_snapshots(target: Target, reporter: Reporter | None = None) -> list[str]:

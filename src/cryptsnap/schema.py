@@ -99,6 +99,12 @@ TARGET = {
     "skip_on_metered": Option("bool", "Put a requested backup off while the network connection is metered "
                               "(NetworkManager says so, e.g. a phone's hotspot); cryptsnapd starts it once it is "
                               "not.", True),
+    "reconnect_tries": Option("int", "How many more times a backup that lost its connection during the run "
+                              "(server gone, network cut) tries again before it fails; btrfs: a new try goes on "
+                              "from what the last one had committed to the image (every 5 minutes) instead of "
+                              "uploading it again. 0: fail at once.", 3, minimum=0),
+    "reconnect_delay": Option("int", "Seconds before the first new try after a lost connection; each further "
+                              "wait is twice the last (60: 1, 2, 4 minutes).", 60, minimum=1),
     "check_budget": Option("int", "How much of the image a `cryptsnap check` may download, in percent of its "
                            "size (the checks go on where the last one stopped; cryptsnap-check@NAME.timer runs "
                            "one a week).", 1, minimum=1),

@@ -3,7 +3,8 @@
 Layout inside the image's file system:
 
     snapshots/2026-11-30T052645Z/etc/fstab    a complete snapshot (sources keep full paths)
-    snapshots/2026-11-30T060000Z.partial/     being written; never listed, removed next run
+    snapshots/2026-11-30T060000Z.partial/     being written; never listed; removed next run,
+                                              or gone on from after a lost connection (Unfinished)
     .cryptsnap/generation                     bumped by every run that writes
 
 ext2/ext4: rsync --link-dest to the previous snapshot (unchanged files are hard links).
@@ -110,22 +111,53 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def remove_partials(fs: Path) -> None:
+def remove_partials(fs: Path, keep: str | None = None) -> None:
     directory = snapshots_dir(fs)
     for name in os.listdir(directory):
-        if naming.is_partial(name):
+        if naming.is_partial(name) and name != keep:
             log.warning("removing unfinished snapshot %s of an interrupted run", name)
             _remove(directory / name)
 
 
+class Unfinished:
+    """The local note (unfinished.json in the target's state) of the unfinished snapshot a run was
+    writing when it lost its connection, so that the next try goes on from it instead of
+    uploading again what it had written. btrfs only: its commits are atomic, and mounted with
+    flushoncommit each shows the data written before it (cryptsnap.commands.mount); the
+    snapshot stays unfinished until rsync has gone over every file again. It is trusted only
+    while nothing else was written since: the same newest snapshot and image generation."""
+
+    def __init__(self, state: TargetState):
+        self.state = state
+
+    def note(self, partial: str, previous: str | None, generation: int | None) -> None:
+        self.state.note_unfinished({"partial": partial, "previous": previous, "generation": generation})
+
+    def resumable(self, directory: Path, previous: str | None, generation: int | None) -> str | None:
+        """The name of the unfinished snapshot to go on from, if there is one to trust."""
+        noted = self.state.unfinished()
+        name = noted.get("partial")
+        if not (isinstance(name, str) and naming.is_partial(name) and noted.get("previous") == previous
+                and noted.get("generation") == generation):  # fmt: skip
+            return None
+        partial = directory / name
+        # Made read-only, it was complete but not yet renamed: start afresh rather than undo that.
+        return name if partial.is_dir() and os.access(partial, os.W_OK) else None
+
+    def clear(self) -> None:
+        self.state.note_unfinished(None)
+
+
 def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lambda f, b: None,
                    known: changes.Record | None = None, generation: int | None = None,
-                   work_dir: Path | None = None, full_compare: bool = False) -> tuple[str, dict | None]:  # fmt: skip
+                   work_dir: Path | None = None, full_compare: bool = False,
+                   unfinished: Unfinished | None = None) -> tuple[str, dict | None]:  # fmt: skip
     """rsync the target's sources into a new snapshot; return its name once complete.
 
     btrfs: with `known`, the file record of the previous snapshot at this image generation,
     only what changed since is copied (cryptsnap.changes). Also returns what the sources held
-    (for the next run's record), or None where no record can be kept.
+    (for the next run's record), or None where no record can be kept. With `unfinished`, an
+    unfinished snapshot noted there by a try that lost its connection is gone on from.
     """
     written = [0]
 
@@ -135,7 +167,8 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
 
     with durable.Syncer(fs, target.filesystem) as syncer:  # before the first write: hears every failed one
         try:
-            return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare)
+            return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare,
+                                   unfinished)  # fmt: skip
         except (ToolFailed, OSError) as exc:
             said = getattr(exc, "stderr", "") or str(exc)
             if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
@@ -166,14 +199,15 @@ def _image_full(fs: Path, written: int) -> ImageFull:
 
 def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,
                     known: changes.Record | None, generation: int | None, work_dir: Path | None,
-                    full_compare: bool) -> tuple[str, dict | None]:  # fmt: skip
+                    full_compare: bool, unfinished: Unfinished | None) -> tuple[str, dict | None]:  # fmt: skip
     directory = snapshots_dir(fs)
-    remove_partials(fs)
     existing = list_snapshots(fs)
     previous = existing[-1] if existing else None
-    name = naming.next_name(existing)
-    partial = directory / (name + naming.PARTIAL_SUFFIX)
     btrfs = target.filesystem == "btrfs"
+    resumed = unfinished.resumable(directory, previous, generation) if unfinished and btrfs else None
+    remove_partials(fs, keep=resumed)
+    name = naming.next_name(existing)  # named when it completes, whenever it was begun
+    partial = directory / (resumed or name + naming.PARTIAL_SUFFIX)
     entries = difference = None
     if btrfs:
         # Scanned before rsync reads anything: a file that changes during the run differs
@@ -188,10 +222,15 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
                 difference = changes.compare(known.entries, entries)
                 log.info("%d entries changed, %d deleted since snapshot %s (from the local record)",
                          len(difference.changed), len(difference.deleted), previous)
-        if previous:
+        if resumed:
+            log.info("going on from the unfinished snapshot %s of the last try: rsync skips what it finds "
+                     "complete there", resumed)  # fmt: skip
+        elif previous:
             runner.run(commands.btrfs_snapshot(str(directory / previous), str(partial)))
         else:
             runner.run(commands.btrfs_subvolume_create(str(partial)))
+        if unfinished and not resumed:  # the snapshot is committed by its creation: note it for a next try
+            unfinished.note(partial.name, previous, generation)
     else:
         partial.mkdir(mode=0o755)
 
@@ -217,7 +256,7 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         runner.run(commands.btrfs_set_readonly(str(partial)))
     # Made durable by bump_generation's sync, in the same commit as the new generation and the
     # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
-    os.rename(partial, directory / name)
+    os.rename(partial, directory / name)  # the caller clears `unfinished` once that is committed
     return name, entries
 
 

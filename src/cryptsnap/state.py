@@ -8,6 +8,7 @@ generation       counter also kept inside the image, to detect a rollback
 last-run.json    result, times, snapshot and traffic of the last run
 last-check.json  result and time of the last `cryptsnap check`
 running.json     the run in progress (pid, phase): one that died without finishing is found by it
+unfinished.json  the unfinished snapshot a try that lost its connection left, for the next try
 files.gz         the files of the newest snapshot, to find what changed locally (cryptsnap.changes)
 block-cache/     the image's metadata blocks as stored, encrypted (cryptsnap.blockcache)
 """
@@ -109,6 +110,16 @@ class TargetState:
     def record_run(self, record: dict) -> None:
         self._record("last-run.json", record)
 
+    def unfinished(self) -> dict:
+        """The unfinished snapshot a try that lost its connection left (cryptsnap.snapshot.Unfinished)."""
+        return self._read("unfinished.json")
+
+    def note_unfinished(self, note: dict | None) -> None:
+        if note is None:
+            (self.dir / "unfinished.json").unlink(missing_ok=True)
+        else:
+            self._record("unfinished.json", note)
+
     def last_check(self) -> dict:
         """The last `cryptsnap check`: result (ok, problems, failed, canceled), finished, error, exit_code."""
         return self._read("last-check.json")
@@ -134,6 +145,8 @@ class TargetState:
         if marker["phase"] != phase:
             if phase == "unmounting":  # a run killed while unwinding failed where the unwinding began
                 marker["unwinding_from"] = marker["phase"]
+            else:  # a new try after a lost connection
+                marker.pop("unwinding_from", None)
             marker["phase"] = phase
             _write_atomic(self.run_marker, json.dumps(marker) + "\n")
 

@@ -69,6 +69,7 @@ def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size
         "pbkdf": "pbkdf2",
         "pbkdf_iterations": 1000,  # emulated CPUs are slow; the KDF is not under test
         "retention": {"last": 50, "daily": 0, "weekly": 0, "monthly": 0},
+        "reconnect_tries": 0,  # the fault tests see what one try does when cut; test_resume tries again
     }
     target.update(extra)
     document = {"state_dir": str(state_dir), "runtime_dir": str(runtime_dir), "targets": {name: target}}
