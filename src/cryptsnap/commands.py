@@ -292,6 +292,11 @@ def btrfs_subvolume_delete(path: str) -> Argv:
     return ("btrfs", "-q", "subvolume", "delete", path)
 
 
+def btrfs_subvolume_sync(fs: str) -> Argv:
+    """Wait until deleted subvolumes are cleaned up: only then is their room free."""
+    return ("btrfs", "-q", "subvolume", "sync", fs)
+
+
 def btrfs_set_readonly(path: str) -> Argv:
     return ("btrfs", "property", "set", "-ts", path, "ro", "true")
 

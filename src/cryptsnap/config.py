@@ -31,6 +31,7 @@ class Retention:
     daily: int
     weekly: int
     monthly: int
+    make_room: bool = False
 
 
 @dataclass(frozen=True)

@@ -212,14 +212,15 @@ def _write(target: Target, state: TargetState, reporter: MeteredReporter, record
         op.phase("syncing")
         known = changes.Record.load(state.file_record)
         unfinished = snapshot.Unfinished(state)
+        made_room: list[str] = []
         with step("syncing"):
             record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
                                                                work_dir=target.runtime_dir, full_compare=full_compare,
-                                                               unfinished=unfinished)  # fmt: skip
+                                                               unfinished=unfinished, made_room=made_room)  # fmt: skip
         op.phase("finalizing")
         state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
         with step("finalizing"):
-            record.pruned = snapshot.prune(op.fs, target)
+            record.pruned = made_room + snapshot.prune(op.fs, target)
             snapshot.bump_generation(op.fs, state, generation)
         unfinished.clear()
         state.mark_complete(record.snapshot)

@@ -32,6 +32,9 @@ RETENTION = {
     "daily": Option("int", "Keep the newest snapshot of each of this many recent days.", 7, minimum=0),
     "weekly": Option("int", "Keep the newest snapshot of each of this many recent ISO weeks.", 4, minimum=0),
     "monthly": Option("int", "Keep the newest snapshot of each of this many recent months.", 6, minimum=0),
+    "make_room": Option("bool", "When a backup does not fit in the image, delete the oldest snapshot (even one "
+                        "the rules keep; never the newest) and try again, one at a time, rather than fail with "
+                        "exit 12. Off: a full image is for you to decide about.", False),
 }
 
 HOOKS = {

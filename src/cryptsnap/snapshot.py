@@ -151,13 +151,15 @@ class Unfinished:
 def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lambda f, b: None,
                    known: changes.Record | None = None, generation: int | None = None,
                    work_dir: Path | None = None, full_compare: bool = False,
-                   unfinished: Unfinished | None = None) -> tuple[str, dict | None]:  # fmt: skip
+                   unfinished: Unfinished | None = None,
+                   made_room: list[str] | None = None) -> tuple[str, dict | None]:  # fmt: skip
     """rsync the target's sources into a new snapshot; return its name once complete.
 
     btrfs: with `known`, the file record of the previous snapshot at this image generation,
     only what changed since is copied (cryptsnap.changes). Also returns what the sources held
     (for the next run's record), or None where no record can be kept. With `unfinished`, an
-    unfinished snapshot noted there by a try that lost its connection is gone on from.
+    unfinished snapshot noted there by a try that lost its connection is gone on from. The
+    snapshots retention.make_room deleted for room are appended to `made_room`.
     """
     written = [0]
 
@@ -165,21 +167,41 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
         written[0] = max(written[0], transferred)
         on_progress(fraction, transferred)
 
+    made_room = made_room if made_room is not None else []
     with durable.Syncer(fs, target.filesystem) as syncer:  # before the first write: hears every failed one
-        try:
-            return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare,
-                                   unfinished)  # fmt: skip
-        except (ToolFailed, OSError) as exc:
-            said = getattr(exc, "stderr", "") or str(exc)
-            if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
-                raise
-            full = _image_full(fs, written[0])
-        try:
-            remove_partials(fs)  # gives the room back now; the earlier snapshots are as they were
-            syncer.sync()
-        except (ToolFailed, OSError) as exc:
-            log.warning("the unfinished snapshot stays until the next run removes it: %s", exc)
-        raise full
+        while True:
+            try:
+                return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare,
+                                       unfinished)  # fmt: skip
+            except (ToolFailed, OSError) as exc:
+                said = getattr(exc, "stderr", "") or str(exc)
+                if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
+                    raise
+                full = _image_full(fs, written[0], made_room)
+            written[0] = 0
+            try:
+                remove_partials(fs)  # gives the room back now; the earlier snapshots are as they were
+                syncer.sync()
+                oldest = _oldest_to_drop(fs, target)
+                if oldest is None:
+                    raise full
+                log.warning("the image is full: deleting the oldest snapshot, %s, to make room (retention: "
+                            "make_room), then trying again", oldest)  # fmt: skip
+                _remove(snapshots_dir(fs) / oldest)
+                if target.filesystem == "btrfs":
+                    runner.run(commands.btrfs_subvolume_sync(str(fs)))
+                syncer.sync()
+                made_room.append(oldest)
+            except (ToolFailed, OSError) as exc:
+                log.warning("could not make room (the unfinished snapshot may stay until the next run "
+                            "removes it): %s", exc)  # fmt: skip
+                raise full from exc
+
+
+def _oldest_to_drop(fs: Path, target: Target) -> str | None:
+    """With retention.make_room, the snapshot to delete for room: the oldest, never the newest."""
+    names = list_snapshots(fs)
+    return names[0] if target.retention.make_room and len(names) > 1 else None
 
 
 def space(fs: Path) -> tuple[int, int]:
@@ -188,13 +210,15 @@ def space(fs: Path) -> tuple[int, int]:
     return info.f_blocks * info.f_frsize, info.f_bavail * info.f_frsize
 
 
-def _image_full(fs: Path, written: int) -> ImageFull:
+def _image_full(fs: Path, written: int, made_room: list[str]) -> ImageFull:
     size, free = space(fs)
     mib = lambda n: f"{n / (1 << 20):,.0f} MiB"  # noqa: E731
+    deleted = (f" (retention.make_room had deleted {len(made_room)} older snapshot(s) for room: "
+               f"{', '.join(made_room)}; only the newest is left)") if made_room else ""  # fmt: skip
     return ImageFull(f"the image is full: its file system holds {mib(size)}, {mib(free)} free, and this run "
-                     f"had copied {mib(written)} when it ran out. The unfinished snapshot was removed; earlier "
-                     f"ones are intact. Make room: keep fewer snapshots (retention, then `cryptsnap prune`), "
-                     f"exclude what need not be kept, or grow the image")  # fmt: skip
+                     f"had copied {mib(written)} when it ran out{deleted}. The unfinished snapshot was removed; "
+                     f"earlier ones are intact. Make room: keep fewer snapshots (retention, then `cryptsnap "
+                     f"prune`), exclude what need not be kept, or grow the image")  # fmt: skip
 
 
 def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,

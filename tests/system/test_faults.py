@@ -300,6 +300,33 @@ def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_
     assert_nothing_left(setup)
 
 
+def test_make_room_deletes_the_oldest_snapshots_for_a_run_that_does_not_fit(tmp_path, untrusted_host):
+    """retention.make_room: the run that does not fit deletes the oldest snapshot (one the rules
+    keep), then the next oldest, until it fits; when only the newest is left, it fails as without."""
+    setup, _ = with_one_snapshot(tmp_path, untrusted_host, size="160M",
+                                 retention={"last": 50, "daily": 0, "weekly": 0, "monthly": 0, "make_room": True})  # fmt: skip
+    for name in ("a", "b"):  # 48 MiB each, random: each snapshot holds its own
+        for old in setup.source.glob("*-*"):
+            old.unlink()
+        fill(setup.source, 48, name=name)
+        cryptsnap(setup, "backup", setup.name)
+    before = digests(setup)
+    first, with_a, with_b = sorted(before)
+    for old in setup.source.glob("b-*"):
+        old.unlink()
+    fill(setup.source, 48, name="c")  # a, b and c do not fit in the image's 144 MiB; b and c do
+    run = cryptsnap(setup, "backup", setup.name)
+    for gone in (first, with_a):  # the first is small: deleting it alone makes too little room
+        assert f"deleting the oldest snapshot, {gone}, to make room" in run.stderr, run.stderr
+    after = digests(setup)
+    assert sorted(after)[0] == with_b and after[with_b] == before[with_b] and len(after) == 2, sorted(after)
+    fill(setup.source, 200, name="toobig")  # fits in no image of this size: it gives up, keeping the newest
+    full = cryptsnap(setup, "backup", setup.name, expect=12)
+    assert "retention.make_room had deleted 1 older snapshot(s) for room" in full.stderr, full.stderr
+    assert list(digests(setup)) == [max(after)]
+    assert_nothing_left(setup, full.stderr)
+
+
 # -- keys and headers --------------------------------------------------------------------
 
 

@@ -71,7 +71,7 @@ def test_every_error_is_reported_at_once():
         'config.yaml:9: targets.home.port: "twenty-two" is not a whole number',
         'config.yaml:10: targets.home.one_file_system: "maybe" is not true or false',
         "config.yaml:13: targets.home.retention.last: -1 is too small; the minimum is 0",
-        "config.yaml:13: targets.home.retention.yearly: unknown option; valid here: daily, last, monthly, weekly",
+        "config.yaml:13: targets.home.retention.yearly: unknown option; valid here: daily, last, make_room, monthly, weekly",
         "config.yaml:14: targets.Bad Name: is not a valid name; use lower-case letters, digits, - and _ (at most 32)",
         "config.yaml:2: targets.home: set only one of key_file and key_credential",
     ]
