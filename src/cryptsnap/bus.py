@@ -19,7 +19,7 @@ import pydbus
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
 
-from . import __version__
+from . import __version__, desktop
 from .errors import AccessDenied, Busy, ConfigError, CryptsnapError, NoSuchTarget
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,26 @@ class BusExporter:
             self.bus.subscribe(sender=LOGIND, iface=LOGIND_MANAGER, signal=f"PrepareFor{what.title()}",
                                object=LOGIND_PATH,
                                signal_fired=lambda *args, what=what: prepare(what, bool(args[4][0])))  # fmt: skip
+
+    def notify_desktop(self, summary: str, body: str) -> None:
+        """A desktop notification to every user logind lists with a graphical session."""
+        try:
+            manager = self.bus.get(LOGIND, LOGIND_PATH)
+            uids = sorted({uid for _id, uid, _name, _seat, path in manager.ListSessions()
+                           if self.bus.get(LOGIND, path).Type in desktop.GRAPHICAL})  # fmt: skip
+            users = [(uid, self.bus.get(LOGIND, manager.GetUser(uid)).RuntimePath) for uid in uids]
+        except Exception as exc:  # no logind on this bus (a server): nobody to tell
+            log.debug("no desktop notification: cannot list sessions: %s", exc)
+            return
+        for uid, runtime_path in users:
+            try:
+                process = desktop.notify_user(uid, runtime_path, summary, body)
+            except OSError as exc:
+                log.warning("no desktop notification for uid %d: %s", uid, exc)
+                continue
+            if process:
+                log.info("desktop notification to uid %d: %s", uid, summary)
+                GLib.child_watch_add(GLib.PRIORITY_DEFAULT, process.pid, lambda *_args, p=process: p.poll())
 
     # -- daemon.Listener ----------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class Target:
     download_limit: int = 0
     reconnect_tries: int = 3
     reconnect_delay: int = 60  # seconds, doubled after each try
+    notify_desktop: bool = False
 
 
 @dataclass(frozen=True)

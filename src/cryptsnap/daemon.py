@@ -88,6 +88,8 @@ class Listener:
     def take_inhibitor(self, why: str) -> int | None:
         return None  # no logind: nothing to hold off
 
+    def notify_desktop(self, summary: str, body: str) -> None: ...
+
 
 class Notifier:
     """sd_notify, when NOTIFY_SOCKET is set; silent otherwise."""
@@ -467,6 +469,7 @@ class Daemon:
         report.update_metrics(self.config)
         if job.target in self.config.targets:
             self.listener.target_changed(job.target, self.target_properties(job.target))
+            self._tell_desktop(job, result)
         self.update_status()
         if job.target in self.deferred and not (self.stopping or self.replaced):
             self.conditions_changed()  # the machine woke up before this run had unwound: start it now
@@ -475,6 +478,17 @@ class Daemon:
                 log.info("cryptsnap was upgraded and no job runs now: exiting; the next request starts the new version")
                 self.notifier.send("STOPPING=1")
             self.loop.quit()
+
+    def _tell_desktop(self, job: Job, result: str) -> None:
+        """notify_desktop: a failed backup or check, shown to the users at a graphical session."""
+        target = self.target(job.target)
+        if result != "failed" or not target.notify_desktop:
+            return
+        state = TargetState(target)
+        what, error = ("Check", state.last_check().get("error", "")) if job.action == "check" else \
+                      ("Backup", state.last_run().get("error", ""))  # fmt: skip
+        self.listener.notify_desktop(f"{what} of {job.target} failed",
+                                     f"{error}\n\nMore: cryptsnap status {job.target}; journalctl -u cryptsnapd")
 
     # -- service lifecycle ---------------------------------------------------------------
 

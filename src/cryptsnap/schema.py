@@ -108,6 +108,9 @@ TARGET = {
                               "uploading it again. 0: fail at once.", 3, minimum=0),
     "reconnect_delay": Option("int", "Seconds before the first new try after a lost connection; each further "
                               "wait is twice the last (60: 1, 2, 4 minutes).", 60, minimum=1),
+    "notify_desktop": Option("bool", "When a backup or check run by cryptsnapd fails, show a desktop notification "
+                             "(org.freedesktop.Notifications) to each user logind lists at a graphical session.",
+                             False),
     "check_budget": Option("int", "How much of the image a `cryptsnap check` may download, in percent of its "
                            "size (the checks go on where the last one stopped; cryptsnap-check@NAME.timer runs "
                            "one a week).", 1, minimum=1),

@@ -1,24 +1,35 @@
-"""Sleep and shutdown: cryptsnapd holds a logind delay inhibitor exactly while a job runs; when
+"""logind and the desktop. Sleep and shutdown: cryptsnapd holds a logind delay inhibitor exactly while a job runs; when
 logind announces sleep (or shutdown) it cancels the run, which unwinds, releases the inhibitor
 within logind's delay, and starts the backup again when the machine wakes. logind is a stand-in
-on the private bus (tests/support/logind_standin.py) that sends the real descriptor and signals."""
+on the private bus (tests/support/logind_standin.py) that sends the real descriptor and signals.
+Desktop notifications (notify_desktop): a failed run is shown to each user logind lists at a
+graphical session, on that user's own session bus (a dbus-daemon and a notification daemon
+stand-in run as a throwaway user)."""
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cryptsnap.bus import target_path
 from tests.host.test_conditions import start, until
 from tests.host.test_daemon import Daemon, bus  # noqa: F401  (fixture)
 from tests.host.test_daemon_faults import wait_connecting
+from tests.support import sshd
 from tests.support.checks import assert_nothing_left
 
 TARGET = "org.cryptsnap1.Target"
 LOGIND = ("org.freedesktop.login1", "/org/freedesktop/login1")
+DESKTOP_USER = "csnap-desktop"
 
 
 @pytest.fixture
@@ -111,3 +122,59 @@ def test_without_logind_backups_run_as_before(setup, bus, tarpit):  # noqa: F811
         until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
     finally:
         daemon.stop()
+
+
+# -- desktop notifications ---------------------------------------------------------------
+
+
+@pytest.fixture
+def desktop_user(tmp_path):
+    """A user at a graphical session: their runtime directory, session bus and notification daemon
+    (stand-ins, run as that user). Yields (uid, runtime path, notification daemon process)."""
+    user = sshd.ensure_user(DESKTOP_USER)
+    runtime = Path(tempfile.mkdtemp(prefix="csnap-runtime-", dir="/tmp"))
+    os.chown(runtime, user.pw_uid, user.pw_gid)
+    runtime.chmod(0o700)
+    as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": "/"}
+    bus_daemon = subprocess.Popen(["dbus-daemon", "--session", f"--address=unix:path={runtime}/bus", "--nofork",
+                                   "--print-address"], stdout=subprocess.PIPE, text=True, **as_user)  # fmt: skip
+    assert bus_daemon.stdout.readline().startswith("unix:")
+    env = {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus", "PATH": os.defpath,
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
+    notifications = subprocess.Popen([sys.executable, "-m", "tests.support.notifications_standin"], env=env,
+                                     stdout=subprocess.PIPE, text=True, **as_user)  # fmt: skip
+    assert notifications.stdout.readline().strip() == "ready"
+    yield user.pw_uid, runtime, notifications
+    for proc in (notifications, bus_daemon):
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_failed_backup_is_shown_on_the_desktop_of_each_graphical_session(setup, bus, desktop_user):  # noqa: F811
+    uid, runtime, notifications = desktop_user
+    logind = subprocess.Popen([sys.executable, "-m", "tests.support.logind_standin", bus.address,
+                               f"{uid}:wayland:{runtime}", "0:tty:/nonexistent"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert logind.stdout.readline().strip() == "ready"
+    document = yaml.safe_load(setup.config_path.read_text())
+    document["targets"][setup.name].update(notify_desktop=True, hooks={"before": ["false"]})  # fails at once
+    setup.config_path.write_text(yaml.safe_dump(document))
+    daemon = Daemon(setup, bus).ready()
+    path = target_path(setup.name)
+    try:
+        assert start(daemon, setup) != "/"
+        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the run to fail")
+        assert daemon.get(path, TARGET, "LastExitCode") == 14
+        ready, _, _ = select.select([notifications.stdout], [], [], 30)
+        assert ready, "no notification within 30 s"
+        shown = json.loads(notifications.stdout.readline())
+        assert shown["uid"] == uid and shown["app"] == "cryptsnap" and shown["urgency"] == 2, shown
+        assert shown["summary"] == f"Backup of {setup.name} failed", shown
+        assert "before hook" in shown["body"] and f"cryptsnap status {setup.name}" in shown["body"], shown
+    finally:
+        err = daemon.stop()
+        logind.kill()
+        logind.wait()
+    assert f"desktop notification to uid {uid}: Backup of {setup.name} failed" in err, err
+    assert "uid 0" not in err, "notified a text console's user"
