@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import heapq
 import json
 import logging
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 # (st_mode, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns). ctime changes with every
 # chmod, chown, xattr or ACL change, rename and new hard link, none of which touch mtime.
 Stat = tuple[int, int, int, int, int, int]
-FORMAT = 1
+FORMAT = 2  # 2: entries in record order (order_key), streamed
 
 
 class UnsupportedPattern(ValueError):
@@ -109,60 +111,128 @@ def _stat(st: os.stat_result) -> Stat:
     return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool) -> dict[bytes, Stat]:
-    """Every entry rsync would send for these sources: relative path (bytes) -> Stat.
+def order_key(path: bytes) -> list[bytes]:
+    """The record's order: by path components, as a depth-first walk with sorted names goes,
+    so a directory comes right before everything under it."""
+    return path.split(b"/")
+
+
+def walk(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool) -> Iterator[tuple[bytes, Stat]]:
+    """Every entry rsync would send for these sources, once each, in record order: (relative
+    path, Stat). It holds one directory listing per level, not the tree: a record of 10^6
+    files is made and compared without keeping it in memory.
 
     Includes the directories above each source, which rsync --relative sends as well.
     """
     rules = Filter(excludes)
-    entries: dict[bytes, Stat] = {}
-    for source in sources:
-        root = os.fsencode(os.path.abspath(source)).rstrip(b"/") or b"/"
-        parts = [p for p in root.split(b"/") if p]
-        for depth in range(1, len(parts)):
-            above = b"/" + b"/".join(parts[:depth])
-            entries[above[1:]] = _stat(os.lstat(above))
-        try:
-            top = os.lstat(root)
-        except FileNotFoundError:
-            continue  # rsync reports it; the full compare path will fail loudly on it
-        relative = root[1:]
-        if relative and rules.excluded(os.fsdecode(relative), stat.S_ISDIR(top.st_mode)):
-            continue
-        if relative:
-            entries[relative] = _stat(top)
-        if stat.S_ISDIR(top.st_mode):
-            entries.update(_walk(root, top.st_dev, rules, one_file_system))
-    return entries
+    roots = sorted({os.fsencode(os.path.abspath(source)).rstrip(b"/") or b"/" for source in sources},
+                   key=lambda root: order_key(root[1:]))  # fmt: skip
+    if len(roots) == 1:
+        yield from _source(roots[0], rules, one_file_system)
+        return
+    last: list[bytes] | None = None
+    for relative, st in heapq.merge(*(_source(root, rules, one_file_system) for root in roots),
+                                    key=lambda entry: order_key(entry[0])):  # fmt: skip
+        key = order_key(relative)
+        if key != last:  # a directory above two sources, or a source inside another
+            last = key
+            yield relative, st
+
+
+def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool) -> dict[bytes, Stat]:
+    """walk() as a dict: relative path -> Stat (for small trees and tests)."""
+    return dict(walk(sources, excludes, one_file_system))
+
+
+def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[tuple[bytes, Stat]]:
+    parts = [p for p in root.split(b"/") if p]
+    for depth in range(1, len(parts)):
+        above = b"/" + b"/".join(parts[:depth])
+        yield above[1:], _stat(os.lstat(above))
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return  # rsync reports it; the full compare path will fail loudly on it
+    relative = root[1:]
+    if relative and rules.excluded(os.fsdecode(relative), stat.S_ISDIR(top.st_mode)):
+        return
+    if relative:
+        yield relative, _stat(top)
+    if stat.S_ISDIR(top.st_mode):
+        yield from _walk(root, top.st_dev, rules, one_file_system)
+
+
+def _listing(directory: bytes) -> Iterator[os.DirEntry]:
+    try:
+        return iter(sorted(os.scandir(directory), key=lambda entry: entry.name))
+    except (PermissionError, FileNotFoundError) as exc:
+        log.warning("cannot read %s: %s", os.fsdecode(directory), exc)
+        return iter(())
 
 
 def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool) -> Iterator[tuple[bytes, Stat]]:
-    stack = [directory]
-    while stack:
-        current = stack.pop()
-        try:
-            listing = list(os.scandir(current))
-        except (PermissionError, FileNotFoundError) as exc:
-            log.warning("cannot read %s: %s", os.fsdecode(current), exc)
+    """Depth first, names sorted: record order."""
+    levels = [_listing(directory)]
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
             continue
-        for entry in listing:
-            path = entry.path
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # vanished while we looked
-            is_dir = stat.S_ISDIR(st.st_mode)
-            relative = path[1:]
-            if rules.excluded(os.fsdecode(relative), is_dir):
-                continue
-            yield relative, _stat(st)
-            if is_dir and (not one_file_system or st.st_dev == device):
-                stack.append(path)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # vanished while we looked
+        is_dir = stat.S_ISDIR(st.st_mode)
+        relative = entry.path[1:]
+        if rules.rules and rules.excluded(os.fsdecode(relative), is_dir):
+            continue
+        yield relative, _stat(st)
+        if is_dir and (not one_file_system or st.st_dev == device):
+            levels.append(_listing(entry.path))
+
+
+class RecordDamaged(ValueError):
+    """The record file is cut short, damaged, or out of order: it cannot say what changed."""
+
+
+CHANGED, DELETED = "changed", "deleted"
+READ_CHUNK = 1 << 20  # of a record's entries, decompressed: what reading it holds at a time
+
+
+def differences(old: Iterable[tuple[bytes, Stat]], new: Iterable[tuple[bytes, Stat]]) -> Iterator[tuple[str, bytes]]:
+    """Merge two streams in record order: (CHANGED, path) for what is new or differs, which
+    rsync copies; (DELETED, path) for what is gone or changed type, removed from the snapshot
+    first. Each kind comes in record order (a directory before what is under it).
+
+    `new` comes from the walk; `old` from a file, so its order is checked (RecordDamaged): a
+    path repeated or out of order would delete from the snapshot what is still there."""
+    old, new = iter(old), iter(new)
+    o, n = next(old, None), next(new, None)
+    previous: bytes | None = None  # the last old path passed
+    while o is not None or n is not None:
+        if o is not None and n is not None and o[0] == n[0]:  # the common case: no key to compute
+            if o[0] == previous:
+                raise RecordDamaged(f"the record holds {os.fsdecode(o[0])!r} twice")
+            if o[1] != n[1]:
+                if stat.S_IFMT(o[1][0]) != stat.S_IFMT(n[1][0]):
+                    yield DELETED, o[0]  # a file that became a directory (or the reverse)
+                yield CHANGED, n[0]
+            previous = o[0]
+            o, n = next(old, None), next(new, None)
+        elif n is None or (o is not None and order_key(o[0]) < order_key(n[0])):
+            if previous is not None and order_key(o[0]) <= order_key(previous):
+                raise RecordDamaged("the record's entries are out of order")
+            yield DELETED, o[0]
+            previous = o[0]
+            o = next(old, None)
+        else:
+            yield CHANGED, n[0]
+            n = next(new, None)
 
 
 @dataclass
 class Difference:
-    changed: list[bytes]  # new or different: rsync copies these (sorted, parents first)
+    changed: list[bytes]  # new or different: rsync copies these (record order: parents first)
     deleted: list[bytes]  # gone, or changed type: removed from the snapshot first
 
     @property
@@ -171,15 +241,12 @@ class Difference:
 
 
 def compare(old: dict[bytes, Stat], new: dict[bytes, Stat]) -> Difference:
-    changed, deleted = [], []
-    for path, now in new.items():
-        before = old.get(path)
-        if before != now:
-            changed.append(path)
-            if before is not None and stat.S_IFMT(before[0]) != stat.S_IFMT(now[0]):
-                deleted.append(path)  # a file that became a directory (or the reverse)
-    deleted.extend(path for path in old if path not in new)
-    return Difference(sorted(changed), sorted(deleted))
+    """differences() of two small in-memory trees, as lists."""
+    found = Difference([], [])
+    ordered = lambda entries: sorted(entries.items(), key=lambda entry: order_key(entry[0]))  # noqa: E731
+    for kind, path in differences(ordered(old), ordered(new)):
+        (found.changed if kind == CHANGED else found.deleted).append(path)
+    return found
 
 
 def settings_digest(target) -> str:
@@ -190,42 +257,114 @@ def settings_digest(target) -> str:
 
 @dataclass
 class Record:
-    """The files of one snapshot, stored locally: state_dir/TARGET/files.gz."""
+    """The files of one snapshot, stored locally: state_dir/TARGET/files.gz.
+
+    A gzip file: a header line (JSON), then NUL-separated path and Stat of every entry in
+    record order. Loading reads the header; entries() streams the rest from the file.
+    """
 
     generation: int  # the image's generation counter after the run that wrote `snapshot`
     snapshot: str
     settings: str  # settings_digest of the target when the record was made
-    entries: dict[bytes, Stat]
+    count: int
+    source: Path  # the file its entries are read from
+
+    def entries(self) -> Iterator[tuple[bytes, Stat]]:
+        """The entries, in record order; RecordDamaged when the file is damaged or cut short."""
+        seen, rest = 0, b""
+        try:
+            with gzip.open(self.source, "rb") as stream:
+                stream.readline()
+                while chunk := stream.read(READ_CHUNK):
+                    fields = (rest + chunk).split(b"\0")
+                    rest = fields.pop()
+                    if len(fields) % 2:
+                        rest = fields.pop() + b"\0" + rest
+                    for i in range(0, len(fields), 2):
+                        yield fields[i], tuple(map(int, fields[i + 1].split()))
+                    seen += len(fields) // 2
+        except (OSError, EOFError, ValueError) as exc:
+            raise RecordDamaged(f"{self.source}: {exc}") from exc
+        if rest or seen != self.count:
+            raise RecordDamaged(f"{self.source} holds {seen} of its {self.count} entries")
+
+    def verify(self) -> bool:
+        """Read it through: is it whole? (Used where it is read in place, not merged.)"""
+        try:
+            for _ in self.entries():
+                pass
+        except RecordDamaged as exc:
+            log.warning("ignoring the damaged file record: %s", exc)
+            return False
+        return True
 
     def save(self, path: Path) -> None:
-        header = json.dumps({"format": FORMAT, "generation": self.generation, "snapshot": self.snapshot,
-                             "settings": self.settings, "count": len(self.entries)})  # fmt: skip
-        tmp = path.with_name(path.name + ".tmp")
-        # NUL-separated: file names may hold any byte but NUL. level 1: it is rewritten every run.
-        with gzip.open(tmp, "wb", compresslevel=1) as out:
-            out.write(header.encode() + b"\n")
-            for name, st in self.entries.items():
-                out.write(name + b"\0" + " ".join(map(str, st)).encode() + b"\0")
-        os.replace(tmp, path)
+        """Write it (with its header as it is now) to `path`, streaming its entries."""
+        writer = RecordWriter(path)
+        try:
+            for name, st in self.entries():
+                writer.add(name, st)
+        except BaseException:
+            writer.discard()
+            raise
+        writer.commit(self.generation, self.snapshot, self.settings)
 
     @classmethod
     def load(cls, path: Path) -> Record | None:
-        """The saved record, or None when there is none or it cannot be read (then: full compare)."""
+        """The saved record's header, or None when there is none or it cannot be read (then: full compare)."""
         try:
             with gzip.open(path, "rb") as source:
                 header = json.loads(source.readline())
-                fields = source.read().split(b"\0")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError) as exc:
             log.warning("ignoring the unreadable file record %s (%s); this run compares everything", path, exc)
             return None
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             return None
-        entries = {}
-        for i in range(0, len(fields) - 1, 2):
-            entries[fields[i]] = tuple(int(x) for x in fields[i + 1].split())
-        if len(entries) != header.get("count"):
-            log.warning("the file record %s is incomplete; this run compares everything", path)
-            return None
-        return cls(header["generation"], header["snapshot"], header["settings"], entries)
+        return cls(header["generation"], header["snapshot"], header["settings"], header["count"], path)
+
+
+class RecordWriter:
+    """A new record, written as the scan goes (path + ".entries", compressed), and put in
+    place by commit() once its snapshot is complete: a header member, then the entries,
+    in one gzip file (gzip allows several members, read as one stream)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries_file = path.with_name(path.name + ".entries")
+        self.count = 0
+        # level 1: it is rewritten every run.
+        self.out = gzip.open(self.entries_file, "wb", compresslevel=1)
+        self.pending: list[bytes] = []  # written in batches: a gzip write per entry costs more than the walk
+        self.pending_size = 0
+
+    def add(self, name: bytes, st: Stat) -> None:
+        line = name + b"\0" + " ".join(map(str, st)).encode() + b"\0"  # names hold any byte but NUL
+        self.pending.append(line)
+        self.pending_size += len(line)
+        self.count += 1
+        if self.pending_size >= 1 << 15:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.out.write(b"".join(self.pending))
+        self.pending.clear()
+        self.pending_size = 0
+
+    def commit(self, generation: int, snapshot: str, settings: str) -> None:
+        self._flush()
+        self.out.close()
+        header = json.dumps({"format": FORMAT, "generation": generation, "snapshot": snapshot,
+                             "settings": settings, "count": self.count})  # fmt: skip
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(gzip.compress(header.encode() + b"\n", compresslevel=1))
+            with open(self.entries_file, "rb") as entries:
+                shutil.copyfileobj(entries, out)
+        os.replace(tmp, self.path)
+        self.entries_file.unlink()
+
+    def discard(self) -> None:
+        self.out.close()
+        self.entries_file.unlink(missing_ok=True)

@@ -110,33 +110,36 @@ def compare_header(image: Path, header_backup: Path) -> tuple[int, list[str]]:
 
 
 def files_in_order(root: Path, record: changes.Record | None, start: bytes) -> Iterator[bytes]:
-    """Regular files of a snapshot (paths relative to it), sorted, from `start` on (inclusive)."""
+    """Regular files of a snapshot (paths relative to it), in record order (changes.order_key),
+    from `start` on (inclusive). `record` must be whole (Record.verify)."""
+    first = changes.order_key(start)
     if record is not None:
-        yield from sorted(p for p, st in record.entries.items() if stat.S_ISREG(st[0]) and p >= start)
+        yield from (path for path, st in record.entries() if stat.S_ISREG(st[0]) and changes.order_key(path) >= first)
         return
-    yield from _walk_sorted(os.fsencode(root), b"", start)
+    yield from _walk_sorted(os.fsencode(root), b"", first)
 
 
-def _walk_sorted(top: bytes, relative: bytes, start: bytes) -> Iterator[bytes]:
+def _walk_sorted(top: bytes, relative: bytes, first: list[bytes]) -> Iterator[bytes]:
     try:
         names = sorted(os.listdir(os.path.join(top, relative) if relative else top))
     except OSError:
         return
     for name in names:
         path = relative + b"/" + name if relative else name
-        # Skip what sorts before `start` without reading it: a directory is entered only if
-        # `start` lies inside it or before it.
-        if path < start and not start.startswith(path + b"/"):
+        key = changes.order_key(path)
+        # Skip what comes before `first` without reading it: a directory is entered only if
+        # `first` lies inside it or after it.
+        if key < first and first[: len(key)] != key:
             continue
         mode = os.lstat(os.path.join(top, path)).st_mode
         if stat.S_ISDIR(mode):
-            yield from _walk_sorted(top, path, start)
-        elif stat.S_ISREG(mode) and path >= start:
+            yield from _walk_sorted(top, path, first)
+        elif stat.S_ISREG(mode) and key >= first:
             yield path
 
 
 def after(path: bytes) -> bytes:
-    """The smallest path that sorts after `path` (no file name holds a NUL byte)."""
+    """The smallest path that comes after `path` in record order (no file name holds a NUL byte)."""
     return path + b"\0"
 
 
@@ -152,7 +155,7 @@ def read_back(fs: Path, state: TargetState, budget_left: Callable[[], int], repo
     report.snapshot = newest = names[-1]
     root = snapshot.snapshots_dir(fs) / newest
     record = changes.Record.load(state.file_record)
-    if record is not None and record.snapshot != newest:
+    if record is not None and (record.snapshot != newest or not record.verify()):
         record = None
     cursor_file = state.dir / "check-cursor.json"
     try:
@@ -168,7 +171,7 @@ def read_back(fs: Path, state: TargetState, budget_left: Callable[[], int], repo
         start = origin if first_pass else b""
         stopped = False
         for path in files_in_order(root, record, start):
-            if not first_pass and path >= origin:
+            if not first_pass and changes.order_key(path) >= changes.order_key(origin):
                 break
             begin = offset if first_pass and path == origin else 0
             reached = _read_file(root, path, report, budget_left, begin)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -214,20 +215,25 @@ def _write(target: Target, state: TargetState, reporter: MeteredReporter, record
         unfinished = snapshot.Unfinished(state)
         made_room: list[str] = []
         with step("syncing"):
-            record.snapshot, entries = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
+            record.snapshot, scanned = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
                                                                work_dir=target.runtime_dir, full_compare=full_compare,
-                                                               unfinished=unfinished, made_room=made_room)  # fmt: skip
+                                                               unfinished=unfinished, made_room=made_room,
+                                                               record_to=state.file_record)  # fmt: skip
         op.phase("finalizing")
         state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
-        with step("finalizing"):
-            record.pruned = made_room + snapshot.prune(op.fs, target)
-            snapshot.bump_generation(op.fs, state, generation)
+        try:
+            with step("finalizing"):
+                record.pruned = made_room + snapshot.prune(op.fs, target)
+                snapshot.bump_generation(op.fs, state, generation)
+        except BaseException:
+            if scanned:
+                scanned.discard()
+            raise
         unfinished.clear()
         state.mark_complete(record.snapshot)
         runner.ignore_cancels()  # complete: a cancel from here on would only make a done run look undone
-        if entries is not None:
-            changes.Record(generation + 1, record.snapshot, changes.settings_digest(target),
-                           entries).save(state.file_record)  # fmt: skip
+        if scanned:
+            scanned.commit(generation + 1, record.snapshot, changes.settings_digest(target))
         record.snapshots = snapshot.list_snapshots(op.fs)
         record.image_size, record.image_free = snapshot.space(op.fs)
         if low_on_space(target, record.image_size, record.image_free):
@@ -270,12 +276,21 @@ def _write_outside_a_backup(op, state: TargetState, change):
     stays valid (neither pruning nor resizing touches the newest snapshot) and follows."""
     generation = snapshot.check_generation(op.fs, state)
     known = changes.Record.load(state.file_record)
-    state.file_record.unlink(missing_ok=True)
-    result = change()
-    snapshot.bump_generation(op.fs, state, generation)
-    if known and known.generation == generation and known.snapshot in snapshot.list_snapshots(op.fs):
-        known.generation += 1
-        known.save(state.file_record)
+    held = state.file_record.with_name(state.file_record.name + ".held")  # not valid while the image changes
+    if known:
+        os.replace(state.file_record, held)
+        known.source = held
+    try:
+        result = change()
+        snapshot.bump_generation(op.fs, state, generation)
+        if known and known.generation == generation and known.snapshot in snapshot.list_snapshots(op.fs):
+            known.generation += 1
+            try:
+                known.save(state.file_record)
+            except changes.RecordDamaged as exc:
+                log.warning("the local file record is not kept (%s); the next run compares every file", exc)
+    finally:
+        held.unlink(missing_ok=True)
     return result
 
 

@@ -23,7 +23,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import changes, commands, durable, naming, retention, runner
@@ -151,13 +151,14 @@ class Unfinished:
 def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lambda f, b: None,
                    known: changes.Record | None = None, generation: int | None = None,
                    work_dir: Path | None = None, full_compare: bool = False,
-                   unfinished: Unfinished | None = None,
-                   made_room: list[str] | None = None) -> tuple[str, dict | None]:  # fmt: skip
+                   unfinished: Unfinished | None = None, made_room: list[str] | None = None,
+                   record_to: Path | None = None) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
     """rsync the target's sources into a new snapshot; return its name once complete.
 
     btrfs: with `known`, the file record of the previous snapshot at this image generation,
-    only what changed since is copied (cryptsnap.changes). Also returns what the sources held
-    (for the next run's record), or None where no record can be kept. With `unfinished`, an
+    only what changed since is copied (cryptsnap.changes). Also returns the record of what the
+    sources held, to be committed to `record_to` by the caller once the snapshot is durable
+    (or None where no record can be kept: ext2, ext4, no record_to). With `unfinished`, an
     unfinished snapshot noted there by a try that lost its connection is gone on from. The
     snapshots retention.make_room deleted for room are appended to `made_room`.
     """
@@ -172,7 +173,7 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
         while True:
             try:
                 return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare,
-                                       unfinished)  # fmt: skip
+                                       unfinished, record_to)  # fmt: skip
             except (ToolFailed, OSError) as exc:
                 said = getattr(exc, "stderr", "") or str(exc)
                 if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
@@ -223,7 +224,8 @@ def _image_full(fs: Path, written: int, made_room: list[str]) -> ImageFull:
 
 def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,
                     known: changes.Record | None, generation: int | None, work_dir: Path | None,
-                    full_compare: bool, unfinished: Unfinished | None) -> tuple[str, dict | None]:  # fmt: skip
+                    full_compare: bool, unfinished: Unfinished | None,
+                    record_to: Path | None) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
     directory = snapshots_dir(fs)
     existing = list_snapshots(fs)
     previous = existing[-1] if existing else None
@@ -232,20 +234,39 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
     remove_partials(fs, keep=resumed)
     name = naming.next_name(existing)  # named when it completes, whenever it was begun
     partial = directory / (resumed or name + naming.PARTIAL_SUFFIX)
-    entries = difference = None
+    scanned = found = None
     if btrfs:
         # Scanned before rsync reads anything: a file that changes during the run differs
         # from its recorded state next time and is copied again.
-        entries = _scan(target)
-        if entries is not None and previous:
-            why_not = "a full compare was asked for" if full_compare else _record_unusable(
-                known, previous, generation, target)
-            if why_not:
-                log.info("comparing every file with the image: %s", why_not)
-            else:
-                difference = changes.compare(known.entries, entries)
-                log.info("%d entries changed, %d deleted since snapshot %s (from the local record)",
-                         len(difference.changed), len(difference.deleted), previous)
+        why_not = "a full compare was asked for" if full_compare else _record_unusable(
+            known, previous, generation, target) if previous else "there is no snapshot to compare with"
+        if previous and why_not:
+            log.info("comparing every file with the image: %s", why_not)
+        scanned, found = _scan(target, record_to, None if why_not else known, work_dir)
+    try:
+        _sync_into(fs, target, syncer, on_progress, directory, previous, partial, resumed, found, unfinished,
+                   generation)  # fmt: skip
+    except BaseException:
+        if scanned:
+            scanned.discard()
+        if found:
+            found.__exit__()
+        raise
+    # Made durable by bump_generation's sync, in the same commit as the new generation and the
+    # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
+    os.rename(partial, directory / name)  # the caller clears `unfinished` once that is committed
+    return name, scanned
+
+
+def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback, directory: Path,
+               previous: str | None, partial: Path, resumed: str | None, found: Found | None,
+               unfinished: Unfinished | None, generation: int | None) -> None:  # fmt: skip
+    """Make the unfinished snapshot (or go on with `resumed`), copy into it, make it read-only."""
+    btrfs = target.filesystem == "btrfs"
+    if btrfs:
+        if found:
+            log.info("%d entries changed, %d deleted since snapshot %s (from the local record)",
+                     found.changed, found.deleted, previous)
         if resumed:
             log.info("going on from the unfinished snapshot %s of the last try: rsync skips what it finds "
                      "complete there", resumed)  # fmt: skip
@@ -265,31 +286,90 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
 
     rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
                               one_file_system=target.one_file_system, inplace=btrfs)  # fmt: skip
-    if difference is None:
+    if found is None:
         runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None), progress)
     else:
-        _delete(partial, difference.deleted)
-        if difference.changed:
-            with tempfile.NamedTemporaryFile(dir=work_dir, prefix="changed.") as listing:
-                listing.write(b"\0".join(difference.changed) + b"\0")
-                listing.flush()
-                runner.stream(rsync(files_from=listing.name), progress)
+        with found:
+            _delete(partial, found.deleted_paths())
+            if found.changed:
+                runner.stream(rsync(files_from=found.listing.name), progress)
         on_progress(1.0, 0)
     syncer.sync()  # the data is on the server before the name says "complete"
     if btrfs:
         runner.run(commands.btrfs_set_readonly(str(partial)))
-    # Made durable by bump_generation's sync, in the same commit as the new generation and the
-    # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
-    os.rename(partial, directory / name)  # the caller clears `unfinished` once that is committed
-    return name, entries
 
 
-def _scan(target: Target) -> dict | None:
+class Found:
+    """What changed since the record, as the scan found it: the paths rsync is to copy (NUL-
+    separated, for --files-from) and those to delete first, in temporary files (10^6
+    changed paths need not fit in memory)."""
+
+    def __init__(self, work_dir: Path | None):
+        self.listing = tempfile.NamedTemporaryFile(dir=work_dir, prefix="changed.")
+        self.deleted_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="deleted.")
+        self.changed = self.deleted = 0
+
+    def add(self, kind: str, path: bytes) -> None:
+        if kind == changes.CHANGED:
+            self.listing.write(path + b"\0")
+            self.changed += 1
+        else:
+            self.deleted_file.write(path + b"\0")
+            self.deleted += 1
+
+    def deleted_paths(self) -> Iterator[bytes]:
+        self.deleted_file.flush()
+        rest = b""
+        with open(self.deleted_file.name, "rb") as paths:
+            while chunk := paths.read(1 << 20):
+                *complete, rest = (rest + chunk).split(b"\0")
+                yield from complete
+
+    def __enter__(self) -> Found:
+        self.listing.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.listing.close()
+        self.deleted_file.close()
+
+
+def _scan(target: Target, record_to: Path | None, known: changes.Record | None,
+          work_dir: Path | None) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
+    """Walk the sources into a new record (at record_to, once committed); with `known`, the
+    record of the previous snapshot, find what changed since, as the walk goes."""
+    if record_to is None:
+        return None, None
     try:
-        return changes.scan(target.sources, target.excludes, target.one_file_system)
+        walk = changes.walk(target.sources, target.excludes, target.one_file_system)
+        writer = changes.RecordWriter(record_to)
     except changes.UnsupportedPattern as exc:
         log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
-        return None
+        return None, None
+
+    def recorded() -> Iterator[tuple[bytes, changes.Stat]]:
+        for name, st in walk:
+            writer.add(name, st)
+            yield name, st
+
+    try:
+        if known is None:
+            for _ in recorded():
+                pass
+            return writer, None
+        found = Found(work_dir)
+        try:
+            for kind, path in changes.differences(known.entries(), recorded()):
+                found.add(kind, path)
+        except changes.RecordDamaged as exc:
+            found.__exit__()
+            log.warning("the local record is damaged (%s): comparing every file with the image", exc)
+            writer.discard()
+            return _scan(target, record_to, None, work_dir)
+        return writer, found
+    except BaseException:
+        writer.discard()
+        raise
 
 
 def _record_unusable(known: changes.Record | None, previous: str, generation: int | None, target: Target) -> str:

@@ -77,12 +77,105 @@ def test_compare_finds_new_changed_retyped_and_deleted_entries(tmp_path):
     assert set(diff.deleted) == {rel + p for p in (b"/top.tmp", b"/sp ace", b"/logs/old", b"/logs/old/2.log")}
 
 
+def record_of(path: Path, entries: dict, generation: int = 7) -> changes.Record:
+    writer = changes.RecordWriter(path)
+    for name, st in sorted(entries.items(), key=lambda entry: changes.order_key(entry[0])):
+        writer.add(name, st)
+    writer.commit(generation, "2026-11-30T080000Z", "digest")
+    return changes.Record.load(path)
+
+
 def test_the_record_round_trips_odd_names_and_rejects_damage(tmp_path):
     entries = {b"etc/fstab": (0o100644, 0, 0, 12, 1, 2), b"a\nb\xff c": (0o40755, 1000, 1000, 4096, 3, 4)}
-    record = changes.Record(7, "2026-11-30T080000Z", "digest", entries)
     path = tmp_path / "files.gz"
-    record.save(path)
-    assert changes.Record.load(path) == record
+    record = record_of(path, entries)
+    assert (record.generation, record.snapshot, record.settings, record.count) == (7, "2026-11-30T080000Z", "digest", 2)
+    assert dict(record.entries()) == entries and record.verify()
+    assert not (tmp_path / "files.gz.entries").exists()
+    record.generation = 8
+    record.save(path)  # onto its own file, streaming from it
+    assert changes.Record.load(path).generation == 8 and dict(changes.Record.load(path).entries()) == entries
     assert changes.Record.load(tmp_path / "missing.gz") is None
     path.write_bytes(path.read_bytes()[:-8])  # truncated
-    assert changes.Record.load(path) is None
+    damaged = changes.Record.load(path)
+    assert damaged is not None and not damaged.verify()
+    with pytest.raises(changes.RecordDamaged):
+        list(damaged.entries())
+
+
+def test_a_record_of_the_old_format_is_not_used(tmp_path):
+    import gzip
+    import json
+
+    with gzip.open(tmp_path / "files.gz", "wb") as out:
+        out.write(json.dumps({"format": 1, "generation": 1, "snapshot": "s", "settings": "x", "count": 0}).encode())
+    assert changes.Record.load(tmp_path / "files.gz") is None
+
+
+def test_the_walk_is_in_record_order_and_the_streamed_compare_matches_the_sets(tmp_path):
+    """Names that sort before and after "/" ("a.b", "a-b", "a0") around a directory "a"."""
+    source = tmp_path / "src"
+    for d in ("a/x", "a.b", "a0/y", "b"):
+        (source / d).mkdir(parents=True)
+    for f in ("a/x/1", "a/2", "a-b", "a.b/3", "a0/y/4", "b/5", "c"):
+        (source / f).write_text(f)
+    walked = [path for path, _ in changes.walk([str(source), str(source / "a")], [], True)]  # a source inside another
+    assert walked == sorted(set(walked), key=changes.order_key), "not in record order, or twice"
+    before = changes.scan([str(source)], [], True)
+    old = record_of(tmp_path / "files.gz", before)
+    (source / "a" / "2").write_text("changed")
+    (source / "a.b" / "3").unlink()
+    (source / "a0" / "new").write_text("new")
+    after = changes.scan([str(source)], [], True)
+    streamed = list(changes.differences(old.entries(), changes.walk([str(source)], [], True)))
+    expected = changes.compare(before, after)
+    assert [p for kind, p in streamed if kind == changes.CHANGED] == expected.changed
+    assert [p for kind, p in streamed if kind == changes.DELETED] == expected.deleted
+    assert {p for p, st in after.items() if before.get(p) != st} == set(expected.changed)
+    assert set(before) - set(after) == set(expected.deleted)
+
+
+def test_an_out_of_order_record_is_damaged_not_believed():
+    old = [(b"b", (0o100644, 0, 0, 1, 1, 1)), (b"a", (0o100644, 0, 0, 1, 1, 1))]
+    with pytest.raises(changes.RecordDamaged):
+        list(changes.differences(old, []))
+
+
+def test_scanning_and_comparing_holds_a_directory_at_a_time_not_the_tree(tmp_path, monkeypatch):
+    """Peak memory of walking a tree into a record and comparing it with the last one: ten times
+    the files (in ten times the directories) must not take ten times the memory. (The record is
+    read READ_CHUNK at a time, 1 MiB: here 16 KiB, so that both trees are larger than that.)"""
+    import tracemalloc
+
+    monkeypatch.setattr(changes, "READ_CHUNK", 1 << 14)
+
+    records = tmp_path / "records"  # not in the tree's parents: writing there changes none of them
+    records.mkdir()
+
+    def peak(files: int) -> int:
+        source = tmp_path / f"tree{files}"
+        for i in range(files):
+            directory = source / f"d{i // 100}"
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"f{i}").write_bytes(b"x")
+        record = records / f"files{files}.gz"
+        writer = changes.RecordWriter(record)
+        for entry in changes.walk([str(source)], [], True):
+            writer.add(*entry)
+        writer.commit(1, "s", "x")
+        tracemalloc.start()
+        writer = changes.RecordWriter(records / f"next{files}.gz")
+
+        def recorded():
+            for entry in changes.walk([str(source)], [], True):
+                writer.add(*entry)
+                yield entry
+
+        assert not list(changes.differences(changes.Record.load(record).entries(), recorded()))
+        writer.commit(2, "s", "x")
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(1_000), peak(10_000)
+    assert large < 2 * small, (small, large)
