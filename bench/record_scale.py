@@ -1,0 +1,75 @@
+"""The local side of a run at scale: walking the sources into the file record and comparing it
+with the last one (cryptsnap.changes), beside `rsync --dry-run` of the same tree against an
+up-to-date copy (what rsync does on its own to find nothing changed), and peak memory.
+
+    sudo python3 -m bench.record_scale --files 1000000 --dir /var/tmp
+
+Makes FILES files of one byte (1,000 a directory) under --dir, records them, touches one,
+then times a second walk-and-compare (what a nothing-changed run does locally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from cryptsnap import changes
+
+
+def record(tree: Path, to: Path, known: changes.Record | None) -> int:
+    """Walk `tree` into a record at `to`, comparing with `known`; the number of differences."""
+    writer = changes.RecordWriter(to)
+
+    def walked():
+        for entry in changes.walk([str(tree)], [], True):
+            writer.add(*entry)
+            yield entry
+
+    found = sum(1 for _ in changes.differences(known.entries(), walked())) if known else sum(1 for _ in walked())
+    writer.commit(1, "s", "x")
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.record_scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--dir", default="/var/tmp")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        tree, records = Path(work) / "tree", Path(work) / "records"
+        records.mkdir()  # beside the tree: writing there changes nothing the walk sees
+        for i in range(args.files):
+            if i % 1000 == 0:
+                (tree / f"d{i // 1000}").mkdir(parents=True)
+            (tree / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
+        first = records / "files.gz"
+        started = time.monotonic()
+        record(tree, first, None)
+        first_s = time.monotonic() - started
+        os.utime(tree / "d0" / "f0")
+        started = time.monotonic()
+        found = record(tree, records / "next.gz", changes.Record.load(first))
+        again_s = time.monotonic() - started
+        copy = records / "copy"
+        subprocess.run(["rsync", "-a", f"{tree}/", f"{copy}/"], check=True)
+        os.utime(tree / "d0" / "f0")
+        started = time.monotonic()
+        subprocess.run(["rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/"], check=True, capture_output=True)
+        rsync_s = time.monotonic() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        print(f"{args.files:,} files: first record {first_s:.1f} s; nothing changed but one file: walk, compare "
+              f"and record {again_s:.1f} s ({found} found); "
+              f"rsync --dry-run against a copy {rsync_s:.1f} s; record {first.stat().st_size:,} bytes; "
+              f"peak RSS {peak} MiB")
+        shutil.rmtree(copy)
+
+
+if __name__ == "__main__":
+    main()

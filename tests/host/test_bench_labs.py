@@ -1,0 +1,25 @@
+"""The host labs of docs/performance.md run and measure what they say (small sizes here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def lab(*argv: str) -> str:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=True).stdout
+
+
+def test_scatter_lab_counts_more_than_the_changed_bytes_and_snapshots_cost_more(tmp_path):
+    ratios = {}
+    for mode in ("--snapshot", "--no-snapshot"):
+        out = lab("bench.scatter_lab", "--files", "3000", "--runs", "1", "--dir", str(tmp_path), "--image-gb", "1",
+                  *([mode] if mode == "--no-snapshot" else []))  # fmt: skip
+        ratios[mode] = float(re.search(r"for 3,072,000 changed: ([0-9.]+)x", out).group(1))
+    assert 1.0 < ratios["--no-snapshot"] < ratios["--snapshot"] < 3, ratios
+
+
+def test_record_scale_finds_the_one_touched_file(tmp_path):
+    out = lab("bench.record_scale", "--files", "3000", "--dir", str(tmp_path))
+    assert "(1 found)" in out and "peak RSS" in out, out
