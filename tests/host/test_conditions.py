@@ -6,8 +6,6 @@ UPower and NetworkManager are stand-ins on the private bus (tests/support/power_
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,6 +14,7 @@ from cryptsnap.bus import target_path
 from tests.host.test_daemon import Daemon, bus  # noqa: F401  (fixture)
 from tests.host.test_daemon_faults import follow_backup, wait_connecting
 from tests.support.checks import assert_nothing_left
+from tests.support.standins import standin
 
 TARGET = "org.cryptsnap1.Target"
 UPOWER = ("org.freedesktop.UPower", "/org/freedesktop/UPower", "org.freedesktop.UPower")
@@ -24,12 +23,8 @@ NM = ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.
 
 @pytest.fixture
 def power(bus):  # noqa: F811
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.power_standin", bus.address],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert proc.stdout.readline().strip() == "ready"
-    yield proc
-    proc.kill()
-    proc.wait()
+    with standin("power_standin", bus.address) as proc:
+        yield proc
 
 
 def start(daemon, setup, *options: str) -> str:
@@ -37,6 +32,12 @@ def start(daemon, setup, *options: str) -> str:
     out = daemon.bus.busctl("--json=short", "call", "org.cryptsnap1", target_path(setup.name), TARGET,
                             "StartBackup", *args).stdout  # fmt: skip
     return json.loads(out)["data"][0]
+
+
+def cancel(daemon, path: str) -> None:
+    """Cancel the target's job and wait until it has unwound."""
+    daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
+    until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
 
 
 def until(daemon, predicate, timeout: float = 15, what: str = ""):
@@ -70,8 +71,7 @@ def test_a_backup_on_battery_waits_says_why_and_starts_once_on_mains(setup, bus,
         until(daemon, lambda: daemon.get(path, TARGET, "Job") != "/", what="the put-off backup to start")
         assert daemon.get(path, TARGET, "Deferred") == ""
         wait_connecting(setup)
-        daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        cancel(daemon, path)
     finally:
         daemon.stop()
     assert_nothing_left(setup)
@@ -84,13 +84,11 @@ def test_anyway_starts_now_and_a_machine_without_upower_never_waits(setup, bus, 
     try:
         assert start(daemon, setup, "ignore-conditions", "b", "true") != "/"  # on battery, but asked to
         assert daemon.get(path, TARGET, "Deferred") == ""
-        daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        cancel(daemon, path)
         power.kill()  # no UPower, no NetworkManager (a server): unknown is not a reason to wait
         power.wait()
         assert start(daemon, setup) != "/"
-        daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        cancel(daemon, path)
     finally:
         daemon.stop()
     assert_nothing_left(setup)

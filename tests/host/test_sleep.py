@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 from cryptsnap.bus import target_path
-from tests.host.test_conditions import start, until
+from tests.host.test_conditions import cancel, start, until
 from tests.host.test_daemon import Daemon, bus  # noqa: F401  (fixture)
 from tests.host.test_daemon_faults import wait_connecting
 from tests.support import sshd
 from tests.support.checks import assert_nothing_left
+from tests.support.standins import standin
 
 TARGET = "org.cryptsnap1.Target"
 LOGIND = ("org.freedesktop.login1", "/org/freedesktop/login1")
@@ -34,12 +35,8 @@ DESKTOP_USER = "csnap-desktop"
 
 @pytest.fixture
 def logind(bus):  # noqa: F811
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.logind_standin", bus.address],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert proc.stdout.readline().strip() == "ready"
-    yield proc
-    proc.kill()
-    proc.wait()
+    with standin("logind_standin", bus.address) as proc:
+        yield proc
 
 
 def inhibitors(daemon) -> list:
@@ -104,8 +101,7 @@ def test_a_wake_before_the_canceled_run_has_closed_starts_the_backup_once_it_has
         until(daemon, lambda: daemon.get(path, TARGET, "Job") not in ("/", first), 30, "the backup to start again")
         assert "the machine was going to sleep" in daemon.get(path, TARGET, "LastError")
         wait_connecting(setup)
-        daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        cancel(daemon, path)
     finally:
         daemon.stop()
     assert_nothing_left(setup)
@@ -118,8 +114,7 @@ def test_without_logind_backups_run_as_before(setup, bus, tarpit):  # noqa: F811
     try:
         assert start(daemon, setup) != "/"
         wait_connecting(setup)
-        daemon.bus.busctl("call", "org.cryptsnap1", path, TARGET, "Cancel")
-        until(daemon, lambda: daemon.get(path, TARGET, "State") == "idle", 60, "the cancel")
+        cancel(daemon, path)
     finally:
         daemon.stop()
 
@@ -141,22 +136,22 @@ def desktop_user(tmp_path):
     assert bus_daemon.stdout.readline().startswith("unix:")
     env = {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus", "PATH": os.defpath,
            "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
-    notifications = subprocess.Popen([sys.executable, "-m", "tests.support.notifications_standin"], env=env,
-                                     stdout=subprocess.PIPE, text=True, **as_user)  # fmt: skip
-    assert notifications.stdout.readline().strip() == "ready"
-    yield user.pw_uid, runtime, notifications
-    for proc in (notifications, bus_daemon):
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(runtime, ignore_errors=True)
+    try:
+        with standin("notifications_standin", env=env, **as_user) as notifications:
+            yield user.pw_uid, runtime, notifications
+    finally:
+        bus_daemon.kill()
+        bus_daemon.wait()
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_a_failed_backup_is_shown_on_the_desktop_of_each_graphical_session(setup, bus, desktop_user):  # noqa: F811
     uid, runtime, notifications = desktop_user
-    logind = subprocess.Popen([sys.executable, "-m", "tests.support.logind_standin", bus.address,
-                               f"{uid}:wayland:{runtime}", "0:tty:/nonexistent"],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert logind.stdout.readline().strip() == "ready"
+    with standin("logind_standin", bus.address, f"{uid}:wayland:{runtime}", "0:tty:/nonexistent"):
+        _fail_a_run_and_see_it_shown(setup, bus, uid, notifications)
+
+
+def _fail_a_run_and_see_it_shown(setup, bus, uid, notifications) -> None:  # noqa: F811
     document = yaml.safe_load(setup.config_path.read_text())
     document["targets"][setup.name].update(notify_desktop=True, hooks={"before": ["false"]})  # fails at once
     setup.config_path.write_text(yaml.safe_dump(document))
@@ -174,7 +169,5 @@ def test_a_failed_backup_is_shown_on_the_desktop_of_each_graphical_session(setup
         assert "before hook" in shown["body"] and f"cryptsnap status {setup.name}" in shown["body"], shown
     finally:
         err = daemon.stop()
-        logind.kill()
-        logind.wait()
     assert f"desktop notification to uid {uid}: Backup of {setup.name} failed" in err, err
     assert "uid 0" not in err, "notified a text console's user"
