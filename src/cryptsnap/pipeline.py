@@ -6,6 +6,7 @@ progress (the terminal progress line, D-Bus properties).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ from .errors import (
     UsageError,
     canceled,
 )
-from .layers import check_server_fsync
+from .layers import LocalLock, check_server_fsync
 from .stack import Paths, open_stack, step
 from .state import TargetState
 
@@ -79,6 +80,11 @@ class MeteredReporter(Reporter):
 
     def progress(self, fraction: float, transferred: int) -> None:
         self.inner.progress(fraction, transferred)
+
+    def restart(self) -> None:
+        """The counter goes back to zero (a new try's connection): what it counted so far stays charged."""
+        self._charge()
+        self.mark = meter.Traffic()
 
     def finish(self) -> meter.Traffic:
         """Charge what is left to the last phase; return the total."""
@@ -157,22 +163,12 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
     reporter = MeteredReporter(MarkedReporter(reporter or Reporter(), state), lambda: meter.read(counter))
     record = RunRecord("backup", target.name)
     try:
-        hooks.before(target)  # inside: a skipped run is recorded as failed, with the hook's reason
-        for tries in itertools.count(1):
-            try:
-                _write(target, state, reporter, record, break_lock=break_lock, full_compare=full_compare,
-                       accept_rollback=accept_rollback, lock_fd=lock_fd)  # fmt: skip
-                break
-            except CryptsnapError as exc:
-                wait = retry_after(target, exc, tries, complete=bool(record.snapshots))
-                if wait is None:
-                    if tries > 1 and connection_lost(exc, tries):
-                        exc.args = (f"{exc} (the last of {tries} tries; reconnect_tries: {target.reconnect_tries})",)
-                    raise
-                log.warning("target %s: %s; trying again in %d s (try %d of %d)", target.name, exc, wait, tries + 1,
-                            target.reconnect_tries + 1)  # fmt: skip
-                reporter.phase("waiting")
-                time.sleep(wait)  # a cancel (SIGTERM) ends it, and the run
+        with contextlib.ExitStack() as held:
+            if lock_fd is None:  # held from here to the end, across tries: nobody takes the target between
+                lock_fd = held.enter_context(LocalLock(target.runtime_dir, "backup")).file.fileno()
+            hooks.before(target)  # inside: a skipped run is recorded as failed, with the hook's reason
+            _tries(target, state, reporter, record, break_lock=break_lock, full_compare=full_compare,
+                   accept_rollback=accept_rollback, lock_fd=lock_fd)  # fmt: skip
         record.result = "done"
         log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
                  len(record.snapshots), len(record.pruned))
@@ -202,6 +198,28 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
         hooks.after_run(target, record)
+
+
+def _tries(target: Target, state: TargetState, reporter: MeteredReporter, record: RunRecord, *,
+           lock_fd: int, **options) -> None:  # fmt: skip
+    """Write the snapshot; after a lost connection, try again (reconnect_tries, reconnect_delay)."""
+    for tries in itertools.count(1):
+        try:
+            # A descriptor of its own for each try (its stack closes it); the lock stays held
+            # through `lock_fd`, on the same open file.
+            _write(target, state, reporter, record, lock_fd=os.dup(lock_fd), **options)
+            return
+        except CryptsnapError as exc:
+            wait = retry_after(target, exc, tries, complete=bool(record.snapshots))
+            if wait is None:
+                if tries > 1 and connection_lost(exc, tries):
+                    exc.args = (f"{exc} (the last of {tries} tries; reconnect_tries: {target.reconnect_tries})",)
+                raise
+            log.warning("target %s: %s; trying again in %d s (try %d of %d)", target.name, exc, wait, tries + 1,
+                        target.reconnect_tries + 1)  # fmt: skip
+            reporter.phase("waiting")
+            reporter.restart()  # the next try's stack starts its traffic counter at zero
+            time.sleep(wait)  # a cancel (SIGTERM) ends it, and the run
 
 
 def _write(target: Target, state: TargetState, reporter: MeteredReporter, record: RunRecord, *,

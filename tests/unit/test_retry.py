@@ -50,3 +50,25 @@ def test_an_unfinished_snapshot_is_gone_on_from_only_at_the_same_newest_snapshot
     assert unfinished.resumable(snapshots, "2026-12-02T060000Z", 7) is None  # removed (e.g. by a full image)
     unfinished.clear()
     assert state.unfinished() == {}
+
+
+def test_the_traffic_of_every_try_is_counted_once_though_each_starts_its_counter_at_zero():
+    from cryptsnap.meter import Traffic
+    from cryptsnap.pipeline import MeteredReporter, Reporter
+
+    counter = [Traffic(0, 0)]
+    reporter = MeteredReporter(Reporter(), lambda: counter[0])
+    reporter.phase("connecting")
+    counter[0] = Traffic(1000, 100)
+    reporter.phase("syncing")
+    counter[0] = Traffic(5000, 300)  # then the connection is lost
+    reporter.phase("waiting")
+    reporter.restart()
+    counter[0] = Traffic(0, 0)  # the next try's stack resets the counter
+    reporter.phase("connecting")
+    counter[0] = Traffic(700, 70)
+    reporter.phase("syncing")
+    counter[0] = Traffic(2700, 170)
+    total = reporter.finish()
+    assert (total.up, total.down) == (5000 + 2700, 300 + 170)
+    assert reporter.by_step["syncing"] == Traffic(4000 + 2000, 200 + 100)
