@@ -226,11 +226,13 @@ def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv
         # writes the path of tree nodes above every change again (docs/performance.md).
         # The run ends with its own sync.
         options.append("commit=300")
-        # Each commit (every 5 minutes, and the run's own) takes the data written before it
-        # along: what a commit shows was written whole, so a try after a lost connection can
-        # go on from the unfinished snapshot, skipping files rsync finds complete in it.
-        options.append("flushoncommit")
     return ("mount", "-t", filesystem, "-o", ",".join(options), device, mountpoint)
+
+
+def remount_flushoncommit(mountpoint: str) -> Argv:
+    """Every commit from here on (the periodic ones too) takes the data written before it
+    along, so what a commit shows was written whole (cryptsnap.snapshot.Unfinished)."""
+    return ("mount", "-o", "remount,flushoncommit", mountpoint)
 
 
 def unmount(mountpoint: str) -> Argv:

@@ -103,9 +103,10 @@ TARGET = {
                               "(NetworkManager says so, e.g. a phone's hotspot); cryptsnapd starts it once it is "
                               "not.", True),
     "reconnect_tries": Option("int", "How many more times a backup that lost its connection during the run "
-                              "(server gone, network cut) tries again before it fails; btrfs: a new try goes on "
-                              "from what the last one had committed to the image (every 5 minutes) instead of "
-                              "uploading it again. 0: fail at once.", 3, minimum=0),
+                              "(server gone, network cut) tries again before it fails; btrfs, when the run copies "
+                              "64 MiB or more (or compares every file): a new try goes on from what the last one "
+                              "had committed to the image (every 5 minutes) instead of uploading it again. 0: "
+                              "fail at once.", 3, minimum=0),
     "reconnect_delay": Option("int", "Seconds before the first new try after a lost connection; each further "
                               "wait is twice the last (60: 1, 2, 4 minutes).", 60, minimum=1),
     "notify_desktop": Option("bool", "When a backup or check run by cryptsnapd fails, show a desktop notification "

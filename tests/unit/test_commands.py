@@ -73,7 +73,7 @@ def test_luks_and_loop_and_mount_builders():
     assert commands.loop_attach("/dev/fd/4", readonly=True) == ("losetup", "--find", "--show", "--direct-io=on",
                                                                   "--read-only", "/dev/fd/4")
     rw = commands.mount("/dev/mapper/x", "/m", "btrfs", readonly=False)
-    assert rw[rw.index("-o") + 1] == "nodev,nosuid,noatime,compress=zstd:1,commit=300,flushoncommit"
+    assert rw[rw.index("-o") + 1] == "nodev,nosuid,noatime,compress=zstd:1,commit=300"
     ro = commands.mount("/dev/mapper/x", "/m", "ext2", readonly=True)
     assert ro == ("mount", "-t", "ext2", "-o", "nodev,nosuid,noatime,ro", "/dev/mapper/x", "/m")
     assert commands.mkfs("ext2", "/dev/mapper/x") == ("mkfs.ext2", "-q", "-F", "-L", "cryptsnap", "/dev/mapper/x")
