@@ -25,6 +25,7 @@ PACKAGES = {
     "mount": "mount",
     "umount": "mount",
     "cryptsetup": "cryptsetup-bin",
+    "dmsetup": "dmsetup",
     "mkfs.btrfs": "btrfs-progs",
     "btrfs": "btrfs-progs",
     "mkfs.ext2": "e2fsprogs",
@@ -172,6 +173,11 @@ def luks_open(device: str, name: str, key_file: str, readonly: bool, header: str
 def luks_close(name: str, header: str | None = None) -> Argv:
     # --header: without it, close reads the LUKS header from the image again (~36 KB down).
     return ("cryptsetup", "close", *(["--header", header] if header else []), name)
+
+
+def dm_remove(name: str) -> Argv:
+    """Remove a device-mapper device by name, with or without a table."""
+    return ("dmsetup", "remove", "--retry", name)
 
 
 def luks_dump(device: str) -> Argv:

@@ -37,6 +37,18 @@ UNREACHABLE_HINTS = (
 )  # fmt: skip
 
 
+def dm_exists(name: str) -> bool:
+    """Whether the kernel has a device-mapper device of this name, with a table or not (sysfs:
+    /dev/mapper/NAME appears only once a table is loaded)."""
+    for name_file in Path("/sys/block").glob("dm-*/dm/name"):
+        try:
+            if name_file.read_text().strip() == name:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _retry(argv: tuple[str, ...], attempts: int = 5) -> None:
     """Run a teardown command, retrying briefly: udev or a closing file can hold a device a moment."""
     for attempt in range(attempts):
@@ -710,9 +722,17 @@ class LuksMapping:
 
     @staticmethod
     def remove_leftovers(name: str) -> None:
-        if os.path.exists(f"/dev/mapper/{name}"):
-            log.warning("closing LUKS mapping %s left by an earlier run", name)
-            _retry(commands.luks_close(name))
+        if not dm_exists(name):
+            return
+        log.warning("closing LUKS mapping %s left by an earlier run", name)
+        try:
+            _retry(commands.luks_close(name), attempts=3)
+        except ToolFailed:
+            if not dm_exists(name):
+                raise
+            # cryptsetup killed between creating the device and loading its table leaves one
+            # without a table (and without /dev/mapper/NAME): cryptsetup does not know it.
+            _retry(commands.dm_remove(name))
 
     def __enter__(self) -> LuksMapping:
         if self.expected_uuid is not None and self.header is None:

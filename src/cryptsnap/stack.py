@@ -34,6 +34,7 @@ from .layers import (
     RemoteLock,
     SshfsMount,
     connection_lost,
+    dm_exists,
     holder_file,
     luks_metadata,
     wait_for_exit,
@@ -153,7 +154,7 @@ def has_leftovers(target: Target) -> bool:
     """Cheap look (no tool run) for anything a dead run of this target may have left."""
     paths = Paths.of(target)
     return (TargetState(target).unfinished_run() is not None or paths.nbd_record.exists() or paths.loop_record.exists()
-            or os.path.exists(f"/dev/mapper/{paths.mapping}")
+            or dm_exists(paths.mapping)
             or any(is_mountpoint(p) for p in (paths.fs, paths.remote)))  # fmt: skip
 
 

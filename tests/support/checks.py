@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import psutil
 
+from cryptsnap.layers import dm_exists
 from cryptsnap.mounts import mount_points
 from tests.support.targets import Setup
 
@@ -37,7 +37,7 @@ def leftovers(setup: Setup) -> list[str]:
     for loop in loops.get("loopdevices", []):
         if setup.name in (loop.get("back-file") or ""):
             found.append(f"loop {loop['name']} -> {loop['back-file']}")
-    if os.path.exists(f"/dev/mapper/cryptsnap-{setup.name}"):
+    if dm_exists(f"cryptsnap-{setup.name}"):  # with a table or not: /dev/mapper/NAME shows only the first
         found.append(f"mapping cryptsnap-{setup.name}")
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
