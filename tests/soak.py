@@ -175,17 +175,27 @@ def main() -> int:
                 "error": (err.strip().splitlines() or [""])[-1][:200]}  # fmt: skip
         runs.append(line)
         print(json.dumps(line), flush=True)
+        if not line["injected"] and result != "done":  # nothing was done to it: a bug, not a fault
+            problems.append(f"run {number}: failed with no fault injected: {line['error']}")
+            if len(runs) >= 3 and all(not r["injected"] and r["result"] != "done" for r in runs[-3:]):
+                problems.append(f"stopped after run {number}: three runs in a row failed with no fault injected")
+                break
     # Every snapshot made, read back in full and compared with the source as it was.
-    cryptsnap(setup, "mount", setup.name)
-    try:
-        view = setup.runtime_dir / "restore" / setup.name / "snapshots"
-        def intact(name: str) -> bool:
-            inside = view / name / str(setup.source).lstrip("/")
-            return inside.is_dir() and trees.across_file_systems(trees.manifest(inside)) == expected[name]
+    mounted = cryptsnap(setup, "mount", setup.name, expect=None)
+    if mounted.returncode != 0:
+        problems.append(f"the snapshots could not be read back: {mounted.stderr.strip()}")
+        lost = []
+    else:
+        try:
+            view = setup.runtime_dir / "restore" / setup.name / "snapshots"
 
-        lost = [name for name in expected if not intact(name)]
-    finally:
-        cryptsnap(setup, "umount", setup.name)
+            def intact(name: str) -> bool:
+                inside = view / name / str(setup.source).lstrip("/")
+                return inside.is_dir() and trees.across_file_systems(trees.manifest(inside)) == expected[name]
+
+            lost = [name for name in expected if not intact(name)]
+        finally:
+            cryptsnap(setup, "umount", setup.name)
     if leftovers(setup):
         leaks += 1
     longest = max(rss.values(), key=len) if rss else []
