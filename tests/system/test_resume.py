@@ -35,14 +35,14 @@ def test_a_cut_run_tries_again_and_does_not_upload_again_what_was_committed(tmp_
     proc = subprocess.Popen(["python3", "-m", "cryptsnap", "--verbose", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_phase(setup, "syncing")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 300
     while whole_files(setup) < FILES // 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be cut"
     subprocess.run(["sync"], check=True)  # a commit, as the 5-minute one of a long run would be
     committed = whole_files(setup)
     assert kill_server_sessions(untrusted_host)
-    _, err = proc.communicate(timeout=900)
+    _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     assert "syncing: lost the connection to 127.0.0.1" in err and "trying again in 1 s (try 2 of 3)" in err, err
     assert "going on from the unfinished snapshot" in err, err

@@ -170,37 +170,19 @@ def test_cancel_and_service_stop_mid_rsync_leave_nothing(service):
     assert prop(path, "org.cryptsnap1.Target", "LastResult") == "canceled"  # activates the daemon again
 
 
-SUSPEND_DROPIN = Path("/run/systemd/system/systemd-suspend.service.d/cryptsnap-test.conf")
-
-
-def test_suspend_mid_run_cancels_unwinds_and_the_backup_runs_again_on_wake(service):
-    """The real logind: cryptsnapd's delay inhibitor is listed while a run syncs; `systemctl
-    suspend` makes logind announce PrepareForSleep, the run is canceled and unwound before the
-    machine sleeps, and when logind announces the wake the backup starts again by itself. The
-    sleep itself is /bin/true (an emulated guest might not wake up); all else is as on a laptop."""
+def test_a_running_job_holds_a_delay_inhibitor_of_the_real_logind(service):
+    """cryptsnapd's delay inhibitor, taken from the guest's logind while a run syncs and
+    released with the run. (What cryptsnapd does when logind announces sleep or shutdown is
+    tested with a logind stand-in: tests/host/test_sleep.py. A real `systemctl suspend` of an
+    emulated guest that might not wake up is not.)"""
     fill(service, 64)
-    path, TARGET = target_path(service.name), "org.cryptsnap1.Target"
     sh("systemctl", "start", "cryptsnapd.service")
     job = start_backup(service)
     wait_until(lambda: prop(job, "org.cryptsnap1.Job", "Phase") == "syncing", 300, "syncing")
     listed = sh("systemd-inhibit", "--list", "--no-pager", "--no-legend").stdout
     assert any("cryptsnap" in line and "delay" in line and "sleep:shutdown" in line for line in listed.splitlines()), listed
-    SUSPEND_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-    SUSPEND_DROPIN.write_text("[Service]\nExecStart=\nExecStart=/bin/true\n")
-    try:
-        sh("systemctl", "daemon-reload")
-        sh("systemctl", "suspend")
-        journal = lambda: sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout  # noqa: E731
-        wait_until(lambda: "starting the backups put off for it" in journal(), 300, "the wake")
-        # (the canceled run may still be unwinding at the wake: the backup starts once it has)
-        wait_until(lambda: prop(path, TARGET, "LastResult") == "done", 600, "the backup started again on wake")
-    finally:
-        SUSPEND_DROPIN.unlink()
-        sh("systemctl", "daemon-reload")
-    text = journal()
-    assert f"job {job.rsplit('/', 1)[1]} [{service.name}]: the machine is going to sleep: canceling it" in text, text
-    assert f"job {job.rsplit('/', 1)[1]} [{service.name}]: canceled" in text, text
-    assert len(cryptsnap(service, "list", service.name).stdout.split()) == 1
+    sh("busctl", "call", "org.cryptsnap1", job, "org.cryptsnap1.Job", "Cancel")
+    assert wait_idle(service) == "canceled"
     assert "cryptsnap" not in sh("systemd-inhibit", "--list", "--no-pager", "--no-legend").stdout
     assert_nothing_left(service)
 
