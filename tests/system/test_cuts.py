@@ -28,9 +28,9 @@ from tests.support.runs import PHASES, digests, kill_server_sessions, marker, st
 from tests.support.targets import make_setup
 
 FIRST_SEED = int(os.environ.get("CRYPTSNAP_CUT_FIRST_SEED", "0"))
-# 10 per file system in `make test` (each seed is two runs, about 25 s on the emulated CPU);
+# 8 per file system in `make test` (each seed is two runs, about 25 s on the emulated CPU);
 # 20 and more: CRYPTSNAP_CUT_SEEDS=20 (docs/reliability.md has the figures of such a run).
-SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", "10")))
+SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", "8")))
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
 CONNECT_TIMEOUT = 20  # commands.py: ssh's ConnectTimeout, what a silent server costs before a session exists
 

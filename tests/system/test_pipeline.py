@@ -129,9 +129,12 @@ def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host, files
     names = cryptsnap(setup, "list", setup.name).stdout.split()
     assert len(names) == 1 and not names[0].endswith(".partial")
     assert_nothing_left(setup)
+    if filesystem != "btrfs":
+        return
     # cryptsetup killed between creating its device and loading the table leaves a device
     # without one and without /dev/mapper/NAME (found by the soak, cryptsnapd killed while
     # unlocking): the next run must find it by name and remove it, not fail on "exists".
+    # (The same for every file system: checked once.)
     mapping = f"cryptsnap-{setup.name}"
     subprocess.run(["dmsetup", "create", mapping, "--notable"], check=True)
     subprocess.run(["dmsetup", "mknodes"], check=True)
