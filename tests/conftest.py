@@ -12,5 +12,12 @@ def pytest_collection_modifyitems(config, items):
     plugin.replace_guest_items(config, items)
 
 
+def pytest_configure(config):
+    if plugin.IN_GUEST:  # each outcome written as it comes, and a time limit per test
+        from tests.harness import progress
+
+        config.pluginmanager.register(progress, "cryptsnap-guest-progress")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     plugin.report_timings(terminalreporter, config)

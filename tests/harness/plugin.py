@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import progress
 from tests.support import package
 
 SYSTEM_DIR = "tests/system/"
 IN_GUEST = os.environ.get("CRYPTSNAP_IN_GUEST") == "1"
 GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "4800"))
+# No guest test takes near this; one that hangs fails by name and the others still run.
+TEST_LIMIT = os.environ.get("CRYPTSNAP_GUEST_TEST_LIMIT", "900")
 
 
 class GuestTestFailed(Exception):
@@ -93,26 +96,48 @@ class GuestRun:
             self.timings["image"] = guest.image.build_seconds
             self.timings["boot"] = guest.boot_seconds - guest.image.build_seconds
             env = {k: v for k, v in os.environ.items() if k.startswith("CRYPTSNAP_") and "_VM_" not in k}
-            env.update(PYTHON_ENV, CRYPTSNAP_IN_GUEST="1")
+            env.update(PYTHON_ENV, CRYPTSNAP_IN_GUEST="1", CRYPTSNAP_GUEST_TEST_LIMIT=TEST_LIMIT,
+                       CRYPTSNAP_GUEST_PROGRESS="/results/progress.jsonl")  # fmt: skip
             argv = [
                 "python3", "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v", "--durations=20",
                 "-o", "junit_family=xunit2", "--junitxml=/results/junit.xml", *self.nodeids,
             ]  # fmt: skip
             t0 = time.monotonic()
             command = f"{shlex.join(argv)} > /results/pytest.log 2>&1"
-            guest.run(command, timeout=GUEST_TIMEOUT, cwd="/src", env=env)
-            self.timings["tests"] = time.monotonic() - t0
+            try:
+                guest.run(command, timeout=GUEST_TIMEOUT, cwd="/src", env=env)
+            finally:
+                self.timings["tests"] = time.monotonic() - t0
             report = guest.results / "junit.xml"
             if not report.exists():
-                log = guest.results / "pytest.log"
-                tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
-                raise GuestError(f"pytest in the guest wrote no JUnit report:\n{tail}")
+                spent = self.timings["tests"]
+                raise GuestError(f"pytest in the guest wrote no JUnit report after {spent:.0f}s "
+                                 f"(CRYPTSNAP_VM_TEST_TIMEOUT: {GUEST_TIMEOUT:.0f}s)")  # fmt: skip
             self.outcomes = parse_junit(report.read_text())
         except GuestError as exc:
             self.error = str(exc)
+            self._outcomes_so_far(guest.results)
         finally:
             guest.stop()
             self.timings["total"] = time.monotonic() - started
+
+    def _outcomes_so_far(self, results: Path) -> None:
+        """The session did not end: each test that did keeps its outcome; the others fail
+        saying what stopped them."""
+        ended, running = progress.read(results / "progress.jsonl")
+        if not ended and running is None:
+            return
+        log = results / "pytest.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+        self.outcomes = {}
+        for nodeid, entry in ended.items():
+            status = {"passed": "passed", "skipped": "skipped"}.get(entry["outcome"], "failed")
+            text = f"guest test failed (in {entry['when']}):\n{entry['text']}" if status == "failed" else entry["text"]
+            self.outcomes[junit_key(nodeid)] = Outcome(status, text)
+        stopped = f"the guest tier stopped ({self.error}) while {running or 'no test'} ran"
+        for nodeid in self.nodeids:
+            self.outcomes.setdefault(junit_key(nodeid), Outcome("failed", f"did not finish: {stopped}\n{tail}"))
+        self.error = None
 
     def outcome(self, nodeid: str) -> Outcome:
         if self.outcomes is None and self.error is None:

@@ -35,3 +35,78 @@ def test_outcomes_carry_the_guest_failure_text():
     assert setup.status == "failed" and "setup or teardown" in setup.text and "fixture exploded" in setup.text
     skip = outcomes[junit_key("tests/system/test_a.py::test_skip")]
     assert skip.status == "skipped" and skip.text == "needs X"
+
+
+GUEST_TESTS = """
+import time
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2, "boom"
+
+def test_hangs():
+    time.sleep(60)
+
+def test_after_the_hang():
+    pass
+"""
+
+
+def test_each_outcome_is_written_as_it_comes_and_a_hung_test_fails_by_name(tmp_path):
+    """The guest side (tests/harness/progress.py) in a real pytest session, with a 1 s limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.harness import progress
+
+    (tmp_path / "test_g.py").write_text(GUEST_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    log = tmp_path / "progress.jsonl"
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, CRYPTSNAP_GUEST_PROGRESS=str(log), CRYPTSNAP_GUEST_TEST_LIMIT="1", PYTHONPATH=str(repo))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.harness.progress", "-p", "no:cacheprovider",
+                          "-q", "-c", str(tmp_path / "pytest.ini"), str(tmp_path / "test_g.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50)  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    ended, running = progress.read(log)
+    outcomes = {nodeid.split("::")[1]: entry for nodeid, entry in ended.items()}
+    assert outcomes["test_passes"]["outcome"] == "passed"
+    assert outcomes["test_fails"]["outcome"] == "failed" and "boom" in outcomes["test_fails"]["text"]
+    hung = outcomes["test_hangs"]
+    assert hung["outcome"] == "failed" and "longer than its limit of 1s" in hung["text"], hung
+    assert hung["duration"] < 30
+    assert outcomes["test_after_the_hang"]["outcome"] == "passed"
+    assert running is None
+
+
+def test_a_guest_tier_that_stopped_keeps_what_ended_and_names_the_test_it_stopped_in(tmp_path):
+    from tests.harness.plugin import GuestRun
+
+    nodeids = ["tests/system/test_a.py::test_ok", "tests/system/test_a.py::test_bad",
+               "tests/system/test_a.py::test_slow", "tests/system/test_a.py::test_never"]  # fmt: skip
+    (tmp_path / "progress.jsonl").write_text(
+        '{"start": "tests/system/test_a.py::test_ok", "t": 1}\n'
+        '{"nodeid": "tests/system/test_a.py::test_ok", "when": "call", "outcome": "passed", "duration": 1, "text": ""}\n'
+        '{"finish": "tests/system/test_a.py::test_ok"}\n'
+        '{"start": "tests/system/test_a.py::test_bad", "t": 2}\n'
+        '{"nodeid": "tests/system/test_a.py::test_bad", "when": "setup", "outcome": "failed", "duration": 1, '
+        '"text": "fixture exploded"}\n'
+        '{"finish": "tests/system/test_a.py::test_bad"}\n'
+        '{"start": "tests/system/test_a.py::test_slow", "t": 3}\n'
+        '{"nodeid": "tests/system/te'  # cut off when the guest stopped
+    )
+    run = GuestRun(None, nodeids)
+    run.error = "the guest stopped answering"
+    run._outcomes_so_far(tmp_path)
+    assert run.error is None
+    assert run.outcome(nodeids[0]).status == "passed"
+    bad = run.outcome(nodeids[1])
+    assert bad.status == "failed" and "in setup" in bad.text and "fixture exploded" in bad.text
+    for nodeid in nodeids[2:]:
+        outcome = run.outcome(nodeid)
+        assert outcome.status == "failed" and "the guest stopped answering" in outcome.text
+        assert "while tests/system/test_a.py::test_slow ran" in outcome.text
