@@ -257,7 +257,7 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         if scanned:
             scanned.discard()
         if found:
-            found.__exit__()
+            found.close()
         raise
     # Made durable by bump_generation's sync, in the same commit as the new generation and the
     # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
@@ -341,6 +341,9 @@ class Found:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.listing.close()
         self.deleted_file.close()
 
@@ -352,12 +355,20 @@ def _scan(target: Target, record_to: Path | None, known: changes.Record | None,
     if record_to is None:
         return None, None
     try:
+        return _walk(target, record_to, known, work_dir)
+    except changes.RecordDamaged as exc:
+        log.warning("the local record is damaged (%s): comparing every file with the image", exc)
+        return _walk(target, record_to, None, work_dir)
+
+
+def _walk(target: Target, record_to: Path, known: changes.Record | None,
+          work_dir: Path | None) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
+    try:
         walk = changes.walk(target.sources, target.excludes, target.one_file_system)
         writer = changes.RecordWriter(record_to)
     except changes.UnsupportedPattern as exc:
         log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
         return None, None
-
     latest: list = [None]  # the entry the walk gave last: the one a CHANGED is about when it comes
 
     def recorded() -> Iterator[tuple[bytes, changes.Stat]]:
@@ -366,23 +377,20 @@ def _scan(target: Target, record_to: Path | None, known: changes.Record | None,
             latest[0] = (name, st)
             yield name, st
 
+    found = None
     try:
         if known is None:
             for _ in recorded():
                 pass
             return writer, None
         found = Found(work_dir)
-        try:
-            for kind, path in changes.differences(known.entries(), recorded()):
-                found.add(kind, path, latest[0][1] if latest[0] and latest[0][0] == path else None)
-        except changes.RecordDamaged as exc:
-            found.__exit__()
-            log.warning("the local record is damaged (%s): comparing every file with the image", exc)
-            writer.discard()
-            return _scan(target, record_to, None, work_dir)
+        for kind, path in changes.differences(known.entries(), recorded()):
+            found.add(kind, path, latest[0][1] if latest[0] and latest[0][0] == path else None)
         return writer, found
-    except BaseException:
+    except BaseException:  # nothing half-made is kept: neither the new record nor the lists
         writer.discard()
+        if found:
+            found.close()
         raise
 
 

@@ -179,3 +179,30 @@ def test_scanning_and_comparing_holds_a_directory_at_a_time_not_the_tree(tmp_pat
 
     small, large = peak(1_000), peak(10_000)
     assert large < 2 * small, (small, large)
+
+
+def test_a_damaged_record_found_during_the_scan_means_a_full_compare_and_a_whole_new_record(tmp_path, caplog):
+    """The damage shows only once the compare reaches it: the half-made lists and record are
+    dropped, and the walk starts again without the old record."""
+    from types import SimpleNamespace
+
+    from cryptsnap import snapshot
+
+    source = tmp_path / "src"
+    make_tree(source)
+    target = SimpleNamespace(sources=(str(source),), excludes=(), one_file_system=True)
+    state = tmp_path / "state"  # apart from the sources: its files must not change what is walked
+    state.mkdir()
+    old = state / "old.gz"
+    writer, found = snapshot._scan(target, old, None, state)
+    assert found is None
+    writer.commit(1, "s1", "digest")
+    whole = list(changes.Record.load(old).entries())
+    old.write_bytes(old.read_bytes()[:-8])  # cut short: the header reads, the entries do not
+    new = state / "new.gz"
+    writer, found = snapshot._scan(target, new, changes.Record.load(old), state)
+    assert found is None, "a damaged record must not say what changed"
+    assert "the local record is damaged" in caplog.text
+    writer.commit(2, "s2", "digest")
+    assert list(changes.Record.load(new).entries()) == whole
+    assert sorted(p.name for p in state.iterdir()) == ["new.gz", "old.gz"], "temporary files left"
