@@ -2,7 +2,7 @@
 PY := /usr/bin/python3
 VENV := .venv
 
-.PHONY: deps test test-fast lint demo soak man deb clean
+.PHONY: deps test test-long test-fast lint demo soak man deb clean
 
 deps:                     ## Debian packages the tests and the demo need
 	scripts/install-deps
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 test: deps $(VENV)/.installed   ## every tier: unit, host (sshd/sshfs/loop), guest (QEMU)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-long:                ## every test, with the long guest tests and 20 cut seeds (about 3 h; docs/testing.md)
+	CRYPTSNAP_VM_TEST_TIMEOUT=$${CRYPTSNAP_VM_TEST_TIMEOUT:-14400} $(MAKE) test PYTEST_ARGS="--long $(PYTEST_ARGS)"
 
 test-fast: $(VENV)/.installed   ## unit tests only
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -8,8 +8,6 @@ import os
 import subprocess
 import time
 
-import pytest
-
 from cryptsnap.stack import Paths
 from cryptsnap.state import TargetState
 from tests.support import figures, trees
@@ -31,11 +29,6 @@ def whole_files(setup) -> int:
     return count
 
 
-# Opt-in until it has been seen passing in the guest: written in session 9, whose one guest
-# run of it ended without its result (see the closing note). Run it with:
-#   CRYPTSNAP_RESUME_TEST=1 sudo make test PYTEST_ARGS=tests/system/test_resume.py
-@pytest.mark.skipif(not os.environ.get("CRYPTSNAP_RESUME_TEST"), reason="opt-in until seen passing in the guest: "
-                    "set CRYPTSNAP_RESUME_TEST=1")  # fmt: skip
 def test_a_cut_run_tries_again_and_does_not_upload_again_what_was_committed(tmp_path, untrusted_host):
     setup, before = with_one_snapshot(tmp_path, untrusted_host, size="400M", reconnect_tries=2, reconnect_delay=1)
     fill(setup.source, 8 * FILES)
