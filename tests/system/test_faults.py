@@ -281,7 +281,7 @@ def test_whatever_the_server_puts_where_the_image_was_is_refused(tmp_path, untru
 # -- no room -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+@pytest.mark.parametrize("filesystem", ["btrfs", pytest.param("ext2", marks=pytest.mark.long)])  # ext2: make test-long (docs/testing.md)
 def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_path, untrusted_host, filesystem):
     setup, before = with_one_snapshot(tmp_path, untrusted_host, filesystem=filesystem, size="160M")
     fill(setup.source, 200, name="toobig")

@@ -64,7 +64,7 @@ def state_of_the_disk(replayed: str, cow: str, image_path: str, key: Path, mount
         yield image_fs
 
 
-@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+@pytest.mark.parametrize("filesystem", ["btrfs", pytest.param("ext2", marks=pytest.mark.long)])  # ext2: make test-long (docs/testing.md)
 def test_a_power_cut_of_the_server_keeps_every_snapshot_a_run_reported_done(tmp_path, untrusted_host, filesystem):
     sh("modprobe", "dm-log-writes")
     sh("modprobe", "dm-snapshot")

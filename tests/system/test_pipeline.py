@@ -28,7 +28,7 @@ def remote_image(setup) -> Path:
     return Path(setup.server.remote_dir) / f"{setup.name}.img"
 
 
-@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+@pytest.mark.parametrize("filesystem", ["btrfs", pytest.param("ext2", marks=pytest.mark.long)])  # ext2: make test-long (docs/testing.md)
 def test_full_cycle(tmp_path, untrusted_host, filesystem):
     setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem)
     trees.build(setup.source)
@@ -101,6 +101,7 @@ def start_big_backup(tmp_path, untrusted_host, filesystem: str):
     return setup, proc
 
 
+@pytest.mark.long  # the cut in `syncing` and the crashed run cover most of it in make test
 def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untrusted_host):
     setup, proc = start_big_backup(tmp_path, untrusted_host, "btrfs")
     killed = _kill_rsync_when_running(setup)
@@ -115,7 +116,7 @@ def test_killed_rsync_leaves_no_partial_and_next_run_succeeds(tmp_path, untruste
     assert_nothing_left(setup)
 
 
-@pytest.mark.parametrize("filesystem", ["ext2", "btrfs"])
+@pytest.mark.parametrize("filesystem", ["btrfs", pytest.param("ext2", marks=pytest.mark.long)])  # ext2: make test-long (docs/testing.md)
 def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path, untrusted_host, filesystem):
     setup, proc = start_big_backup(tmp_path, untrusted_host, filesystem)
     assert _wait_for_rsync(setup)
