@@ -110,9 +110,11 @@ class GuestRun:
                 self.timings["tests"] = time.monotonic() - t0
             report = guest.results / "junit.xml"
             if not report.exists():
+                log = guest.results / "pytest.log"
+                tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
                 spent = self.timings["tests"]
                 raise GuestError(f"pytest in the guest wrote no JUnit report after {spent:.0f}s "
-                                 f"(CRYPTSNAP_VM_TEST_TIMEOUT: {GUEST_TIMEOUT:.0f}s)")  # fmt: skip
+                                 f"(CRYPTSNAP_VM_TEST_TIMEOUT: {GUEST_TIMEOUT:.0f}s):\n{tail}")  # fmt: skip
             self.outcomes = parse_junit(report.read_text())
         except GuestError as exc:
             self.error = str(exc)
@@ -127,16 +129,14 @@ class GuestRun:
         ended, running = progress.read(results / "progress.jsonl")
         if not ended and running is None:
             return
-        log = results / "pytest.log"
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
         self.outcomes = {}
         for nodeid, entry in ended.items():
             status = {"passed": "passed", "skipped": "skipped"}.get(entry["outcome"], "failed")
             text = f"guest test failed (in {entry['when']}):\n{entry['text']}" if status == "failed" else entry["text"]
             self.outcomes[junit_key(nodeid)] = Outcome(status, text)
-        stopped = f"the guest tier stopped ({self.error}) while {running or 'no test'} ran"
+        stopped = f"while {running or 'no test'} ran, the guest tier stopped: {self.error}"
         for nodeid in self.nodeids:
-            self.outcomes.setdefault(junit_key(nodeid), Outcome("failed", f"did not finish: {stopped}\n{tail}"))
+            self.outcomes.setdefault(junit_key(nodeid), Outcome("failed", f"did not finish: {stopped}"))
         self.error = None
 
     def outcome(self, nodeid: str) -> Outcome:
