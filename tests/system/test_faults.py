@@ -300,6 +300,7 @@ def test_a_full_image_fails_cleanly_keeps_what_it_had_and_the_next_run_fits(tmp_
     assert_nothing_left(setup)
 
 
+@pytest.mark.long  # over 10 min of guest time: five runs that fill a 160M image
 def test_make_room_deletes_the_oldest_snapshots_for_a_run_that_does_not_fit(tmp_path, untrusted_host):
     """retention.make_room: the run that does not fit deletes the oldest snapshot (one the rules
     keep), then the next oldest, until it fits; when only the newest is left, it fails as without."""

@@ -14,6 +14,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
+
 from cryptsnap.bus import target_path
 from tests.support import docs, figures, package
 from tests.support.checks import assert_nothing_left, cryptsnap
@@ -122,6 +124,7 @@ def test_the_restore_by_hand_page_works_with_cryptsnap_removed(service):
     assert_nothing_left(service)
 
 
+@pytest.mark.long  # its steps are each in make test (init, the timer, a backup); the page as a whole here
 def test_the_quickstart_page_from_nothing_to_a_daily_timer(installed):
     """docs/quickstart.md's block as written, its first line filled in with the test server's
     values: the key, the configuration, init, the daily timer, a first backup through

@@ -15,6 +15,7 @@ MIB = 1 << 20
 
 
 @pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+@pytest.mark.long  # 200 MiB backed up and checked after the growth: minutes on the emulated CPU
 def test_resize_grows_the_image_and_its_file_system_keeping_every_snapshot(tmp_path, untrusted_host, filesystem):
     setup, before = with_one_snapshot(tmp_path, untrusted_host, filesystem=filesystem, size="160M")
     image = Path(untrusted_host.remote_dir) / f"{setup.name}.img"
