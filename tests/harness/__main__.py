@@ -80,10 +80,8 @@ def demo() -> int:
     started = time.monotonic()
     print("Booting a throwaway Debian 12 guest (QEMU; the first run also builds its image)...", flush=True)
     with Guest(results=results) as guest:
-        print(
-            f"Guest up after {time.monotonic() - started:.0f}s ({guest.accel}). Running demo/demo.sh in it:\n",
-            flush=True,
-        )
+        print(f"Guest up after {time.monotonic() - started:.0f}s ({guest.accel}). Running demo/demo.sh in it:\n",
+              flush=True)
         log = results / "demo.log"
         done = threading.Event()
 
@@ -106,11 +104,9 @@ def demo() -> int:
         finally:
             done.set()
             reader.join(timeout=10)
-    print(
-        f"\nDemo {'finished' if result.rc == 0 else f'FAILED (exit {result.rc})'} in "
-        f"{time.monotonic() - started:.0f}s. Its log: {results / 'demo.log'}; the guest's journal: "
-        f"{results / 'journal.txt'}"
-    )
+    print(f"\nDemo {'finished' if result.rc == 0 else f'FAILED (exit {result.rc})'} in "
+          f"{time.monotonic() - started:.0f}s. Its log: {results / 'demo.log'}; the guest's journal: "
+          f"{results / 'journal.txt'}")
     return result.rc
 
 

@@ -39,11 +39,7 @@ PR_SET_PDEATHSIG = 1
 # Python in the guest: the checkout's code, and its bytecode cached on the guest's own disk.
 # /src is read-only, so without a cache prefix every process (each run's CLI, meter and block
 # device server) compiled every module again: seconds per process on an emulated CPU.
-PYTHON_ENV = {
-    "PYTHONPATH": "/src/src",
-    "PYTHONDONTWRITEBYTECODE": "",
-    "PYTHONPYCACHEPREFIX": "/var/cache/cryptsnap-pyc",
-}
+PYTHON_ENV = {"PYTHONPATH": "/src/src", "PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": "/var/cache/cryptsnap-pyc"}
 
 
 class GuestError(RuntimeError):
