@@ -13,14 +13,11 @@ def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", help="also run the tests marked long (make test-long)")
 
 
-LONG = "CRYPTSNAP_LONG"  # set by --long, and passed to the guest with the other CRYPTSNAP_ variables
-
-
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection, so only selected tests go to the guest
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--long"):
-        os.environ[LONG] = "1"
-    if os.environ.get(LONG) != "1":  # tests marked `long` run only with --long
+        os.environ[plugin.LONG_ENV] = "1"
+    if not plugin.long_run():  # tests marked `long` run only with --long
         left_out = [item for item in items if item.get_closest_marker("long") is not None]
         if left_out:
             config.hook.pytest_deselected(items=left_out)

@@ -28,10 +28,18 @@ IN_GUEST = os.environ.get("CRYPTSNAP_IN_GUEST") == "1"
 GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "4800"))
 
 
+LONG_ENV = "CRYPTSNAP_LONG"  # set by --long (make test-long); reaches the guest with the other CRYPTSNAP_ variables
+
+
+def long_run() -> bool:
+    """Whether the tests marked `long` (and test_cuts' 20 seeds) were asked for."""
+    return os.environ.get(LONG_ENV) == "1"
+
+
 def guest_test_limit() -> str:
     """Seconds a guest test may take: no test takes near this (test_cuts with 20 seeds, in
     make test-long, about 15 minutes); one that hangs fails by name and the others still run."""
-    default = "2400" if os.environ.get("CRYPTSNAP_LONG") == "1" else "900"
+    default = "2400" if long_run() else "900"
     return os.environ.get("CRYPTSNAP_GUEST_TEST_LIMIT", default)
 
 
