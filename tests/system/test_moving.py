@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support import sshd
@@ -14,6 +15,7 @@ from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.runs import digests, with_one_snapshot
 
 
+@pytest.mark.long  # make test: init --accept-new-host-key in tests/host/test_init_existing.py
 def test_a_target_moved_to_a_new_server_keeps_its_snapshots_and_goes_on(tmp_path, untrusted_host):
     setup, before = with_one_snapshot(tmp_path, untrusted_host)
     new = sshd.start()

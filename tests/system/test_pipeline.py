@@ -243,6 +243,7 @@ def test_errors_have_their_own_exit_codes_and_leave_nothing(tmp_path, untrusted_
     assert_nothing_left(setup)
 
 
+@pytest.mark.long  # about 6 min of guest time; make test: the metadata cache test and the full cycle run with the record
 def test_the_local_record_copies_only_changes_and_stands_down_when_it_does_not_match(tmp_path, untrusted_host):
     """btrfs: each run finds what changed locally; every snapshot still equals its source tree."""
     setup = make_setup(tmp_path, untrusted_host, excludes=["*.cache", "/tmp/never/"])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from cryptsnap import changes
+from cryptsnap import changes, config
+from cryptsnap.snapshot import _record_unusable
+from tests.unit.test_config import GOOD
 
 PATTERNS = [
     "*.o", "cache/", "/{root}/logs/*.log", "b/c/*.txt", "d1/**/n", "tmp.d?", "[t]op.*", "[!a-z]*.bak",
@@ -206,3 +209,19 @@ def test_a_damaged_record_found_during_the_scan_means_a_full_compare_and_a_whole
     writer.commit(2, "s2", "digest")
     assert list(changes.Record.load(new).entries()) == whole
     assert sorted(p.name for p in state.iterdir()) == ["new.gz", "old.gz"], "temporary files left"
+
+
+def test_the_record_stands_down_unless_it_describes_the_images_newest_snapshot(tmp_path):
+    """The decision behind "found from the local record" or a full compare, one reason each
+    (the guest's test_the_local_record_… runs them through real backups, in make test-long)."""
+    target = config.parse(GOOD, "c.yaml").target("home")
+    writer = changes.RecordWriter(tmp_path / "files.gz")
+    writer.commit(7, "2026-11-30T080000Z", changes.settings_digest(target))
+    record = changes.Record.load(tmp_path / "files.gz")
+
+    assert _record_unusable(record, "2026-11-30T080000Z", 7, target) == ""
+    assert "no local record" in _record_unusable(None, "2026-11-30T080000Z", 7, target)
+    assert "describes snapshot 2026-11-30T080000Z" in _record_unusable(record, "2026-12-01T080000Z", 7, target)
+    assert "is of image generation 7, the image is at 8" in _record_unusable(record, "2026-11-30T080000Z", 8, target)
+    other = dataclasses.replace(target, excludes=(*target.excludes, "*.cache"))
+    assert "sources or excludes changed" in _record_unusable(record, "2026-11-30T080000Z", 7, other)
