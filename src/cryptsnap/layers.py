@@ -361,7 +361,9 @@ class RemoteLock:
     """A lock directory next to the image, so a second machine cannot open it read-write.
 
     mkdir is atomic over SFTP. A lock this host left behind (its process is gone) is taken
-    over; another host's lock makes the run fail as busy, saying whose it is.
+    over, and so is one this very process left: an earlier try of the same run, cut off
+    from the server before it could remove it (a process runs one stack at a time, under
+    the target's local lock). Another host's lock makes the run fail as busy, saying whose.
     """
 
     step = "connecting"
@@ -388,8 +390,9 @@ class RemoteLock:
                 break
             except FileExistsError:
                 owner = self._owner()
-                mine_and_dead = owner.get("host") == me["host"] and not _alive(owner.get("pid"))
-                if self.break_lock or mine_and_dead:
+                this_host = owner.get("host") == me["host"]
+                earlier_try = this_host and owner.get("pid") == me["pid"]
+                if self.break_lock or earlier_try or (this_host and not _alive(owner.get("pid"))):
                     log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
                     shutil.rmtree(self.path, ignore_errors=True)
                     continue

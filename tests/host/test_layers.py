@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,22 @@ def test_locks_make_a_second_run_busy(setup):
                 pass
         with RemoteLock(paths.remote, target.image, "backup", break_lock=True):
             assert json.loads((lock / "owner").read_text())["host"] == os.uname().nodename
+        assert not lock.exists()
+        # This host's lock of a process still running is busy; this process's own (an earlier
+        # try of the run, cut off before it could remove it) is taken over.
+        def left_by(pid: int) -> None:
+            lock.mkdir()
+            owner = {"host": os.uname().nodename, "pid": pid, "what": "backup", "since": 0}
+            (lock / "owner").write_text(json.dumps(owner))
+
+        left_by(1)
+        with pytest.raises(Busy, match="pid 1"):
+            with RemoteLock(paths.remote, target.image, "backup"):
+                pass
+        shutil.rmtree(lock)
+        left_by(os.getpid())
+        with RemoteLock(paths.remote, target.image, "backup"):
+            assert json.loads((lock / "owner").read_text())["since"] > 0  # its own now
         assert not lock.exists()
     assert_nothing_left(setup)
 
