@@ -392,8 +392,11 @@ class RemoteLock:
                 owner = self._owner()
                 this_host = owner.get("host") == me["host"]
                 earlier_try = this_host and owner.get("pid") == me["pid"]
-                if self.break_lock or earlier_try or (this_host and not _alive(owner.get("pid"))):
-                    log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
+                if earlier_try or self.break_lock or (this_host and not _alive(owner.get("pid"))):
+                    if earlier_try:
+                        log.info("taking over the remote lock %s an earlier try of this run left", self.path.name)
+                    else:
+                        log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
                     shutil.rmtree(self.path, ignore_errors=True)
                     continue
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("since", 0)))
