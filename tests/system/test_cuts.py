@@ -29,9 +29,9 @@ from tests.support.runs import PHASES, digests, kill_server_sessions, marker, st
 from tests.support.targets import make_setup
 
 FIRST_SEED = int(os.environ.get("CRYPTSNAP_CUT_FIRST_SEED", "0"))
-# Each seed is two runs, about 40 s on the emulated CPU: 3 per file system in `make test` (CI's
+# Each seed is two runs, about 50 s on the emulated CPU: 2 per file system in `make test` (CI's
 # time), 20 in `make test-long`, any number with CRYPTSNAP_CUT_SEEDS (docs/reliability.md).
-DEFAULT_SEEDS = "20" if long_run() else "3"
+DEFAULT_SEEDS = "20" if long_run() else "2"
 SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", DEFAULT_SEEDS)))
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
 CONNECT_TIMEOUT = 20  # commands.py: ssh's ConnectTimeout, what a silent server costs before a session exists
