@@ -7,7 +7,8 @@ snapshot was lost or changed. Runs inside the test guest (it needs dm-crypt and 
 
 Faults: none, the job's worker SIGKILLed, cryptsnapd SIGKILLed alone, the whole service
 SIGKILLed (`systemctl kill -s KILL`), the server's ssh session killed, the job canceled;
-each at a random phase of the run. Prints one line per run and a summary, writes
+each at a random phase of the run. The target tries again after a lost connection
+(--reconnect-tries, default 1), as users run it. Prints one line per run and a summary, writes
 /results/soak.json, and exits 1 on any lost snapshot, leaked device or process, or a
 cryptsnapd whose RSS grew more than 10% over its life.
 """
@@ -45,11 +46,12 @@ PHASES = ("connecting", "attaching", "unlocking", "mounting", "syncing", "finali
 TARGET = "org.cryptsnap1.Target"
 
 
-def prepare(server) -> object:
+def prepare(server, reconnect_tries: int) -> object:
     base = Path(SRV) / "soak"
     base.mkdir(parents=True, exist_ok=True)
     setup = make_setup(base, server, filesystem="btrfs", size="400M", state_dir=Path("/var/lib/cryptsnap"),
                        runtime_dir=Path("/run/cryptsnap"), alive_interval=2, alive_count=3,
+                       reconnect_tries=reconnect_tries, reconnect_delay=2,
                        retention={"last": 100000, "daily": 0, "weekly": 0, "monthly": 0})  # fmt: skip
     for d in range(10):
         (setup.source / f"d{d}").mkdir(exist_ok=True)
@@ -108,14 +110,17 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=90, help="stop starting runs after this long")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--report", default="/results/soak.json")
+    parser.add_argument("--reconnect-tries", type=int, default=1,
+                        help="the target's reconnect_tries (default 1: a cut connection is tried again, as "
+                             "users run it; 0 sees what one try does)")  # fmt: skip
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     rng = random.Random(seed)
-    print(f"soak: seed {seed} (replay with --seed {seed}), up to {args.runs} runs or {args.minutes} minutes",
-          flush=True)
+    print(f"soak: seed {seed} (replay with --seed {seed}), up to {args.runs} runs or {args.minutes} minutes, "
+          f"reconnect_tries {args.reconnect_tries}", flush=True)
     package.install()  # the .deb `make soak` built on the host
     server = sshd.start(base=SRV)
-    setup = prepare(server)
+    setup = prepare(server, args.reconnect_tries)
     started = time.monotonic()
     expected: dict[str, dict] = {}  # snapshot -> manifest of the source when it was made
     rss: dict[int, list[int]] = {}  # daemon pid -> RSS after each of its runs
@@ -201,13 +206,16 @@ def main() -> int:
     longest = max(rss.values(), key=len) if rss else []
     growth = (longest[-1] / longest[0] - 1) if len(longest) >= 2 else 0.0
     summary = {
-        "seed": seed, "runs": len(runs), "minutes": round((time.monotonic() - started) / 60, 1),
+        "seed": seed, "reconnect_tries": args.reconnect_tries, "runs": len(runs), "minutes": round((time.monotonic() - started) / 60, 1),
         "faults_injected": sum(r["injected"] for r in runs), "snapshots": len(expected), "snapshots_lost": len(lost),
         "runs_with_leaks": leaks, "daemon_restarts": len(rss) - 1 if rss else 0,
         "rss_first_mib": round(longest[0] / 2**20, 1) if longest else None,
         "rss_last_mib": round(longest[-1] / 2**20, 1) if longest else None, "rss_growth": round(growth, 3),
         "runs_of_longest_daemon": len(longest),
         "by_fault": {f: sum(r["fault"] == f and r["injected"] for r in runs) for f in FAULTS},
+        # a cut that the next try got over: the run ended done in spite of it
+        "cuts_tried_again_done": sum(r["fault"] == "cut connection" and r["injected"] and r["result"] == "done"
+                                     for r in runs),
         "max_fail_after": max((r["fail_after"] for r in runs if r["fail_after"] is not None), default=None),
         "problems": problems + [f"snapshot {name} lost or changed" for name in lost],
     }  # fmt: skip
