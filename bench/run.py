@@ -24,10 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import link
 from cryptsnap import meter
+from cryptsnap.config import Target
 from cryptsnap.stack import Paths
 from cryptsnap.state import TargetState
 from tests.support import sshd, udev
@@ -89,38 +91,57 @@ def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
             "steps": record.get("traffic_steps", {}), "idle_up": idle["bytes_up"], "idle_down": idle["bytes_down"]}
 
 
+@dataclass
+class Reference:
+    """The ssh a reference tool (or raw sftp) runs through: a target's pinned host key and its
+    metered ssh config, so the same meter counts every method's bytes; and an environment for
+    restic and borg."""
+
+    server: object
+    target: Target
+    config: Path  # ssh -F this
+    host: str  # the Host alias in it
+    counter: Path  # cryptsnap.meter's counter of that ssh
+    env: dict
+
+    @classmethod
+    def prepare(cls, server, work: Path) -> Reference:
+        from cryptsnap.initialize import pin_host_key, remote_run
+
+        target = make_setup(work, server).load()
+        state = TargetState(target)
+        state.ensure_dir()
+        pin_host_key(target, state, False, lambda line: None)
+        counter = Paths.of(target).traffic
+        meter.reset(counter)
+        config = state.write_ssh_config(counter)
+        remote_run(config, target, ["mkdir", "-p", target.remote_dir])
+        env = dict(os.environ, HOME=str(work), RESTIC_PASSWORD="bench", BORG_PASSPHRASE="bench",
+                   BORG_RSH=f"ssh -F {config}", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                   BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")  # fmt: skip
+        return cls(server, target, Path(config), f"cryptsnap-{target.name}", counter, env)
+
+
 def run_reference(tool: str, server, work: Path, args) -> dict:
     """restic or borg over the same ssh configuration and meter."""
-    setup = make_setup(work, server)
-    shutil.rmtree(setup.source)
-    shutil.copytree(args.tree, setup.source, symlinks=True)
-    target = setup.load()
-    state = TargetState(target)
-    state.ensure_dir()
-    from cryptsnap.initialize import pin_host_key, remote_run
-
-    pin_host_key(target, state, False, lambda line: None)
-    counter = Paths.of(target).traffic
-    meter.reset(counter)
-    config = str(state.write_ssh_config(counter))
-    host = f"cryptsnap-{target.name}"
-    remote_run(Path(config), target, ["mkdir", "-p", target.remote_dir])
-    env = dict(os.environ, HOME=str(work), RESTIC_PASSWORD="bench", BORG_PASSPHRASE="bench",
-               BORG_RSH=f"ssh -F {config}", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-               BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    ref = Reference.prepare(server, work)
+    source = Path(ref.target.sources[0])
+    shutil.rmtree(source)
+    shutil.copytree(args.tree, source, symlinks=True)
+    config, host, target, env, counter = ref.config, ref.host, ref.target, ref.env, ref.counter
     if tool == "restic":
         repo = f"sftp:{host}:{target.remote_dir}/restic"
         base = ["restic", "-q", "-r", repo, "-o", f"sftp.command=ssh -F {config} {host} -s sftp"]
-        commands = [[*base, "init"], [*base, "backup", str(setup.source)]]
-        incremental = [*base, "backup", str(setup.source)]
+        commands = [[*base, "init"], [*base, "backup", str(source)]]
+        incremental = [*base, "backup", str(source)]
     else:
         repo = f"ssh://{host}/./{target.remote_dir}/borg"
         commands = [["borg", "init", "--encryption=repokey", repo],
-                    ["borg", "create", f"{repo}::one", str(setup.source)]]
-        incremental = ["borg", "create", f"{repo}::two", str(setup.source)]
+                    ["borg", "create", f"{repo}::one", str(source)]]
+        incremental = ["borg", "create", f"{repo}::two", str(source)]
     for argv in commands:
         subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
-    changed = args.mutate(setup.source)
+    changed = args.mutate(source)
     before = meter.read(counter)
     started = time.monotonic()
     subprocess.run(incremental, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -23,3 +23,11 @@ def test_scatter_lab_counts_more_than_the_changed_bytes_and_snapshots_cost_more(
 def test_record_scale_finds_the_one_touched_file(tmp_path):
     out = lab("bench.record_scale", "--files", "3000", "--dir", str(tmp_path))
     assert "(1 found)" in out and "peak RSS" in out, out
+
+
+def test_throughput_copies_the_tree_up_and_back_and_checks_the_restore():
+    # The ceiling of bench.throughput (raw sftp) runs on the host; cryptsnap's rows need the guest.
+    out = lab("bench.throughput", "--methods", "sftp", "--large-mib", "4", "--large-file-mib", "2",
+              "--small-files", "50")  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| sftp |" in line]
+    assert len(rows) == 2 and all("| 100% |" in row for row in rows), out
