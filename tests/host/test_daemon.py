@@ -328,6 +328,31 @@ def test_bus_calls_leave_no_memory_behind(setup, bus):
         daemon.stop()
 
 
+def test_an_unregistered_object_is_let_go(bus):
+    """Every job's object is registered and unregistered: once unregistered, nothing may keep
+    it (and what it holds) alive. PyGObject never frees the method closure, which held it."""
+    import gc
+    import weakref
+
+    import pydbus
+
+    import cryptsnap.bus  # noqa: F401  (its workarounds apply to pydbus when it is imported)
+
+    class Thing:
+        """<node><interface name="t.Thing"><method name="Ping"/></interface></node>"""
+
+        def Ping(self):  # noqa: N802  (a D-Bus method's name)
+            pass
+
+    connection = pydbus.connect(bus.address)
+    thing = Thing()
+    alive = weakref.ref(thing)
+    connection.register_object("/t", thing, None).unregister()
+    del thing
+    gc.collect()
+    assert alive() is None, "the unregistered object is still referenced"
+
+
 def test_a_check_runs_as_a_job_and_its_result_is_a_property_not_a_backup(setup, bus):
     """StartCheck (cryptsnap-check@.timer's way): a job under the target's lock, its result in
     LastCheck*. Here it fails at unlocking (no device-mapper on this machine): it is recorded as
