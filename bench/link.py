@@ -46,6 +46,28 @@ def shaped_link(mbit: float, rtt_ms: float = 20.0) -> Iterator[str]:
         remove()
 
 
+def add_arguments(parser, mbit: float) -> None:
+    """--link-mbit (default `mbit`) and --rtt-ms, as every benchmark takes them."""
+    parser.add_argument("--link-mbit", type=float, default=mbit,
+                        help=f"server behind a link of this speed each way, in a network namespace "
+                             f"(0: loopback; default {mbit:g})")  # fmt: skip
+    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time of that link")
+
+
+@contextlib.contextmanager
+def untrusted_host(mbit: float, rtt_ms: float) -> Iterator:
+    """A test sshd (tests.support.sshd) on loopback, or behind a shaped link when mbit > 0."""
+    from tests.support import sshd
+
+    with contextlib.ExitStack() as stack:
+        address, netns = "127.0.0.1", None
+        if mbit:
+            address, netns = stack.enter_context(shaped_link(mbit, rtt_ms)), NETNS
+        server = sshd.start(address=address, netns=netns)
+        stack.callback(sshd.stop, server)
+        yield server
+
+
 def remove() -> None:
     subprocess.run(["ip", "link", "del", HOST_SIDE], capture_output=True)
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)

@@ -32,7 +32,7 @@ from bench import link
 from bench.run import Reference
 from cryptsnap import meter
 from cryptsnap.state import TargetState
-from tests.support import sshd, udev
+from tests.support import udev
 from tests.support.targets import make_setup
 
 
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archives", nargs="+", type=Path, help="the releases' source archives, oldest first")
     parser.add_argument("--methods", default="cryptsnap,restic,borg", help="of cryptsnap, restic, borg")
-    parser.add_argument("--link-mbit", type=float, default=0.0,
-                        help="server behind a link of this speed each way, in a network namespace (0: loopback)")
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time of that link")
+    link.add_arguments(parser, mbit=0.0)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     missing = [str(a) for a in args.archives if not a.is_file()]
@@ -157,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         bumps = [bump({}, trees[0])] + [bump(old, new) for old, new in zip(trees, trees[1:], strict=False)]
         if "cryptsnap" in args.methods:
             udev.install_rule()
-        address, netns = "127.0.0.1", None
-        if args.link_mbit:
-            address, netns = stack.enter_context(link.shaped_link(args.link_mbit, args.rtt_ms)), link.NETNS
-        server = sshd.start(address=address, netns=netns)
-        stack.callback(sshd.stop, server)
+        server = stack.enter_context(link.untrusted_host(args.link_mbit, args.rtt_ms))
         for method in filter(None, args.methods.split(",")):
             rows += measure(method, server, work, releases, bumps)
     print()

@@ -32,7 +32,7 @@ from cryptsnap import meter
 from cryptsnap.config import Target
 from cryptsnap.stack import Paths
 from cryptsnap.state import TargetState
-from tests.support import sshd, udev
+from tests.support import udev
 from tests.support.targets import make_setup
 
 
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cryptsnap file systems to measure (btrfs-loop: btrfs without the metadata cache)")
     parser.add_argument("--references", default="restic,borg", help="reference tools to measure ('' for none)")
     parser.add_argument("--image-size", default="300M", help="image size in MiB, e.g. 300M (at least twice the tree)")
-    parser.add_argument("--link-mbit", type=float, default=10.0,
-                        help="server behind a link of this speed each way, in a network namespace (0: loopback)")
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time of that link")
+    link.add_arguments(parser, mbit=10.0)
     parser.add_argument("--scale", type=int, default=0, metavar="K",
                         help="also back up a tree K times larger with the same change (default mode only) and "
                              "print the cost per unchanged file")
@@ -229,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cryptsnap-bench-", dir="/var/tmp"))
     udev.install_rule()
     with contextlib.ExitStack() as stack:
-        address, netns = "127.0.0.1", None
-        if args.link_mbit:
-            address, netns = stack.enter_context(link.shaped_link(args.link_mbit, args.rtt_ms)), link.NETNS
-        server = sshd.start(address=address, netns=netns)
-        stack.callback(sshd.stop, server)
+        server = stack.enter_context(link.untrusted_host(args.link_mbit, args.rtt_ms))
         rows = measure(args, server, work, args.files)
         lines = [table(rows, title(args, args.files), args.link_mbit)]
         if args.scale:

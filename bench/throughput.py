@@ -39,7 +39,7 @@ from bench import link
 from bench.run import Reference
 from cryptsnap import meter
 from cryptsnap.stack import Paths
-from tests.support import sshd, udev
+from tests.support import udev
 from tests.support.targets import make_setup
 
 CHUNK = 1 << 20
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-kb", type=int, default=4, help="size of each small file in KiB (default 4)")
     parser.add_argument("--methods", default="sftp,cryptsnap,restic,borg",
                         help=f"what to measure, of {','.join(METHODS)} (sftp: the ceiling; list it first)")
-    parser.add_argument("--link-mbit", type=float, default=0.0,
-                        help="server behind a link of this speed each way, in a network namespace (0: loopback)")
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time of that link")
+    link.add_arguments(parser, mbit=0.0)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -241,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         if any(m.startswith("cryptsnap") for m in methods):
             udev.install_rule()
-        address, netns = "127.0.0.1", None
-        if args.link_mbit:
-            address, netns = stack.enter_context(link.shaped_link(args.link_mbit, args.rtt_ms)), link.NETNS
-        server = sshd.start(address=address, netns=netns)
-        stack.callback(sshd.stop, server)
+        server = stack.enter_context(link.untrusted_host(args.link_mbit, args.rtt_ms))
         trees = []
         if args.large_mib:
             trees.append((f"{args.large_mib} MiB in {args.large_file_mib} MiB files",
