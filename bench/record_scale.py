@@ -1,6 +1,8 @@
 """The local side of a run at scale: walking the sources into the file record and comparing it
 with the last one (cryptsnap.changes), beside `rsync --dry-run` of the same tree against an
-up-to-date copy (what rsync does on its own to find nothing changed), and peak memory.
+up-to-date copy (what rsync does on its own to find nothing changed), and peak memory: of the
+record's walk, and of rsync (all its processes together) copying the tree with the options a
+first backup uses (cryptsnap.commands.rsync: a whole file list, --no-inc-recursive).
 
     sudo python3 -m bench.record_scale --files 1000000 --dir /var/tmp
 
@@ -11,6 +13,7 @@ then times a second walk-and-compare (what a nothing-changed run does locally).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -19,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptsnap import changes
+import psutil
+
+from cryptsnap import changes, commands
 
 
 def record(tree: Path, to: Path, known: changes.Record | None) -> int:
@@ -34,6 +39,20 @@ def record(tree: Path, to: Path, known: changes.Record | None) -> int:
     found = sum(1 for _ in changes.differences(known.entries(), walked())) if known else sum(1 for _ in walked())
     writer.commit(1, "s", "x")
     return found
+
+
+def peak_rss(argv: list[str]) -> int:
+    """Run argv; the largest sum of the resident memory of it and its children, sampled."""
+    process = psutil.Popen(argv, stdout=subprocess.DEVNULL)
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            family = [process, *process.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in family if p.is_running()))
+        time.sleep(0.1)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, argv)
+    return peak
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,16 +77,18 @@ def main(argv: list[str] | None = None) -> None:
         found = record(tree, records / "next.gz", changes.Record.load(first))
         again_s = time.monotonic() - started
         copy = records / "copy"
-        subprocess.run(["rsync", "-a", f"{tree}/", f"{copy}/"], check=True)
+        rsync_peak = peak_rss(list(commands.rsync([str(tree)], str(copy))))  # a first backup's copy
+        copied = copy / str(tree).lstrip("/")  # (--relative)
         os.utime(tree / "d0" / "f0")
         started = time.monotonic()
-        subprocess.run(["rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/"], check=True, capture_output=True)
+        subprocess.run(["rsync", "-a", "--dry-run", f"{tree}/", f"{copied}/"], check=True, capture_output=True)
         rsync_s = time.monotonic() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
         print(f"{args.files:,} files: first record {first_s:.1f} s; nothing changed but one file: walk, compare "
               f"and record {again_s:.1f} s ({found} found); "
               f"rsync --dry-run against a copy {rsync_s:.1f} s; record {first.stat().st_size:,} bytes; "
-              f"peak RSS {peak} MiB")
+              f"peak RSS {peak} MiB; rsync's processes copying it all (a first backup's options) "
+              f"{rsync_peak >> 20} MiB at most together")
         shutil.rmtree(copy)
 
 
