@@ -175,6 +175,11 @@ def luks_close(name: str, header: str | None = None) -> Argv:
     return ("cryptsetup", "close", *(["--header", header] if header else []), name)
 
 
+def dm_info(name: str) -> Argv:
+    """Exit 0 when a device-mapper device of this name exists, with a table or not."""
+    return ("dmsetup", "info", name)
+
+
 def dm_remove(name: str) -> Argv:
     """Remove a device-mapper device by name, with or without a table."""
     return ("dmsetup", "remove", "--retry", name)

@@ -10,6 +10,7 @@ the config without touching running jobs, SIGTERM cancels and unwinds every job,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -110,6 +111,14 @@ class Notifier:
         if text != self.last_status:
             self.last_status = text
             self.send(f"STATUS={text}")
+
+
+def _stop_commands_of(worker_pid: int) -> None:
+    """SIGKILL what a killed worker was running (its process group): a `cryptsetup open`, a
+    `losetup` or a `mount` that outlived it would finish after the unwinding looked, and leave
+    its mapping, device or mount open (the soak found a mapping made that way)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(worker_pid, signal.SIGKILL)
 
 
 class Daemon:
@@ -296,8 +305,11 @@ class Daemon:
         argv = [sys.executable, "-m", "cryptsnap.worker", "--config", self.config_path, "--job", str(job.id),
                 "--lock-fd", str(fd), *extra, job.target]  # fmt: skip
         try:
+            # Its own process group: the commands it runs are in it (the layers' long-running
+            # helpers have sessions of their own), so a killed worker's commands can be stopped.
             job.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,),
-                                           env={**os.environ, DAEMON_PID: str(os.getpid())})  # fmt: skip
+                                           env={**os.environ, DAEMON_PID: str(os.getpid())},
+                                           start_new_session=True)  # fmt: skip
         except BaseException:
             lock.__exit__(None, None, None)
             raise
@@ -394,6 +406,7 @@ class Daemon:
             # Killed before it could unwind (SIGKILL, the OOM killer): its mounts, the decrypted
             # mapping and the block device server are still open. Remove them now, not next run.
             job.killed = True
+            _stop_commands_of(job.process.pid)
             self._unwind_killed(job, f"its process was killed by {_signal_name(-code)}", code)
             return
         self._end(job, code)

@@ -151,7 +151,7 @@ def unwind_dead_run(target: Target, why: str, lock_fd: int | None = None) -> Int
 
 
 def has_leftovers(target: Target) -> bool:
-    """Cheap look (no tool run) for anything a dead run of this target may have left."""
+    """A quick look (at most one `dmsetup info`) for anything a dead run of this target may have left."""
     paths = Paths.of(target)
     return (TargetState(target).unfinished_run() is not None or paths.nbd_record.exists() or paths.loop_record.exists()
             or dm_exists(paths.mapping)

@@ -41,7 +41,7 @@ def leftovers(setup: Setup) -> list[str]:
         found.append(f"mapping cryptsnap-{setup.name}")
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.info["name"] in ("sshfs", "rsync", "ssh") and f"cryptsnap-{setup.name}" in cmdline:
+        if proc.info["name"] in ("sshfs", "rsync", "ssh", "cryptsetup") and f"cryptsnap-{setup.name}" in cmdline:
             found.append(f"process {proc.pid}: {cmdline}")
         if "cryptsnap.nbd" in cmdline and str(setup.state_dir / setup.name) in cmdline:
             found.append(f"block device server {proc.pid}: {cmdline}")
