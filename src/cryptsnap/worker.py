@@ -40,8 +40,16 @@ class PipeReporter(pipeline.Reporter):
         self.last = 0.0
 
     def _send(self, message: dict) -> None:
-        self.stream.write(json.dumps(message) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(message) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            # cryptsnapd is gone. The kernel closes its end of the pipe before it sends the
+            # SIGHUP that says so (PR_SET_PDEATHSIG): take this for that SIGHUP, so the run
+            # ends as interrupted by its handler, not as "Broken pipe". What is still to be
+            # written goes nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            os.kill(os.getpid(), signal.SIGHUP)
 
     def phase(self, name: str) -> None:
         self._send({"phase": name})
