@@ -73,6 +73,10 @@ class NotifySocket:
         return message
 
     def mark(self) -> int:
+        """A point in what was received: what the service sent before this call is before it
+        (read first: a STATUS=idle still in the socket would otherwise count as after it)."""
+        while self.receive(0.001) is not None:
+            pass
         return len(self.messages)
 
     def wait_for(self, predicate, timeout: float = 60, since: int = 0) -> str:
