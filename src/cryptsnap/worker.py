@@ -48,7 +48,9 @@ class PipeReporter(pipeline.Reporter):
             # SIGHUP that says so (PR_SET_PDEATHSIG): take this for that SIGHUP, so the run
             # ends as interrupted by its handler, not as "Broken pipe". What is still to be
             # written goes nowhere.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            nowhere = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(nowhere, self.stream.fileno())
+            os.close(nowhere)
             os.kill(os.getpid(), signal.SIGHUP)
 
     def phase(self, name: str) -> None:
