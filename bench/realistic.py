@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench import link
-from bench.run import Reference
+from bench.run import Reference, cryptsnap
 from cryptsnap import meter
 from cryptsnap.state import TargetState
 from tests.support import udev
@@ -67,14 +67,10 @@ class Cryptsnap:
 
     def __init__(self, server, work: Path, source: Path):
         self.setup = make_setup(work, server, size="600M", sources=[str(source)])
-        self.cli("init", self.setup.name)
-
-    def cli(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "cryptsnap", *self.setup.cli_args(*args)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        cryptsnap(self.setup, "init", self.setup.name)
 
     def backup(self) -> tuple[int, int]:
-        self.cli("backup", self.setup.name)
+        cryptsnap(self.setup, "backup", self.setup.name)
         record = TargetState(self.setup.load()).last_run()
         return record["bytes_up"], record["bytes_down"]
 
@@ -86,11 +82,10 @@ class Tool:
         self.name, self.source, self.runs = name, source, 0
         self.ref = ref = Reference.prepare(server, work)
         if name == "restic":
-            self.base = ["restic", "-q", "-r", f"sftp:{ref.host}:{ref.target.remote_dir}/restic",
-                         "-o", f"sftp.command=ssh -F {ref.config} {ref.host} -s sftp"]  # fmt: skip
+            self.base = ref.restic()
             self.run([*self.base, "init"])
         else:
-            self.repo = f"ssh://{ref.host}/./{ref.target.remote_dir}/borg"
+            self.repo = ref.borg_repo()
             self.run(["borg", "init", "--encryption=repokey", self.repo])
 
     def run(self, argv: list[str]) -> None:

@@ -121,6 +121,14 @@ class Reference:
                    BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")  # fmt: skip
         return cls(server, target, Path(config), f"cryptsnap-{target.name}", counter, env)
 
+    def restic(self) -> list[str]:
+        """restic's command for its repository on the server, through this ssh."""
+        return ["restic", "-q", "-r", f"sftp:{self.host}:{self.target.remote_dir}/restic",
+                "-o", f"sftp.command=ssh -F {self.config} {self.host} -s sftp"]  # fmt: skip
+
+    def borg_repo(self) -> str:
+        return f"ssh://{self.host}/./{self.target.remote_dir}/borg"
+
 
 def run_reference(tool: str, server, work: Path, args) -> dict:
     """restic or borg over the same ssh configuration and meter."""
@@ -128,14 +136,13 @@ def run_reference(tool: str, server, work: Path, args) -> dict:
     source = Path(ref.target.sources[0])
     shutil.rmtree(source)
     shutil.copytree(args.tree, source, symlinks=True)
-    config, host, target, env, counter = ref.config, ref.host, ref.target, ref.env, ref.counter
+    env, counter = ref.env, ref.counter
     if tool == "restic":
-        repo = f"sftp:{host}:{target.remote_dir}/restic"
-        base = ["restic", "-q", "-r", repo, "-o", f"sftp.command=ssh -F {config} {host} -s sftp"]
+        base = ref.restic()
         commands = [[*base, "init"], [*base, "backup", str(source)]]
         incremental = [*base, "backup", str(source)]
     else:
-        repo = f"ssh://{host}/./{target.remote_dir}/borg"
+        repo = ref.borg_repo()
         commands = [["borg", "init", "--encryption=repokey", repo],
                     ["borg", "create", f"{repo}::one", str(source)]]
         incremental = ["borg", "create", f"{repo}::two", str(source)]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import link
-from bench.run import Reference
+from bench.run import Reference, cryptsnap
 from cryptsnap import meter
 from cryptsnap.stack import Paths
 from tests.support import udev
@@ -52,6 +52,10 @@ class Transfer:
     seconds: float
     up: int
     down: int
+
+
+# upload, restore, and the fixed cost of each in seconds where the method measures one
+Measured = tuple[Transfer, Transfer, "tuple[float, float] | None"]
 
 
 def timed(counter: Path, action: Callable[[], None]) -> Transfer:
@@ -104,7 +108,7 @@ def found(top: Path, tree: Path) -> Path:
     return top / str(tree).lstrip("/")
 
 
-def raw_sftp(ref: Reference, tree: Path, work: Path) -> tuple[Transfer, Transfer]:
+def raw_sftp(ref: Reference, tree: Path, work: Path) -> Measured:
     """The ceiling: OpenSSH's sftp copying the tree up and back, with its default requests."""
     remote = f"{ref.target.remote_dir}/raw"
     batch_up, batch_down = work / "sftp-up", work / "sftp-down"
@@ -115,40 +119,39 @@ def raw_sftp(ref: Reference, tree: Path, work: Path) -> tuple[Transfer, Transfer
     up = timed(ref.counter, lambda: run([*sftp, str(batch_up), ref.host]))
     down = timed(ref.counter, lambda: run([*sftp, str(batch_down), ref.host]))
     same_tree(tree, restored)
-    return up, down
+    return up, down, None  # (no fixed cost of its own measured)
 
 
-def restic(ref: Reference, tree: Path, work: Path) -> tuple[Transfer, Transfer]:
-    base = ["restic", "-q", "-r", f"sftp:{ref.host}:{ref.target.remote_dir}/restic",
-            "-o", f"sftp.command=ssh -F {ref.config} {ref.host} -s sftp"]  # fmt: skip
+def restic(ref: Reference, tree: Path, work: Path) -> Measured:
+    base = ref.restic()
     run([*base, "init"], ref.env)
     up = timed(ref.counter, lambda: run([*base, "backup", str(tree)], ref.env))
     restored = work / "restored"
     down = timed(ref.counter, lambda: run([*base, "restore", "latest", "--target", str(restored)], ref.env))
     same_tree(tree, found(restored, tree))
-    return up, down
+    return up, down, None  # (no fixed cost of its own measured)
 
 
-def borg(ref: Reference, tree: Path, work: Path) -> tuple[Transfer, Transfer]:
-    repo = f"ssh://{ref.host}/./{ref.target.remote_dir}/borg"
+def borg(ref: Reference, tree: Path, work: Path) -> Measured:
+    repo = ref.borg_repo()
     run(["borg", "init", "--encryption=repokey", repo], ref.env)
     up = timed(ref.counter, lambda: run(["borg", "create", f"{repo}::one", str(tree)], ref.env))
     restored = work / "restored"
     restored.mkdir()
     down = timed(ref.counter, lambda: run(["borg", "extract", f"{repo}::one"], ref.env, cwd=restored))
     same_tree(tree, found(restored, tree))
-    return up, down
+    return up, down, None  # (no fixed cost of its own measured)
 
 
 def cryptsnap_method(filesystem: str) -> Callable:
-    def measure(ref: Reference, tree: Path, work: Path) -> tuple[Transfer, Transfer]:
+    def measure(ref: Reference, tree: Path, work: Path) -> Measured:
         data = sum(files_of(tree).values())
         setup = make_setup(work / "cryptsnap", ref.server, filesystem=filesystem,
                            size=f"{data * 13 // 10 // 2**20 + 200}M", sources=[str(tree)])  # fmt: skip
         counter = Paths.of(setup.load()).traffic
 
         def cli(*args: str) -> Callable[[], None]:
-            return lambda: run([sys.executable, "-m", "cryptsnap", *setup.cli_args(*args)])
+            return lambda: cryptsnap(setup, *args)
 
         cli("init", setup.name)()
         up = timed(counter, cli("backup", setup.name))
@@ -159,10 +162,8 @@ def cryptsnap_method(filesystem: str) -> Callable:
         idle_up = timed(counter, cli("backup", setup.name))
         one = min(files_of(tree).items(), key=lambda item: item[1])[0]
         idle_down = timed(counter, cli("restore", f"{setup.name}@latest:{tree / one}", "--to", str(work / "one")))
-        measure.fixed = (idle_up.seconds, idle_down.seconds)
-        return up, down
+        return up, down, (idle_up.seconds, idle_down.seconds)
 
-    measure.fixed = (0.0, 0.0)
     return measure
 
 
@@ -171,16 +172,16 @@ METHODS = {"sftp": raw_sftp, "cryptsnap": cryptsnap_method("btrfs"), "cryptsnap-
 
 
 def measure_tree(name: str, tree: Path, server, work: Path, methods: list[str]) -> list[dict]:
-    data = sum(files_of(tree).values())
+    sizes = files_of(tree)
+    data, count = sum(sizes.values()), len(sizes)
     rows = []
     for method in methods:
         place = work / method
         place.mkdir(parents=True)
         ref = Reference.prepare(server, place)
-        action = METHODS[method]
-        up, down = action(ref, tree, place)
-        fixed = getattr(action, "fixed", (0.0, 0.0))
-        rows.append({"tree": name, "method": method, "bytes": data, "files": len(files_of(tree)),
+        up, down, fixed = METHODS[method](ref, tree, place)
+        fixed = fixed or (0.0, 0.0)
+        rows.append({"tree": name, "method": method, "bytes": data, "files": count,
                      "up_seconds": up.seconds, "down_seconds": down.seconds, "wire_up": up.up + down.up,
                      "wire_down": up.down + down.down, "upload_wire_up": up.up, "restore_wire_down": down.down,
                      "fixed_up_seconds": fixed[0], "fixed_down_seconds": fixed[1]})  # fmt: skip
