@@ -424,7 +424,12 @@ def test_the_metadata_cache_answers_reads_locally_and_steps_aside_when_the_image
     assert "emptied: the image was written by someone else since" in log, log
     log, warm_again = backup(4)
     assert "kept:" in log, log
-    assert warm * 4 < uncached and warm_again * 4 < uncached, (warm, warm_again, uncached)
+    # A cache that saw the whole file system written (round 0, a first backup) misses nothing
+    # in the next run. One emptied and refilled by a single run (round 3) has not seen the
+    # tree nodes that run neither read nor wrote (extent-tree leaves of what the other writer
+    # allocated): the runs after it still fetch a few (measured in the guest: 1-5 of about 105
+    # reads, 45-74 KB against 251-293 KB uncached), so the bound there is looser.
+    assert warm * 4 < uncached and warm_again * 2 < uncached, (warm, warm_again, uncached)
 
     name = cryptsnap(setup, "list", setup.name).stdout.split()[-1]
     cryptsnap(setup, "restore", f"{setup.name}@{name}:{setup.source}", "--to", str(restores / name))
