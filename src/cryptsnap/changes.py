@@ -334,6 +334,7 @@ class RecordWriter:
         self.path = path
         self.entries_file = path.with_name(path.name + ".entries")
         self.count = 0
+        self.size = 0  # bytes in regular files: what a copy of everything would transfer
         # level 1: it is rewritten every run.
         self.out = gzip.open(self.entries_file, "wb", compresslevel=1)
         self.pending: list[bytes] = []  # written in batches: a gzip write per entry costs more than the walk
@@ -344,6 +345,8 @@ class RecordWriter:
         self.pending.append(line)
         self.pending_size += len(line)
         self.count += 1
+        if stat.S_ISREG(st[0]):
+            self.size += st[3]
         if self.pending_size >= 1 << 15:
             self._flush()
 

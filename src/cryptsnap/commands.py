@@ -260,11 +260,17 @@ def rsync(
     inplace: bool = False,
     progress: bool = True,
     files_from: str | None = None,
+    incremental: bool = False,
 ) -> Argv:
     """Copy sources into the snapshot; with files_from, only the NUL-separated paths listed there.
 
     files_from paths are relative to /, and rsync does not recurse into listed directories:
     the caller lists every entry to copy and deletes vanished ones itself (cryptsnap.changes).
+
+    With progress, rsync builds the whole file list first (--no-inc-recursive) so that its
+    percentage counts the whole tree: 199 MiB of rsync at 10^6 files. With `incremental` it
+    lists directories as it goes (17 MiB), and its percentage counts only the files found so
+    far: the caller then measures the fraction against a total of its own.
     """
     argv = [
         "rsync",
@@ -283,7 +289,7 @@ def rsync(
     if inplace:
         argv.append("--inplace")  # rewrite changed files in place: the snapshot shares the rest
     if progress:
-        argv += ["--info=progress2", "--no-inc-recursive"]
+        argv += ["--info=progress2"] if incremental else ["--info=progress2", "--no-inc-recursive"]
     argv += [f"--exclude={pattern}" for pattern in excludes]
     return (*argv, *sources, destination.rstrip("/") + "/")
 

@@ -251,8 +251,11 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         else:
             unfinished = None  # too little to go on from: a next try starts afresh
     try:
+        # A whole-tree rsync after a walk lists directories as it goes: the walk's total
+        # stands in for rsync's own (see commands.rsync).
+        expected = scanned.size if scanned and found is None else None
         _sync_into(fs, target, syncer, on_progress, directory, previous, partial, resumed, found, unfinished,
-                   generation)  # fmt: skip
+                   generation, expected)  # fmt: skip
     except BaseException:
         if scanned:
             scanned.discard()
@@ -267,8 +270,10 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
 
 def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback, directory: Path,
                previous: str | None, partial: Path, resumed: str | None, found: Found | None,
-               unfinished: Unfinished | None, generation: int | None) -> None:  # fmt: skip
-    """Make the unfinished snapshot (or go on with `resumed`), copy into it, make it read-only."""
+               unfinished: Unfinished | None, generation: int | None, expected: int | None) -> None:  # fmt: skip
+    """Make the unfinished snapshot (or go on with `resumed`), copy into it, make it read-only.
+    With `expected` (the sources' bytes, from the walk), a whole-tree rsync lists directories
+    as it goes."""
     btrfs = target.filesystem == "btrfs"
     if btrfs:
         if found:
@@ -286,24 +291,43 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
     else:
         partial.mkdir(mode=0o755)
 
-    def progress(line: str) -> None:
-        match = PROGRESS.match(line)
-        if match:
-            on_progress(int(match.group(2)) / 100, int(match.group(1).replace(",", "")))
-
     rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
                               one_file_system=target.one_file_system, inplace=btrfs)  # fmt: skip
     if found is None:
-        runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None), progress)
+        runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None,
+                            incremental=expected is not None), progress_reader(on_progress, expected))  # fmt: skip
     else:
         with found:
             _delete(partial, found.deleted_paths())
             if found.changed:
-                runner.stream(rsync(files_from=found.listing.name), progress)
-        on_progress(1.0, 0)
+                runner.stream(rsync(files_from=found.listing.name), progress_reader(on_progress))
+    on_progress(1.0, 0)
     syncer.sync()  # the data is on the server before the name says "complete"
     if btrfs:
         runner.run(commands.btrfs_set_readonly(str(partial)))
+
+
+def progress_reader(on_progress: ProgressCallback, expected: int | None = None) -> Callable[[str], None]:
+    """What reads rsync's --info=progress2 lines and passes (fraction, bytes so far) on.
+
+    Without `expected`: rsync's own percentage (it built the whole file list first). With it:
+    the bytes transferred against `expected`, because under incremental recursion rsync's
+    percentage counts only the files found so far and falls as it finds more. Held below 1
+    (files can grow during the run): the caller says 1.0 when the copy is done.
+    """
+
+    def read(line: str) -> None:
+        match = PROGRESS.match(line)
+        if not match:
+            return
+        transferred = int(match.group(1).replace(",", ""))
+        if expected is None:
+            fraction = int(match.group(2)) / 100
+        else:
+            fraction = min(transferred / expected, 0.99) if expected else 0.0
+        on_progress(fraction, transferred)
+
+    return read
 
 
 RESUMABLE_FROM = 64 << 20  # changed bytes from which a lost connection's next try goes on from the last

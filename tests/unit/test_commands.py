@@ -28,6 +28,13 @@ def test_rsync_btrfs_mode_is_inplace_without_link_dest():
     assert not any(a.startswith("--link-dest") or a.startswith("--info") for a in argv)
 
 
+def test_rsync_builds_the_whole_file_list_first_unless_told_to_list_as_it_goes():
+    whole = commands.rsync(["/home"], "/d", inplace=True)
+    assert "--info=progress2" in whole and "--no-inc-recursive" in whole  # its percentage counts the whole tree
+    listed = commands.rsync(["/home"], "/d", inplace=True, incremental=True)
+    assert "--info=progress2" in listed and "--no-inc-recursive" not in listed
+
+
 def test_rsync_given_a_list_copies_only_those_paths_from_the_root():
     argv = commands.rsync(["/etc", "/home"], "/d", inplace=True, excludes=["*.tmp"], files_from="/run/x/changed")
     assert "--files-from=/run/x/changed" in argv and "--from0" in argv and "--relative" in argv
