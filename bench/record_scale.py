@@ -57,11 +57,27 @@ def peak_rss(argv: list[str]) -> int:
     return peak
 
 
+def restic_scan(tree: Path, repository: Path) -> float:
+    """Seconds of `restic backup` of the tree with one file touched since its first backup:
+    restic's way to find what changed (it compares with the parent snapshot's metadata)."""
+    env = {**os.environ, "RESTIC_REPOSITORY": str(repository), "RESTIC_PASSWORD": "bench"}
+    quiet = {"env": env, "check": True, "stdout": subprocess.DEVNULL}
+    subprocess.run(["restic", "init"], **quiet)
+    subprocess.run(["restic", "backup", "--quiet", str(tree)], **quiet)
+    os.utime(tree / "d0" / "f0")
+    started = time.monotonic()
+    subprocess.run(["restic", "backup", "--quiet", str(tree)], **quiet)
+    return time.monotonic() - started
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python3 -m bench.record_scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--dir", default="/var/tmp")
+    parser.add_argument("--restic", action="store_true",
+                        help="also time restic's own scan of the tree, a second backup into a local repository "
+                             "with one file touched (restic reads only the changed file)")  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         tree, records = Path(work) / "tree", Path(work) / "records"
@@ -87,13 +103,14 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         subprocess.run(["rsync", "-a", "--dry-run", f"{tree}/", f"{copied}/"], check=True, capture_output=True)
         rsync_s = time.monotonic() - started
+        restic_s = restic_scan(tree, Path(work) / "restic") if args.restic else None
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
         print(f"{args.files:,} files: first record {first_s:.1f} s; nothing changed but one file: walk, compare "
               f"and record {again_s:.1f} s ({found} found); "
               f"rsync --dry-run against a copy {rsync_s:.1f} s; record {first.stat().st_size:,} bytes; "
               f"peak RSS {peak} MiB; rsync's processes copying it all, at most together: {rsync_peak >> 20} MiB "
               f"as a btrfs target's first backup runs it, {whole_list_peak >> 20} MiB with the whole file list "
-              f"(ext2/ext4)")
+              f"(ext2/ext4)" + (f"; restic's second backup (its scan) {restic_s:.1f} s" if restic_s else ""))
         shutil.rmtree(copy)
 
 
