@@ -67,6 +67,16 @@ def timed(counter: Path, action: Callable[[], None]) -> Transfer:
     return Transfer(seconds, used.up, used.down)
 
 
+def timed_alone(counter: Path, action: Callable[[], None]) -> Transfer:
+    """timed() for a cryptsnap command: each one zeroes its target's counter when it connects,
+    so what the counter holds afterwards is that command's traffic alone."""
+    started = time.monotonic()
+    action()
+    seconds = time.monotonic() - started
+    used = meter.read(counter)
+    return Transfer(seconds, used.up, used.down)
+
+
 def run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
     subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
 
@@ -154,14 +164,14 @@ def cryptsnap_method(filesystem: str) -> Callable:
             return lambda: cryptsnap(setup, *args)
 
         cli("init", setup.name)()
-        up = timed(counter, cli("backup", setup.name))
+        up = timed_alone(counter, cli("backup", setup.name))
         restored = work / "restored"
-        down = timed(counter, cli("restore", f"{setup.name}@latest:{tree}", "--to", str(restored)))
+        down = timed_alone(counter, cli("restore", f"{setup.name}@latest:{tree}", "--to", str(restored)))
         same_tree(tree, restored)
         # The fixed cost of a run, to tell the transfer's rate apart from it.
-        idle_up = timed(counter, cli("backup", setup.name))
+        idle_up = timed_alone(counter, cli("backup", setup.name))
         one = min(files_of(tree).items(), key=lambda item: item[1])[0]
-        idle_down = timed(counter, cli("restore", f"{setup.name}@latest:{tree / one}", "--to", str(work / "one")))
+        idle_down = timed_alone(counter, cli("restore", f"{setup.name}@latest:{tree / one}", "--to", str(work / "one")))
         return up, down, (idle_up.seconds, idle_down.seconds)
 
     return measure
