@@ -428,7 +428,7 @@ def test_the_metadata_cache_answers_reads_locally_and_steps_aside_when_the_image
     # in the next run. One emptied and refilled by a single run (round 3) has not seen the
     # tree nodes that run neither read nor wrote (extent-tree leaves of what the other writer
     # allocated): the runs after it still fetch a few (measured in the guest: 1-11 of about 105
-    # reads, 45-74 KB against 251-293 KB uncached), so the bound there is looser.
+    # reads, 33-74 KB against 251-293 KB uncached), so the bound there is looser.
     assert warm * 4 < uncached and warm_again * 2 < uncached, (warm, warm_again, uncached)
 
     name = cryptsnap(setup, "list", setup.name).stdout.split()[-1]
