@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
               f"rsync --dry-run against a copy {rsync_s:.1f} s; record {first.stat().st_size:,} bytes; "
               f"peak RSS {peak} MiB; rsync's processes copying it all, at most together: {rsync_peak >> 20} MiB "
               f"as a btrfs target's first backup runs it, {whole_list_peak >> 20} MiB with the whole file list "
-              f"(ext2/ext4)" + (f"; restic's second backup (its scan) {restic_s:.1f} s" if restic_s else ""))
+              f"(ext2/ext4)" + ("" if restic_s is None else f"; restic's second backup (its scan) {restic_s:.1f} s"))
         shutil.rmtree(copy)
 
 

@@ -58,22 +58,14 @@ class Transfer:
 Measured = tuple[Transfer, Transfer, "tuple[float, float] | None"]
 
 
-def timed(counter: Path, action: Callable[[], None]) -> Transfer:
-    before = meter.read(counter)
+def timed(counter: Path, action: Callable[[], None], zeroed: bool = False) -> Transfer:
+    """The action's time and traffic. `zeroed`: the action is a cryptsnap command, which zeroes
+    its target's counter when it connects, so what the counter holds afterwards is its own."""
+    before = meter.Traffic() if zeroed else meter.read(counter)
     started = time.monotonic()
     action()
     seconds = time.monotonic() - started
     used = meter.read(counter) - before
-    return Transfer(seconds, used.up, used.down)
-
-
-def timed_alone(counter: Path, action: Callable[[], None]) -> Transfer:
-    """timed() for a cryptsnap command: each one zeroes its target's counter when it connects,
-    so what the counter holds afterwards is that command's traffic alone."""
-    started = time.monotonic()
-    action()
-    seconds = time.monotonic() - started
-    used = meter.read(counter)
     return Transfer(seconds, used.up, used.down)
 
 
@@ -160,18 +152,18 @@ def cryptsnap_method(filesystem: str) -> Callable:
                            size=f"{data * 13 // 10 // 2**20 + 200}M", sources=[str(tree)])  # fmt: skip
         counter = Paths.of(setup.load()).traffic
 
-        def cli(*args: str) -> Callable[[], None]:
-            return lambda: cryptsnap(setup, *args)
+        def timed_cli(*args: str) -> Transfer:
+            return timed(counter, lambda: cryptsnap(setup, *args), zeroed=True)
 
-        cli("init", setup.name)()
-        up = timed_alone(counter, cli("backup", setup.name))
+        cryptsnap(setup, "init", setup.name)
+        up = timed_cli("backup", setup.name)
         restored = work / "restored"
-        down = timed_alone(counter, cli("restore", f"{setup.name}@latest:{tree}", "--to", str(restored)))
+        down = timed_cli("restore", f"{setup.name}@latest:{tree}", "--to", str(restored))
         same_tree(tree, restored)
         # The fixed cost of a run, to tell the transfer's rate apart from it.
-        idle_up = timed_alone(counter, cli("backup", setup.name))
+        idle_up = timed_cli("backup", setup.name)
         one = min(files_of(tree).items(), key=lambda item: item[1])[0]
-        idle_down = timed_alone(counter, cli("restore", f"{setup.name}@latest:{tree / one}", "--to", str(work / "one")))
+        idle_down = timed_cli("restore", f"{setup.name}@latest:{tree / one}", "--to", str(work / "one"))
         return up, down, (idle_up.seconds, idle_down.seconds)
 
     return measure
