@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cryptsnap-bench-", dir="/var/tmp"))
     udev.install_rule()
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)  # the trees and images: gigabytes at --scale
         server = stack.enter_context(link.untrusted_host(args.link_mbit, args.rtt_ms))
         rows = measure(args, server, work, args.files)
         lines = [table(rows, title(args, args.files), args.link_mbit)]
