@@ -48,8 +48,10 @@ def _file_signature(path: str) -> tuple:
 
 
 def _give_memory_back() -> None:
-    """Hand the memory a finished job freed back to the system (glibc keeps freed heap pages
-    mapped): cryptsnapd idles between runs for hours, and its RSS should say what it holds."""
+    """Hand the memory a finished job freed back to the system: cryptsnapd idles between runs
+    for hours, and its RSS should say what it holds. glibc keeps the heap pages a run freed;
+    without this one cryptsnapd grew 32.7 -> 36.0 MiB over its first 17 runs, with it 32.8 ->
+    33.1 MiB over 24 (docs/reliability.md, the fault-free soak)."""
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
