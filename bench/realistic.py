@@ -1,7 +1,8 @@
 """A real tree and a real change: successive releases of a large project's source tree, each
-run's source replaced by the next release as a version bump in a checkout would leave it
-(unchanged files keep their bytes and mtimes; changed, added and removed files are the
-release's own), cryptsnap beside restic and borg: bytes up and down and wall time per run.
+run's source replaced by the next release as unpacking it over the old one leaves it (every
+file gets the archive's mtime, also where its bytes did not change, as in a package upgrade;
+changed, added and removed files are the release's own), cryptsnap beside restic and borg:
+bytes up and down and wall time per run.
 
 The guest has no network: fetch the releases on the host first (PyPI source archives), then
 run in the guest, as root:
@@ -58,7 +59,7 @@ def bump(old: dict, new: dict) -> dict:
 
 
 def apply(release: Path, source: Path) -> None:
-    """Make `source` the release: rsync -a keeps the mtimes, --delete removes what it dropped."""
+    """Make `source` the release: rsync -a gives each file the archive's mtime, --delete removes what it dropped."""
     subprocess.run(["rsync", "-a", "--delete", f"{release}/", f"{source}/"], check=True)
 
 
