@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from .errors import CryptsnapError
+
 # Python level -> syslog priority, understood by journald as a "<N>" line prefix.
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -14,6 +16,19 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = PRIORITIES.get(record.levelno, 6)
         return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+class Handler(logging.StreamHandler):
+    """A stream handler that lets a cancel through. A signal's cancel (runner.cancel_on_signals)
+    is raised wherever the main thread is; inside emit, logging would print it as a "Logging
+    error" and go on, and the canceled run with it. Nothing in logging raises our errors, so
+    one here came from a signal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]  # emit calls this inside its except block
+        if isinstance(error, CryptsnapError):
+            raise error
+        super().handleError(record)
 
 
 def stderr_is_journal() -> bool:
@@ -29,7 +44,7 @@ def stderr_is_journal() -> bool:
 def setup(verbosity: int = 0, program: str = "cryptsnap", tag: str = "") -> None:
     """Log to stderr. tag prefixes every message (a job's lines carry its id and target)."""
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
+    handler = Handler(sys.stderr)
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter(f"{tag}%(message)s"))
         level = min(level, logging.INFO)

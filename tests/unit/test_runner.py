@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import subprocess
 
@@ -9,7 +11,7 @@ import psutil
 import pytest
 
 from cryptsnap import runner
-from cryptsnap.errors import Canceled, MissingTool, ToolFailed
+from cryptsnap.errors import Canceled, MissingTool, StepFailed, ToolFailed
 
 
 @pytest.fixture
@@ -73,3 +75,56 @@ def test_a_cancel_is_recognized_itself_or_as_a_steps_cause():
     assert canceled(StepFailed("syncing", Canceled("stop")))
     assert not canceled(StepFailed("syncing", ToolFailed("rsync failed")))
     assert not canceled(StepFailed("syncing", Interrupted("killed")))  # not on purpose: recorded as failed
+
+
+class _SignalingStream:
+    """A log stream whose write is where the signal lands: as if the cancel came mid-log."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the next bytecode: inside emit
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_cancel_that_lands_in_a_log_line_is_not_dropped(signals):
+    """logging's handlers catch any Exception in emit, print "--- Logging error ---" and go on:
+    a cancel raised there was lost, and the canceled run went on to complete (CI, stop 18)."""
+    from cryptsnap import logs
+
+    logger = logging.getLogger("cryptsnap.test-cancel-in-log")
+    logger.propagate = False
+    logger.addHandler(logs.Handler(_SignalingStream()))
+    try:
+        with pytest.raises(Canceled, match="SIGTERM"):
+            logger.warning("going on from the unfinished snapshot %s", "x.partial")
+    finally:
+        logger.handlers.clear()
+
+
+def test_a_cancel_swallowed_on_its_way_is_raised_by_the_next_command(signals):
+    try:
+        runner._on_signal(signal.SIGTERM, None)
+    except Exception:  # noqa: S110 (the swallowing under test)
+        pass
+    with pytest.raises(Canceled, match="SIGTERM"):
+        runner.run(("true",))
+
+
+def test_while_a_cancel_goes_up_the_commands_of_cleanups_still_run(signals):
+    ran = []
+    with pytest.raises(StepFailed):
+        try:
+            try:
+                runner._on_signal(signal.SIGTERM, None)
+            except Canceled as exc:
+                raise StepFailed("syncing", exc) from exc
+        finally:  # a cleanup on the way up, as layers and ExitStack callbacks do
+            ran.append(runner.run(("echo", "cleaned")).stdout)
+    assert ran == ["cleaned\n"]
+    runner.ignore_cancels()  # the unwinding began: from here nothing is raised again
+    assert runner.run(("true",)).returncode == 0
