@@ -8,6 +8,14 @@ The next run walks the sources locally, compares them with the record, and gives
 the entries that differ (--files-from); it deletes the vanished ones itself. The image is
 read only where something changed.
 
+The record also holds a digest of each regular file's content, taken from the source when
+that file was copied. A file whose metadata changed but whose content did not (a package
+upgrade or a release tarball unpacked over the tree gives every file a new mtime) then gets
+only its attributes set in the snapshot, without its bytes crossing the link again
+(snapshot.Found.touched). A digest is kept only where it is sure to describe what the
+snapshot holds: taken from a file with one link, and only if the file did not change between
+the walk and the end of the run (RecordWriter.commit); otherwise "-", unknown.
+
 The record is trusted only for the image and snapshot it describes: if the image's
 generation or its newest snapshot is not the one recorded, or the sources or excludes
 changed, the run falls back to rsync's full compare and writes a new record.
@@ -37,7 +45,9 @@ log = logging.getLogger(__name__)
 # (st_mode, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns). ctime changes with every
 # chmod, chown, xattr or ACL change, rename and new hard link, none of which touch mtime.
 Stat = tuple[int, int, int, int, int, int]
-FORMAT = 2  # 2: entries in record order (order_key), streamed
+FORMAT = 3  # 2: entries in record order (order_key), streamed; 3: and a content digest per file
+READABLE = (2, 3)  # a format 2 record is read as one without digests
+DIGEST_CHUNK = 1 << 20
 
 
 class UnsupportedPattern(ValueError):
@@ -191,6 +201,30 @@ def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool) -
             levels.append(_listing(entry.path))
 
 
+def file_digest(path: bytes, expected: Stat) -> str | None:
+    """The digest of a regular file's content (hex), read from the source; None when it cannot
+    stand for the file: unreadable, gone, replaced, or with more than one link (rsync
+    --hard-links copies those as a group, and an attribute change through one link would
+    reach the others in the snapshot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or _stat(st) != expected:
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            while chunk := stream.read(DIGEST_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class RecordDamaged(ValueError):
     """The record file is cut short, damaged, or out of order: it cannot say what changed."""
 
@@ -199,10 +233,9 @@ CHANGED, DELETED = "changed", "deleted"
 READ_CHUNK = 1 << 20  # of a record's entries, decompressed: what reading it holds at a time
 
 
-def differences(old: Iterable[tuple[bytes, Stat]], new: Iterable[tuple[bytes, Stat]]) -> Iterator[tuple[str, bytes]]:
-    """Merge two streams in record order: (CHANGED, path) for what is new or differs, which
-    rsync copies; (DELETED, path) for what is gone or changed type, removed from the snapshot
-    first. Each kind comes in record order (a directory before what is under it).
+def merged(old: Iterable[tuple], new: Iterable[tuple]) -> Iterator[tuple[tuple | None, tuple | None]]:
+    """Merge two streams of entries (path, Stat, ...) in record order: (old, new) for a path in
+    both, (old, None) for one only in `old`, (None, new) for one only in `new`.
 
     `new` comes from the walk; `old` from a file, so its order is checked (RecordDamaged): a
     path repeated or out of order would delete from the snapshot what is still there."""
@@ -213,21 +246,33 @@ def differences(old: Iterable[tuple[bytes, Stat]], new: Iterable[tuple[bytes, St
         if o is not None and n is not None and o[0] == n[0]:  # the common case: no key to compute
             if o[0] == previous:
                 raise RecordDamaged(f"the record holds {os.fsdecode(o[0])!r} twice")
-            if o[1] != n[1]:
-                if stat.S_IFMT(o[1][0]) != stat.S_IFMT(n[1][0]):
-                    yield DELETED, o[0]  # a file that became a directory (or the reverse)
-                yield CHANGED, n[0]
+            yield o, n
             previous = o[0]
             o, n = next(old, None), next(new, None)
         elif n is None or (o is not None and order_key(o[0]) < order_key(n[0])):
             if previous is not None and order_key(o[0]) <= order_key(previous):
                 raise RecordDamaged("the record's entries are out of order")
-            yield DELETED, o[0]
+            yield o, None
             previous = o[0]
             o = next(old, None)
         else:
-            yield CHANGED, n[0]
+            yield None, n
             n = next(new, None)
+
+
+def differences(old: Iterable[tuple], new: Iterable[tuple]) -> Iterator[tuple[str, bytes]]:
+    """(CHANGED, path) for what is new or differs, which rsync copies; (DELETED, path) for what
+    is gone or changed type, removed from the snapshot first. Each kind comes in record order
+    (a directory before what is under it)."""
+    for o, n in merged(old, new):
+        if n is None:
+            yield DELETED, o[0]
+        elif o is None:
+            yield CHANGED, n[0]
+        elif o[1] != n[1]:
+            if stat.S_IFMT(o[1][0]) != stat.S_IFMT(n[1][0]):
+                yield DELETED, o[0]  # a file that became a directory (or the reverse)
+            yield CHANGED, n[0]
 
 
 @dataclass
@@ -255,6 +300,28 @@ def settings_digest(target) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def read_entries(stream) -> Iterator[tuple[bytes, Stat, str | None]]:
+    """Parse entries (path NUL fields NUL ...) from a binary stream: (path, Stat, digest or None).
+    ValueError when the stream is cut short or damaged."""
+    rest = b""
+    while chunk := stream.read(READ_CHUNK):
+        fields = (rest + chunk).split(b"\0")
+        rest = fields.pop()
+        if len(fields) % 2:
+            rest = fields.pop() + b"\0" + rest
+        for i in range(0, len(fields), 2):
+            values = fields[i + 1].split()
+            digest = values[6].decode() if len(values) == 7 and values[6] != b"-" else None
+            yield fields[i], tuple(map(int, values[:6])), digest
+    if rest:
+        raise ValueError("cut short in the middle of an entry")
+
+
+def entry_line(name: bytes, st: Stat, digest: str | None) -> bytes:
+    """One entry as stored: names hold any byte but NUL."""
+    return name + b"\0" + (" ".join(map(str, st)) + " " + (digest or "-")).encode() + b"\0"
+
+
 @dataclass
 class Record:
     """The files of one snapshot, stored locally: state_dir/TARGET/files.gz.
@@ -271,21 +338,21 @@ class Record:
 
     def entries(self) -> Iterator[tuple[bytes, Stat]]:
         """The entries, in record order; RecordDamaged when the file is damaged or cut short."""
-        seen, rest = 0, b""
+        for name, st, _ in self.entries_with_digests():
+            yield name, st
+
+    def entries_with_digests(self) -> Iterator[tuple[bytes, Stat, str | None]]:
+        """(path, Stat, content digest or None), in record order."""
+        seen = 0
         try:
             with gzip.open(self.source, "rb") as stream:
                 stream.readline()
-                while chunk := stream.read(READ_CHUNK):
-                    fields = (rest + chunk).split(b"\0")
-                    rest = fields.pop()
-                    if len(fields) % 2:
-                        rest = fields.pop() + b"\0" + rest
-                    for i in range(0, len(fields), 2):
-                        yield fields[i], tuple(map(int, fields[i + 1].split()))
-                    seen += len(fields) // 2
+                for entry in read_entries(stream):
+                    seen += 1
+                    yield entry
         except (OSError, EOFError, ValueError) as exc:
             raise RecordDamaged(f"{self.source}: {exc}") from exc
-        if rest or seen != self.count:
+        if seen != self.count:
             raise RecordDamaged(f"{self.source} holds {seen} of its {self.count} entries")
 
     def verify(self) -> bool:
@@ -302,8 +369,8 @@ class Record:
         """Write it (with its header as it is now) to `path`, streaming its entries."""
         writer = RecordWriter(path)
         try:
-            for name, st in self.entries():
-                writer.add(name, st)
+            for name, st, digest in self.entries_with_digests():
+                writer.add(name, st, digest)
         except BaseException:
             writer.discard()
             raise
@@ -320,7 +387,7 @@ class Record:
         except (OSError, ValueError, EOFError) as exc:
             log.warning("ignoring the unreadable file record %s (%s); this run compares everything", path, exc)
             return None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") not in READABLE:
             return None
         return cls(header["generation"], header["snapshot"], header["settings"], header["count"], path)
 
@@ -328,7 +395,10 @@ class Record:
 class RecordWriter:
     """A new record, written as the scan goes (path + ".entries", compressed), and put in
     place by commit() once its snapshot is complete: a header member, then the entries,
-    in one gzip file (gzip allows several members, read as one stream)."""
+    in one gzip file (gzip allows several members, read as one stream).
+
+    Digests taken this run (add(..., taken=True)) are checked at commit: the source file must
+    still have the Stat the walk saw, or rsync may have copied other bytes than the digest's."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -339,9 +409,15 @@ class RecordWriter:
         self.out = gzip.open(self.entries_file, "wb", compresslevel=1)
         self.pending: list[bytes] = []  # written in batches: a gzip write per entry costs more than the walk
         self.pending_size = 0
+        self.taken_file = path.with_name(path.name + ".taken")  # path, Stat of the digests taken this run
+        self.taken = None
 
-    def add(self, name: bytes, st: Stat) -> None:
-        line = name + b"\0" + " ".join(map(str, st)).encode() + b"\0"  # names hold any byte but NUL
+    def add(self, name: bytes, st: Stat, digest: str | None = None, taken: bool = False) -> None:
+        line = entry_line(name, st, digest)
+        if digest and taken:
+            if self.taken is None:
+                self.taken = open(self.taken_file, "wb")  # noqa: SIM115 (closed by commit or discard)
+            self.taken.write(line)
         self.pending.append(line)
         self.pending_size += len(line)
         self.count += 1
@@ -358,6 +434,7 @@ class RecordWriter:
     def commit(self, generation: int, snapshot: str, settings: str) -> None:
         self._flush()
         self.out.close()
+        self._forget_unstable_digests()
         header = json.dumps({"format": FORMAT, "generation": generation, "snapshot": snapshot,
                              "settings": settings, "count": self.count})  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -368,6 +445,35 @@ class RecordWriter:
         os.replace(tmp, self.path)
         self.entries_file.unlink()
 
+    def _forget_unstable_digests(self) -> None:
+        """Mark unknown the digests of files that changed since the walk (their copy in the
+        snapshot may hold other bytes): rewrite the entries when there are any."""
+        if self.taken is None:
+            return
+        self.taken.close()
+        changed = set()
+        try:
+            with open(self.taken_file, "rb") as taken:
+                for name, st, _ in read_entries(taken):
+                    try:
+                        if _stat(os.lstat(b"/" + name)) != st:
+                            changed.add(name)
+                    except OSError:
+                        changed.add(name)
+        finally:
+            self.taken_file.unlink(missing_ok=True)
+        if not changed:
+            return
+        log.info("%d files changed while they were copied: their content is compared in full next time", len(changed))
+        kept = self.entries_file.with_name(self.entries_file.name + ".new")
+        with gzip.open(self.entries_file, "rb") as entries, gzip.open(kept, "wb", compresslevel=1) as out:
+            for name, st, digest in read_entries(entries):
+                out.write(entry_line(name, st, None if name in changed else digest))
+        os.replace(kept, self.entries_file)
+
     def discard(self) -> None:
         self.out.close()
         self.entries_file.unlink(missing_ok=True)
+        if self.taken is not None:
+            self.taken.close()
+        self.taken_file.unlink(missing_ok=True)

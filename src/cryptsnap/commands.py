@@ -261,6 +261,8 @@ def rsync(
     progress: bool = True,
     files_from: str | None = None,
     incremental: bool = False,
+    size_only: bool = False,
+    exact_times: bool = False,
 ) -> Argv:
     """Copy sources into the snapshot; with files_from, only the NUL-separated paths listed there.
 
@@ -271,6 +273,13 @@ def rsync(
     percentage counts the whole tree: 199 MiB of rsync at 10^6 files. With `incremental` it
     lists directories as it goes (17 MiB), and its percentage counts only the files found so
     far: the caller then measures the fraction against a total of its own.
+
+    size_only: a file of the same size is taken as the same (the caller compared the
+    content): rsync sends no data for it and sets its times, mode, owner, ACLs and xattrs.
+
+    exact_times: compare mtimes to the nanosecond (the snapshot's file system keeps them:
+    btrfs). rsync's own quick check compares whole seconds: a file rewritten with its size
+    within the second its last backup saw would be skipped, and its old bytes kept.
     """
     argv = [
         "rsync",
@@ -288,6 +297,10 @@ def rsync(
         argv.append(f"--link-dest={link_dest}")
     if inplace:
         argv.append("--inplace")  # rewrite changed files in place: the snapshot shares the rest
+    if size_only:
+        argv.append("--size-only")
+    if exact_times:
+        argv.append("--modify-window=-1")
     if progress:
         argv += ["--info=progress2"] if incremental else ["--info=progress2", "--no-inc-recursive"]
     argv += [f"--exclude={pattern}" for pattern in excludes]

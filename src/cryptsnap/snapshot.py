@@ -242,7 +242,9 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
             known, previous, generation, target) if previous else "there is no snapshot to compare with"
         if previous and why_not:
             log.info("comparing every file with the image: %s", why_not)
-        scanned, found = _scan(target, record_to, None if why_not else known, work_dir)
+        # Going on from a canceled try, a file there may be half rewritten in place with its old
+        # size: only a copy puts it right, so no file gets its attributes alone.
+        scanned, found = _scan(target, record_to, None if why_not else known, work_dir, touch=not resumed)
         if resumed or (unfinished and (found is None or found.changed_bytes >= RESUMABLE_FROM)):
             # What the periodic commits of a long sync show must be whole, for a next try to
             # trust it: every commit takes the data written before it along. (Not for short
@@ -277,8 +279,10 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
     btrfs = target.filesystem == "btrfs"
     if btrfs:
         if found:
-            log.info("%d entries changed, %d deleted since snapshot %s (from the local record)",
-                     found.changed, found.deleted, previous)
+            log.info("%d entries changed, %d deleted since snapshot %s (from the local record)%s",
+                     found.changed + found.touched, found.deleted, previous,
+                     f"; {found.touched} of the files changed only in their attributes (same content)"
+                     if found.touched else "")  # fmt: skip
         if resumed:
             log.info("going on from the unfinished snapshot %s of the last try: rsync skips what it finds "
                      "complete there", resumed)  # fmt: skip
@@ -292,7 +296,7 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
         partial.mkdir(mode=0o755)
 
     rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
-                              one_file_system=target.one_file_system, inplace=btrfs)  # fmt: skip
+                              one_file_system=target.one_file_system, inplace=btrfs, exact_times=btrfs)  # fmt: skip
     if found is None:
         runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None,
                             incremental=expected is not None), progress_reader(on_progress, expected))  # fmt: skip
@@ -301,6 +305,8 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
             _delete(partial, found.deleted_paths())
             if found.changed:
                 runner.stream(rsync(files_from=found.listing.name), progress_reader(on_progress))
+            if found.touched:  # same size and content: rsync skips their data and sets the rest
+                runner.run(rsync(files_from=found.touched_file.name, size_only=True, progress=False))
     on_progress(1.0, 0)
     syncer.sync()  # the data is on the server before the name says "complete"
     if btrfs:
@@ -331,20 +337,26 @@ def progress_reader(on_progress: ProgressCallback, expected: int | None = None) 
 
 
 RESUMABLE_FROM = 64 << 20  # changed bytes from which a lost connection's next try goes on from the last
+TOUCHED = "touched"  # a file whose attributes changed, not its content
 
 
 class Found:
     """What changed since the record, as the scan found it: the paths rsync is to copy (NUL-
-    separated, for --files-from) and those to delete first, in temporary files (10^6
-    changed paths need not fit in memory)."""
+    separated, for --files-from), the files whose attributes alone changed (`touched`: same
+    size and content digest as recorded), and those to delete first, in temporary files
+    (10^6 changed paths need not fit in memory)."""
 
     def __init__(self, work_dir: Path | None):
         self.listing = tempfile.NamedTemporaryFile(dir=work_dir, prefix="changed.")
+        self.touched_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="touched.")
         self.deleted_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="deleted.")
-        self.changed = self.deleted = self.changed_bytes = 0
+        self.changed = self.touched = self.deleted = self.changed_bytes = 0
 
     def add(self, kind: str, path: bytes, st: changes.Stat | None = None) -> None:
-        if kind == changes.CHANGED:
+        if kind == TOUCHED:
+            self.touched_file.write(path + b"\0")
+            self.touched += 1
+        elif kind == changes.CHANGED:
             self.listing.write(path + b"\0")
             self.changed += 1
             self.changed_bytes += st[3] if st and stat.S_ISREG(st[0]) else 0
@@ -362,6 +374,7 @@ class Found:
 
     def __enter__(self) -> Found:
         self.listing.flush()
+        self.touched_file.flush()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -369,47 +382,54 @@ class Found:
 
     def close(self) -> None:
         self.listing.close()
+        self.touched_file.close()
         self.deleted_file.close()
 
 
-def _scan(target: Target, record_to: Path | None, known: changes.Record | None,
-          work_dir: Path | None) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
+def _scan(target: Target, record_to: Path | None, known: changes.Record | None, work_dir: Path | None,
+          touch: bool = True) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
     """Walk the sources into a new record (at record_to, once committed); with `known`, the
-    record of the previous snapshot, find what changed since, as the walk goes."""
+    record of the previous snapshot, find what changed since, as the walk goes. touch: a file
+    whose content is as recorded may get its attributes alone (Found.touched)."""
     if record_to is None:
         return None, None
     try:
-        return _walk(target, record_to, known, work_dir)
+        return _walk(target, record_to, known, work_dir, touch)
     except changes.RecordDamaged as exc:
         log.warning("the local record is damaged (%s): comparing every file with the image", exc)
-        return _walk(target, record_to, None, work_dir)
+        return _walk(target, record_to, None, work_dir, touch)
 
 
-def _walk(target: Target, record_to: Path, known: changes.Record | None,
-          work_dir: Path | None) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
+def _walk(target: Target, record_to: Path, known: changes.Record | None, work_dir: Path | None,
+          touch: bool) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
     try:
         walk = changes.walk(target.sources, target.excludes, target.one_file_system)
         writer = changes.RecordWriter(record_to)
     except changes.UnsupportedPattern as exc:
         log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
         return None, None
-    latest: list = [None]  # the entry the walk gave last: the one a CHANGED is about when it comes
-
-    def recorded() -> Iterator[tuple[bytes, changes.Stat]]:
-        for name, st in walk:
-            writer.add(name, st)
-            latest[0] = (name, st)
-            yield name, st
-
     found = None
     try:
-        if known is None:
-            for _ in recorded():
-                pass
-            return writer, None
-        found = Found(work_dir)
-        for kind, path in changes.differences(known.entries(), recorded()):
-            found.add(kind, path, latest[0][1] if latest[0] and latest[0][0] == path else None)
+        found = Found(work_dir) if known else None
+        for old, new in changes.merged(known.entries_with_digests() if known else (), walk):
+            if new is None:
+                found.add(changes.DELETED, old[0])
+                continue
+            name, st = new
+            if old is not None and old[1] == st:
+                writer.add(name, st, old[2])  # unchanged: its copy in the snapshot is the one recorded
+                continue
+            # New or changed (every file, without a record to compare with: rsync copies what
+            # it finds different): its digest now, for this run and the record.
+            digest = changes.file_digest(b"/" + name, st) if stat.S_ISREG(st[0]) else None
+            writer.add(name, st, digest, taken=True)
+            if found is None:
+                continue
+            if old is not None and stat.S_IFMT(old[1][0]) != stat.S_IFMT(st[0]):
+                found.add(changes.DELETED, old[0])  # a file that became a directory (or the reverse)
+            same_content = touch and digest and old is not None and old[2] == digest and old[1][3] == st[3] \
+                and stat.S_ISREG(old[1][0])  # fmt: skip
+            found.add(TOUCHED if same_content else changes.CHANGED, name, st)
         return writer, found
     except BaseException:  # nothing half-made is kept: neither the new record nor the lists
         writer.discard()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -52,6 +53,7 @@ class PrivateBus:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class NotifySocket:
@@ -93,6 +95,7 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 class Monitor:
@@ -135,3 +138,4 @@ class Monitor:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -42,6 +42,18 @@ def test_rsync_given_a_list_copies_only_those_paths_from_the_root():
     assert "--delete" not in argv and "--exclude=*.tmp" in argv  # deletions are the caller's; excludes still hold
 
 
+def test_rsync_of_files_whose_content_is_known_the_same_sets_only_their_attributes():
+    argv = commands.rsync(["/home"], "/d", inplace=True, files_from="/run/x/touched", size_only=True, progress=False)
+    assert "--size-only" in argv and "--files-from=/run/x/touched" in argv
+    assert "--size-only" not in commands.rsync(["/home"], "/d", inplace=True)
+
+
+def test_rsync_into_btrfs_compares_times_to_the_nanosecond():
+    """Its quick check otherwise compares whole seconds (tests/host/test_same_content.py)."""
+    assert "--modify-window=-1" in commands.rsync(["/home"], "/d", inplace=True, exact_times=True)
+    assert not any(a.startswith("--modify-window") for a in commands.rsync(["/home"], "/d", link_dest="/p"))
+
+
 def test_ssh_config_pins_the_host_key_and_ignores_user_config():
     text = commands.ssh_config(TARGET, "/var/lib/cryptsnap/home/known_hosts")
     assert "Host cryptsnap-home\n" in text
