@@ -138,4 +138,3 @@ class Monitor:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
