@@ -8,28 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
-from cryptsnap import changes, config, runner, snapshot
+from cryptsnap import changes, runner, snapshot
 from tests.support import loopfs
 
 FILES, SIZE = 300, 64 << 10
-
-
-def _target(tmp_path: Path, source: Path) -> config.Target:
-    return config.parse(textwrap.dedent(f"""\
-        state_dir: {tmp_path / "state"}
-        runtime_dir: {tmp_path / "run"}
-        targets:
-          t:
-            host: 127.0.0.1
-            user: u
-            identity_file: /nonexistent
-            key_file: /nonexistent
-            size: 512M
-            sources: [{source}]
-        """), "test.yaml").target("t")  # fmt: skip
 
 
 SECOND = 1_700_000_000 * 10**9
@@ -61,7 +45,7 @@ def test_files_unpacked_anew_with_the_same_bytes_get_their_attributes_not_a_copy
     source.mkdir()
     contents = {f"f{i:03d}": os.urandom(SIZE) for i in range(FILES)}
     _unpack_anew(source, contents, SECOND + 100)
-    target = _target(tmp_path, source)
+    target = loopfs.target(tmp_path, source)
     record = tmp_path / "record.gz"
     fs = tmp_path / "fs"
     argvs = []

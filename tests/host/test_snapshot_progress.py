@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 
-from cryptsnap import config, runner, snapshot
+from cryptsnap import runner, snapshot
 from tests.support import loopfs
 
 
@@ -18,18 +17,7 @@ def test_a_first_backup_lists_directories_as_it_goes_and_its_progress_only_rises
         path = source / f"d{i // 20:03d}" / f"f{i:04d}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(os.urandom(16384 + i))
-    target = config.parse(textwrap.dedent(f"""\
-        state_dir: {tmp_path / "state"}
-        runtime_dir: {tmp_path / "run"}
-        targets:
-          t:
-            host: 127.0.0.1
-            user: u
-            identity_file: /nonexistent
-            key_file: /nonexistent
-            size: 512M
-            sources: [{source}]
-        """), "test.yaml").target("t")  # fmt: skip
+    target = loopfs.target(tmp_path, source)
     argvs = []
     stream = runner.stream
     monkeypatch.setattr(runner, "stream", lambda argv, on_line: (argvs.append(argv), stream(argv, on_line))[1])

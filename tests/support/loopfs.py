@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import textwrap
 from pathlib import Path
 
-from cryptsnap import commands
+from cryptsnap import commands, config
 
 
 def device_written(device: str) -> int:
@@ -37,3 +38,20 @@ def btrfs(image: Path, mountpoint: Path, size: int = 512 << 20, cryptsnap_option
     finally:
         subprocess.run(["umount", str(mountpoint)], capture_output=True)
         subprocess.run(["losetup", "-d", device], check=True)
+
+
+def target(tmp_path: Path, source: Path) -> config.Target:
+    """A btrfs target backing up `source`, for snapshot.write_snapshot on such a file system
+    (its server settings are never used there)."""
+    return config.parse(textwrap.dedent(f"""\
+        state_dir: {tmp_path / "state"}
+        runtime_dir: {tmp_path / "run"}
+        targets:
+          t:
+            host: 127.0.0.1
+            user: u
+            identity_file: /nonexistent
+            key_file: /nonexistent
+            size: 512M
+            sources: [{source}]
+        """), "test.yaml").target("t")  # fmt: skip
