@@ -12,7 +12,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,10 +27,6 @@ _children_lock = threading.Lock()
 # raised in the middle of Popen, it would leave a running child that nobody stops.
 _spawning = False
 _deferred: CryptsnapError | None = None
-# The cancel a signal raised, until the run begins to unwind: raised asynchronously, it can
-# land in code that swallows errors (logging's handlers print and drop any Exception). A run
-# that starts a command after that would go on as if never canceled: _popen raises it again.
-_raised: CryptsnapError | None = None
 
 
 def _environment() -> dict[str, str]:
@@ -42,8 +37,7 @@ def _environment() -> dict[str, str]:
 
 
 def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    global _spawning, _deferred, _raised
-    raise_if_swallowed()
+    global _spawning, _deferred
     log.debug("+ %s", shlex.join(argv))
     _spawning = True
     try:
@@ -57,7 +51,6 @@ def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwarg
     if _deferred is not None:
         canceled, _deferred = _deferred, None
         _stop(proc)
-        _raised = canceled
         raise canceled
     return proc
 
@@ -144,10 +137,9 @@ def cancel_on_signals(meanings: dict[int, Callable[[], CryptsnapError]] | None =
     to stop the run on, each with the error it stands for (a job's worker: SIGHUP, its
     daemon died).
     """
-    global _meanings, _cancelable, _raised
+    global _meanings, _cancelable
     _meanings = dict(meanings or {})
     _cancelable = True
-    _raised = None
     for signum in (signal.SIGTERM, signal.SIGINT, *_meanings):
         signal.signal(signum, _on_signal)
 
@@ -163,35 +155,15 @@ def ignore_cancels() -> None:
     run is done, not canceled) and when unwinding begins. Only where cancel_on_signals made
     the signals cancel; signal dispositions belong to the main thread.
     """
-    global _cancelable, _raised
+    global _cancelable
     if _cancelable and threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT, *_meanings):
             signal.signal(signum, signal.SIG_IGN)
         _cancelable = False
-        _raised = None
-
-
-def raise_if_swallowed() -> None:
-    """Raise a signal's cancel again if something on its way dropped it: the run has not begun
-    to unwind, yet the cancel is not the exception being handled (nor its cause), so no
-    handler is carrying it up. Signals are handled in the main thread: only its code can."""
-    if _raised is None or not _cancelable or threading.current_thread() is not threading.main_thread():
-        return
-    seen, todo = set(), [sys.exc_info()[1]]
-    while todo:
-        exc = todo.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        if exc is _raised:
-            return  # on its way up: the commands of except and finally blocks still run
-        seen.add(id(exc))
-        todo += [exc.__cause__, exc.__context__]
-    log.warning("a cancel was dropped on its way (%s); canceling now", _raised)
-    raise _raised
 
 
 def _on_signal(signum, frame) -> None:
-    global _deferred, _raised
+    global _deferred
     for other in (signal.SIGTERM, signal.SIGINT, *_meanings):
         signal.signal(other, signal.SIG_IGN)
     terminate_children()
@@ -200,7 +172,6 @@ def _on_signal(signum, frame) -> None:
     if _spawning:
         _deferred = canceled  # _popen raises it as soon as the new child can be stopped
         return
-    _raised = canceled
     raise canceled
 
 
