@@ -427,8 +427,9 @@ def _walk(target: Target, record_to: Path, known: changes.Record | None, work_di
                 continue
             if old is not None and stat.S_IFMT(old[1][0]) != stat.S_IFMT(st[0]):
                 found.add(changes.DELETED, old[0])  # a file that became a directory (or the reverse)
-            same_content = touch and digest and old is not None and old[2] == digest and old[1][3] == st[3] \
-                and stat.S_ISREG(old[1][0])  # fmt: skip
+            # Only regular files have digests, and the same content has the same size (which is
+            # all `--size-only` compares): equal digests say all that is needed.
+            same_content = touch and digest is not None and old is not None and old[2] == digest
             found.add(TOUCHED if same_content else changes.CHANGED, name, st)
         return writer, found
     except BaseException:  # nothing half-made is kept: neither the new record nor the lists
