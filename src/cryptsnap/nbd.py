@@ -258,6 +258,40 @@ class Device:
             os.close(fd)
 
 
+def fail_orphaned_requests() -> list[str]:
+    """Fail the requests of every nbd device whose NBD_DO_IT process is gone; the devices.
+
+    The kernel waits for a request's answer without end (no timeout is set: a slow link must
+    not take the disk away from the file system). A server killed with requests in flight
+    leaves them to the DO_IT process, which fails them (NBD_CLEAR_SOCK) as it ends. Killed
+    together, as systemd kills a whole service, nobody does: whatever waits on them hangs in
+    the kernel for good (a `btrfs` command of the killed run, and with it the file system
+    mounted in that run's mount namespace, which keeps the decrypted mapping open). A device
+    whose sysfs `pid` names no live process has no one to answer it; NBD_CLEAR_SOCK, what
+    its DO_IT process would have done, fails what it waits for with EIO.
+    """
+    released = []
+    for pid_file in sorted(Path("/sys/block").glob("nbd*/pid")):
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            continue  # served (or being set up) by a live process
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):  # gone meanwhile, or not ours to judge
+            continue
+        device = f"/dev/{pid_file.parent.name}"
+        try:
+            fd = os.open(device, os.O_RDWR)
+            try:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # cleared by its own end meanwhile: nothing was waiting
+        released.append(device)
+    return released
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m cryptsnap.nbd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-fd", type=int, required=True, help="open file descriptor of the image")

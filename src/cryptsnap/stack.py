@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chunks, integrity, meter, runner
+from . import chunks, integrity, meter, nbd, runner
 from .config import Target
 from .errors import CryptsnapError, IntegrityError, Interrupted, StepFailed, ToolFailed, canceled
 from .layers import (
@@ -131,6 +131,10 @@ def remove_leftovers(target: Target) -> None:
 
 def _remove_device_leftovers(paths: Paths) -> None:
     """The local layers by name, innermost first: file system, mapping, nbd and loop device."""
+    # First what no one will answer: until an orphaned nbd device's requests fail, whatever
+    # waits on them holds the layers above (a file system mounted in a killed run's namespace).
+    for device in nbd.fail_orphaned_requests():
+        log.warning("failed the requests a killed block device server left unanswered on %s", device)
     for mountpoint in (paths.fs, paths.view):
         FsMount.remove_leftovers(mountpoint)
     LuksMapping.remove_leftovers(paths.mapping)

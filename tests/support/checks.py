@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -45,6 +47,10 @@ def leftovers(setup: Setup) -> list[str]:
             found.append(f"process {proc.pid}: {cmdline}")
         if "cryptsnap.nbd" in cmdline and str(setup.state_dir / setup.name) in cmdline:
             found.append(f"block device server {proc.pid}: {cmdline}")
+    for pid_file in Path("/sys/block").glob("nbd*/pid"):  # anyone's: served by no one, it hangs what waits on it
+        with contextlib.suppress(OSError, ValueError):
+            if not psutil.pid_exists(int(pid_file.read_text())):
+                found.append(f"nbd device /dev/{pid_file.parent.name} whose server is gone")
     for record in ("nbd", "loop"):
         if (setup.runtime_dir / setup.name / record).exists():
             found.append(f"{record} record " + (setup.runtime_dir / setup.name / record).read_text())

@@ -20,6 +20,7 @@ import yaml
 from cryptsnap.bus import target_path
 from tests.support import figures, sshd
 from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.orphan_nbd import orphaned_device
 from tests.support.runs import (
     PHASES,
     catch_phase,
@@ -109,6 +110,41 @@ def test_cryptsnapd_alone_killed_mid_run(service):
     assert_nothing_left(service)
     cryptsnap(service, "backup", "--daemon", service.name)
     assert len(prop(target_path(service.name), TARGET, "Snapshots")) == 1
+
+
+def test_a_read_a_killed_block_device_server_left_unanswered_is_failed_by_the_next_run(tmp_path, untrusted_host):
+    """The soak (seed 11, run 36): systemd SIGKILLed the whole service while a `btrfs` command
+    of the run waited on a read. The block device server and its NBD_DO_IT process died
+    together and nobody failed the read: the command hung in the kernel for good, holding the
+    file system in the dead run's mount namespace, which held the mapping open, and every later
+    run failed at `unlocking` ("Device or resource busy"). Made here on purpose: a device whose
+    server closed with a read unanswered and whose DO_IT process ended without failing it, the
+    target's mapping on it and a reader stuck there. The next run fails the read, removes the
+    mapping, frees the device and backs up."""
+    setup = make_setup(tmp_path, untrusted_host)
+    cryptsnap(setup, "init", setup.name)
+    (setup.source / "file").write_text("after the hang\n")
+    mapping = f"cryptsnap-{setup.name}"
+    size, stuck_at = 64 << 20, 40 << 20
+    with orphaned_device(size, stuck_at) as (device, pid, orphaned):
+        sh("dmsetup", "create", mapping, "--table", f"0 {size // 512} linear {device} 0")
+        try:
+            sh("udevadm", "settle")
+            reader = subprocess.Popen(["dd", f"if=/dev/mapper/{mapping}", "of=/dev/null", "bs=4096", "count=1",
+                                       f"skip={stuck_at // 4096}", "iflag=direct"], stderr=subprocess.PIPE)  # fmt: skip
+            orphaned()
+            time.sleep(1)
+            assert reader.poll() is None, "the read was answered after all: nothing to show"
+            (setup.runtime_dir / setup.name / "nbd").write_text(f"{device} {pid}")
+            log = cryptsnap(setup, "-v", "backup", setup.name).stderr
+            assert f"failed the requests a killed block device server left unanswered on {device}" in log, log
+            reader.wait(30)
+            assert reader.returncode != 0 and b"Input/output error" in reader.stderr.read()
+        finally:
+            sh("dmsetup", "remove", mapping, check=False)
+    assert not (Path("/sys/block") / Path(device).name / "pid").exists(), f"{device} was not freed"
+    assert len(cryptsnap(setup, "list", setup.name).stdout.split()) == 1
+    assert_nothing_left(setup)
 
 
 # Kills per phase: 1 in `make test`; CRYPTSNAP_KILLS_PER_PHASE=50 for the long series (about
