@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from cryptsnap import nbd
+from cryptsnap.layers import CachedDevice
 
 
 @contextlib.contextmanager
@@ -26,6 +27,7 @@ def orphaned_device(size: int, stuck_offset: int):
     """Yield (device, pid of its DO_IT process, orphaned): reads are answered with zeros until
     one at `stuck_offset` comes, which is left unanswered as the server's end closes; then the
     DO_IT process ends. orphaned() waits for both. On the way out its requests are failed."""
+    assert CachedDevice.available(), "this kernel has no nbd devices"  # (loads the module)
     device = nbd.Device(size)
     kernel_end, our_end = device.kernel_end, device.our_end
     told, tell = os.pipe()
@@ -45,7 +47,7 @@ def orphaned_device(size: int, stuck_offset: int):
     kernel_end.close()
     with os.fdopen(told, "rb") as answer:
         path = answer.read().decode()
-    assert path.startswith("/dev/nbd"), "the nbd setup failed (is the nbd module loaded?)"
+    assert path.startswith("/dev/nbd"), "the nbd setup failed"
     served = threading.Event()
 
     def serve():

@@ -188,12 +188,13 @@ def test_killed_in_each_phase_the_run_is_unwound_at_once(service, victim):
     hit = []
     for phase in [phase for phase in PHASES for _ in range(KILLS_PER_PHASE)]:
         for _attempt in range(3):  # a phase passed before the first look is tried again
+            daemon = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+            had = len(prop(path, TARGET, "Snapshots"))
             sh("busctl", "call", "org.cryptsnap1", path, TARGET, "StartBackup", "a{sv}", "0")
             found, struck = catch_phase(service, phase), False
             if found and phase == "unlocking":  # in the middle of `cryptsetup open`, the soak's case
                 found = while_running(found, "cryptsetup")
             if found:
-                daemon = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
                 try:
                     os.kill(found["pid"] if victim == "worker" else int(daemon), signal.SIGKILL)
                     struck = True
@@ -212,7 +213,8 @@ def test_killed_in_each_phase_the_run_is_unwound_at_once(service, victim):
             continue
         hit.append(phase)
         figures.record(f"{victim} killed at {phase}", unwound_s=unwound, result=result)
-        if phase == "unmounting" and result == "done":  # the snapshot was complete
+        if phase in ("finalizing", "unmounting") and result == "done":  # killed once the snapshot was complete
+            assert len(prop(path, TARGET, "Snapshots")) == had + 1
             continue
         assert result == "failed", f"{victim} killed at {phase}: {result}"
         error = prop(path, TARGET, "LastError")
