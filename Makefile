@@ -16,7 +16,7 @@ test: deps $(VENV)/.installed   ## every tier: unit, host (sshd/sshfs/loop), gue
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-test-long:                ## every test, with the long guest tests and 20 cut seeds (about 3 h; docs/testing.md)
+test-long:                ## every test, with the long guest tests (about 3 h; docs/testing.md)
 	CRYPTSNAP_VM_TEST_TIMEOUT=$${CRYPTSNAP_VM_TEST_TIMEOUT:-14400} $(MAKE) test PYTEST_ARGS="--long $(PYTEST_ARGS)"
 
 test-fast: $(VENV)/.installed   ## unit tests only

@@ -150,7 +150,8 @@ def test_a_read_a_killed_block_device_server_left_unanswered_is_failed_by_the_ne
 # Kills per phase: 1 in `make test`; CRYPTSNAP_KILLS_PER_PHASE=50 for the long series (about
 # 16 s a worker kill on the emulated CPU, 95 minutes for 350; a cryptsnapd kill adds systemd's
 # RestartSec of 5 s and the restart: give it CRYPTSNAP_GUEST_TEST_LIMIT; docs/reliability.md has
-# the figures of such runs).
+# the figures of such runs). The series goes round the phases, one kill each a round, so a series
+# stopped by its time limit has killed in every phase alike.
 KILLS_PER_PHASE = int(os.environ.get("CRYPTSNAP_KILLS_PER_PHASE", "1"))
 
 
@@ -186,7 +187,7 @@ def test_killed_in_each_phase_the_run_is_unwound_at_once(service, victim):
     before = digests(service)
     path = target_path(service.name)
     hit = []
-    for phase in [phase for phase in PHASES for _ in range(KILLS_PER_PHASE)]:
+    for phase in [phase for _ in range(KILLS_PER_PHASE) for phase in PHASES]:
         for _attempt in range(3):  # a phase passed before the first look is tried again
             daemon = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
             had = len(prop(path, TARGET, "Snapshots"))
