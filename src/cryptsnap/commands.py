@@ -307,9 +307,10 @@ def rsync(
     return (*argv, *sources, destination.rstrip("/") + "/")
 
 
-def rsync_restore(source: str, destination: str) -> Argv:
+def rsync_restore(source: str, destination: str, progress: bool = False) -> Argv:
+    """progress: the bytes copied so far on stdout (what readahead.ReadAhead keeps ahead of)."""
     return ("rsync", "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
-            source, destination)  # fmt: skip
+            *(["--info=progress2"] if progress else []), source, destination)  # fmt: skip
 
 
 def btrfs_subvolume_create(path: str) -> Argv:

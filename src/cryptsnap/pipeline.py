@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import changes, commands, hooks, integrity, meter, runner, snapshot
+from . import changes, commands, hooks, integrity, meter, readahead, runner, snapshot
 from .config import Target
 from .errors import (
     ConnectionLost,
@@ -438,9 +438,7 @@ def restore(target: Target, snapshot_name: str, path: str, destination: str,
         reporter.phase("syncing")
         if source.is_dir() and not source.is_symlink():
             Path(destination).mkdir(parents=True, exist_ok=True)
-            runner.run(commands.rsync_restore(str(source) + "/", destination.rstrip("/") + "/"))
-        else:
-            runner.run(commands.rsync_restore(str(source), destination))
+        readahead.copy_out(source, destination)
         return name
 
 

@@ -31,3 +31,11 @@ def test_throughput_copies_the_tree_up_and_back_and_checks_the_restore():
               "--small-files", "50")  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| ") and "| sftp |" in line]
     assert len(rows) == 2 and all("| 100% |" in row for row in rows), out
+
+
+def test_readahead_lab_restores_through_sshfs_and_loop_and_reads_ahead():
+    # The lab compares each copy with the tree itself (it fails otherwise); here, that the
+    # threads read the small files ahead of rsync and rsync alone read none.
+    out = lab("bench.readahead_lab", "--files", "300", "--rtt-ms", "4", "--threads", "0,8")
+    read = {int(m[1]): int(m[2]) for m in re.finditer(r"^ *(\d+) threads: .*read ahead (\d+) files", out, re.M)}
+    assert read[0] == 0 and read[8] > 150, out
