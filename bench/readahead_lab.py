@@ -56,6 +56,7 @@ def same_tree(tree: Path, copy: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--file-kb", type=int, default=4)
@@ -84,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
                                   str(args.rtt_ms / 2000)], stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert delay.stdout.readline().strip() == "ready"
         config = work / "ssh_config"
+        known = work / "known_hosts"
+        known.write_text(host.host_key_line + "\n")
         config.write_text(f"Host lab\n HostName 127.0.0.1\n Port {port}\n User {host.user}\n"
                           f" IdentityFile {host.identity}\n IdentitiesOnly yes\n BatchMode yes\n"
-                          f" HostKeyAlias [127.0.0.1]:{host.port}\n UserKnownHostsFile {work / 'known_hosts'}\n")  # fmt: skip
-        (work / "known_hosts").write_text(host.host_key_line + "\n")
+                          f" HostKeyAlias [127.0.0.1]:{host.port}\n UserKnownHostsFile {known}\n")  # fmt: skip
         mounted, fs = work / "sshfs", work / "fs"
         mounted.mkdir()
         seconds = {}
         print(f"{args.files} files of {args.file_kb} KiB, {args.large} of {args.large_mb} MiB, "
-              f"round trip {args.rtt_ms:g} ms", flush=True)  # fmt: skip
+              f"round trip {args.rtt_ms:g} ms")  # fmt: skip
         for threads in counts:
             run("sshfs", "-F", str(config), f"lab:{remote}", str(mounted), "-o", "idmap=none,cache=no")
             device = run(*commands.loop_attach(str(mounted / "image"), readonly=True)).strip()
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 run("fusermount3", "-u", str(mounted))
             ratio = f"{seconds[counts[0]] / seconds[threads]:.2f}x as fast as {counts[0]} threads"
             print(f"{threads:3} threads: {seconds[threads]:7.2f} s, {ratio}; read ahead {figures.files} files "
-                  f"({figures.bytes} bytes), at most {figures.most_ahead} bytes ahead of rsync", flush=True)  # fmt: skip
+                  f"({figures.bytes} bytes), at most {figures.most_ahead} bytes ahead of rsync")  # fmt: skip
     finally:
         if delay:
             delay.kill()

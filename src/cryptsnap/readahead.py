@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ THREADS = 16  # round trips in flight: 8 and 32 were 6.4x and 7.3x as fast as 1 
 WINDOW = 64 << 20
 SMALL = 256 << 10  # larger files: the kernel's readahead on rsync's own reads
 CHUNK = 256 << 10
+JOIN_LIMIT = 120  # seconds: beyond any keepalive limit of a lost connection
 
 
 @dataclass
@@ -85,8 +87,12 @@ class ReadAhead:
         with self._turn:
             self._stopped = True
             self._turn.notify_all()
+        # Before the stack is unwound, which cannot unmount a file system with files open. A
+        # thread ends with its current file; a read on a lost connection fails once ssh's
+        # keepalive (the connection watch) has ended sshfs.
+        deadline = time.monotonic() + JOIN_LIMIT
         for thread in self._threads:
-            thread.join(timeout=10)  # a read stuck on a lost connection ends with the unwinding
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def copied(self, transferred: int) -> None:
         with self._turn:
