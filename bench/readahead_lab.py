@@ -15,6 +15,7 @@ ratio to rsync alone (0 threads), measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import pwd
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptsnap import commands, readahead
@@ -55,6 +58,73 @@ def same_tree(tree: Path, copy: Path) -> None:
             raise AssertionError(f"{copy / rel} differs from {tree / rel}")
 
 
+@dataclass
+class Served:
+    """The image on a throwaway sshd, behind a delay line: what `opened` mounts."""
+
+    host: sshd.UntrustedHost
+    remote: Path  # the directory with the image, on the server
+    config: Path  # ssh_config with the host "lab": the delay line's port
+    work: Path
+
+
+@contextlib.contextmanager
+def served(files: int, file_kb: int = 4, large: int = 0, large_mb: int = 32, rtt_ms: float = 10,
+           where: str | None = None) -> Iterator[Served]:  # fmt: skip
+    """A btrfs made with cryptsnap's options holding the tree under /tree, in an image on a
+    throwaway sshd's account, reached through a delay line of `rtt_ms` round trip."""
+    size = (files * max(file_kb, 4) * 3 + large * large_mb * 1024 * 2 + 256 * 1024) << 10
+    host = sshd.start()
+    work = Path(tempfile.mkdtemp(prefix="readahead-lab-", dir=where))
+    delay = None
+    try:
+        account = pwd.getpwnam(host.user)
+        remote = Path(host.remote_dir)
+        remote.mkdir()
+        image = remote / "image"
+        with btrfs(image, work / "fs", size=size):
+            make_tree(work / "fs" / "tree", files, file_kb, large, large_mb)
+        os.chown(remote, account.pw_uid, account.pw_gid)
+        os.chown(image, account.pw_uid, account.pw_gid)
+        port = sshd.free_port()
+        delay = subprocess.Popen([sys.executable, "-m", "bench.delayline", str(port), str(host.port),
+                                  str(rtt_ms / 2000)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert delay.stdout.readline().strip() == "ready"
+        config = work / "ssh_config"
+        known = work / "known_hosts"
+        known.write_text(host.host_key_line + "\n")
+        config.write_text(f"Host lab\n HostName 127.0.0.1\n Port {port}\n User {host.user}\n"
+                          f" IdentityFile {host.identity}\n IdentitiesOnly yes\n BatchMode yes\n"
+                          f" HostKeyAlias [127.0.0.1]:{host.port}\n UserKnownHostsFile {known}\n")  # fmt: skip
+        yield Served(host, remote, config, work)
+    finally:
+        if delay:
+            delay.kill()
+        sshd.stop(host)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def opened(served: Served) -> Iterator[Path]:
+    """The file system mounted as a restore opens it (sshfs, read-only direct-I/O loop device,
+    read-only mount; cryptsnap's options), nothing of it cached; its mountpoint."""
+    mounted, fs = served.work / "sshfs", served.work / "fs"
+    mounted.mkdir(exist_ok=True)
+    run("sshfs", "-F", str(served.config), f"lab:{served.remote}", str(mounted), "-o", "idmap=none,cache=no")
+    try:
+        device = run(*commands.loop_attach(str(mounted / "image"), readonly=True)).strip()
+        try:
+            run(*commands.mount(device, str(fs), "btrfs", readonly=True))
+            try:
+                yield fs
+            finally:
+                run("umount", str(fs))
+        finally:
+            run(*commands.loop_detach(device))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mounted)], capture_output=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,59 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where the tree, the mounts and the copies go")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.threads.split(",")]
-    size = (args.files * max(args.file_kb, 4) * 3 + args.large * args.large_mb * 1024 * 2 + 256 * 1024) << 10
-    host = sshd.start()
-    work = Path(tempfile.mkdtemp(prefix="readahead-lab-", dir=args.dir))
-    delay = None
-    try:
-        account = pwd.getpwnam(host.user)
-        remote = Path(host.remote_dir)
-        remote.mkdir()
-        image = remote / "image"
-        with btrfs(image, work / "fs", size=size):
-            make_tree(work / "fs" / "tree", args.files, args.file_kb, args.large, args.large_mb)
-        os.chown(remote, account.pw_uid, account.pw_gid)
-        os.chown(image, account.pw_uid, account.pw_gid)
-        port = sshd.free_port()
-        delay = subprocess.Popen([sys.executable, "-m", "bench.delayline", str(port), str(host.port),
-                                  str(args.rtt_ms / 2000)], stdout=subprocess.PIPE, text=True)  # fmt: skip
-        assert delay.stdout.readline().strip() == "ready"
-        config = work / "ssh_config"
-        known = work / "known_hosts"
-        known.write_text(host.host_key_line + "\n")
-        config.write_text(f"Host lab\n HostName 127.0.0.1\n Port {port}\n User {host.user}\n"
-                          f" IdentityFile {host.identity}\n IdentitiesOnly yes\n BatchMode yes\n"
-                          f" HostKeyAlias [127.0.0.1]:{host.port}\n UserKnownHostsFile {known}\n")  # fmt: skip
-        mounted, fs = work / "sshfs", work / "fs"
-        mounted.mkdir()
-        seconds = {}
-        print(f"{args.files} files of {args.file_kb} KiB, {args.large} of {args.large_mb} MiB, "
-              f"round trip {args.rtt_ms:g} ms")  # fmt: skip
+    seconds = {}
+    print(f"{args.files} files of {args.file_kb} KiB, {args.large} of {args.large_mb} MiB, "
+          f"round trip {args.rtt_ms:g} ms")  # fmt: skip
+    with served(args.files, args.file_kb, args.large, args.large_mb, args.rtt_ms, args.dir) as lab:
         for threads in counts:
-            run("sshfs", "-F", str(config), f"lab:{remote}", str(mounted), "-o", "idmap=none,cache=no")
-            device = run(*commands.loop_attach(str(mounted / "image"), readonly=True)).strip()
-            try:
-                run(*commands.mount(device, str(fs), "btrfs", readonly=True))
-                copy = work / f"copy-{threads}"
-                try:
-                    started = time.monotonic()
-                    figures = readahead.copy_out(fs / "tree", str(copy), threads)
-                    seconds[threads] = time.monotonic() - started
-                    same_tree(fs / "tree", copy)
-                finally:
-                    run("umount", str(fs))
-                    shutil.rmtree(copy, ignore_errors=True)
-            finally:
-                run(*commands.loop_detach(device))
-                run("fusermount3", "-u", str(mounted))
+            copy = lab.work / f"copy-{threads}"
+            with opened(lab) as fs:
+                started = time.monotonic()
+                figures = readahead.copy_out(fs / "tree", str(copy), threads)
+                seconds[threads] = time.monotonic() - started
+                same_tree(fs / "tree", copy)
+            shutil.rmtree(copy)
             ratio = f"{seconds[counts[0]] / seconds[threads]:.2f}x as fast as {counts[0]} threads"
             print(f"{threads:3} threads: {seconds[threads]:7.2f} s, {ratio}; read ahead {figures.files} files "
                   f"({figures.bytes} bytes), at most {figures.most_ahead} bytes ahead of rsync")  # fmt: skip
-    finally:
-        if delay:
-            delay.kill()
-        sshd.stop(host)
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
