@@ -274,9 +274,10 @@ def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
         started = time.monotonic()
         with pytest.raises(ToolFailed):
             runner.run(("sleep", "30"))
-        assert time.monotonic() - started < 5
+        took = time.monotonic() - started
+        assert took < 5, f"the tool was stopped {took:.1f} s after ssh ended"  # a flake under load: say how late
         lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
-        assert lost is not None and "lost the connection to 127.0.0.1" in str(lost)
+        assert lost is not None and "lost the connection to 127.0.0.1" in str(lost), (lost, paths.ssh_log.read_text())
     assert_nothing_left(setup)
 
 
