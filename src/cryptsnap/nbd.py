@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -43,6 +44,7 @@ NBD_SET_FLAGS = 0xAB0A
 FLAG_HAS_FLAGS, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1 << 0, 1 << 2, 1 << 3
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
 CMD_FLAG_FUA = 1 << 16
+PR_SET_PDEATHSIG = 1
 
 REQUEST = struct.Struct(">IIQQI")  # magic, flags << 16 | command, handle, offset, length
 REQUEST_MAGIC = 0x25609513
@@ -169,16 +171,31 @@ class Device:
         Not a thread of the serving process: if that process is killed with requests in
         flight, a DO_IT thread in it waits in the kernel for the senders, which wait for the
         socket that the half-dead process still holds; the device, and every process doing
-        I/O on it, hangs. In two processes the serving end closes when its process dies, the
-        kernel fails the requests, and the child returns. All ioctls come from the child: the
-        kernel lets only the task that gave the socket finish the setup. Signals are blocked
-        there, as they would end the wait and take the device away from the file system.
+        I/O on it, hangs. All ioctls come from the child: the kernel lets only the task that
+        gave the socket finish the setup. Signals are blocked there, as they would end the
+        wait and take the device away from the file system.
+
+        How the requests in flight are failed when the server dies: the kernel does it when
+        the DO_IT wait is ended by a signal (it shuts the socket and fails the queue); a wait
+        that ends because the serving end closed fails nothing, and the child must then say
+        NBD_CLEAR_SOCK itself. Killed together, server first (systemd SIGKILLs a whole
+        service), the child could die between the two, leaving a request to nobody: the
+        killed run's flush waited in the kernel for good, and systemd's stop with it (kill 41
+        of the per-phase series, docs/reliability.md). So the child holds the serving end
+        too, which keeps the socket open when the server is killed, and dies with the server
+        (PR_SET_PDEATHSIG): the wait always ends by a signal there. The server ends the
+        socket itself (`end_serving`) when it stops in order.
         """
         told, tell = os.pipe()
+        server = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # the child: the kernel's side only
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            keep = {2, tell, self.kernel_end.fileno()}  # not the image, the cache or the parent's pipes
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != server:  # the server died before the line above
+                os._exit(1)
+            # Not the image, the cache or the parent's pipes; the serving end, as above.
+            keep = {2, tell, self.kernel_end.fileno(), self.our_end.fileno()}
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(null, 1)
@@ -211,6 +228,13 @@ class Device:
             self.path = said
         else:
             self.error = said or "the nbd setup process ended without a word"
+
+    def end_serving(self) -> None:
+        """End the socket, not only this process's descriptor of it (the child holds one too):
+        the kernel sees the end, its DO_IT returns, and the child fails what is left and exits."""
+        with contextlib.suppress(OSError):
+            self.our_end.shutdown(socket.SHUT_RDWR)
+        self.our_end.close()
 
     def wait_ended(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -332,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionError, OSError) as exc:
             print(f"cryptsnap.nbd: {exc}", file=sys.stderr, flush=True)
         finally:
-            device.our_end.close()
+            device.end_serving()
 
     server = threading.Thread(target=serving, name="nbd-serve", daemon=True)
     server.start()
