@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import fcntl
 import mmap
@@ -44,7 +43,6 @@ NBD_SET_FLAGS = 0xAB0A
 FLAG_HAS_FLAGS, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1 << 0, 1 << 2, 1 << 3
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
 CMD_FLAG_FUA = 1 << 16
-PR_SET_PDEATHSIG = 1
 
 REQUEST = struct.Struct(">IIQQI")  # magic, flags << 16 | command, handle, offset, length
 REQUEST_MAGIC = 0x25609513
@@ -171,31 +169,16 @@ class Device:
         Not a thread of the serving process: if that process is killed with requests in
         flight, a DO_IT thread in it waits in the kernel for the senders, which wait for the
         socket that the half-dead process still holds; the device, and every process doing
-        I/O on it, hangs. All ioctls come from the child: the kernel lets only the task that
-        gave the socket finish the setup. Signals are blocked there, as they would end the
-        wait and take the device away from the file system.
-
-        How the requests in flight are failed when the server dies: the kernel does it when
-        the DO_IT wait is ended by a signal (it shuts the socket and fails the queue); a wait
-        that ends because the serving end closed fails nothing, and the child must then say
-        NBD_CLEAR_SOCK itself. Killed together, server first (systemd SIGKILLs a whole
-        service), the child could die between the two, leaving a request to nobody: the
-        killed run's flush waited in the kernel for good, and systemd's stop with it (kill 41
-        of the per-phase series, docs/reliability.md). So the child holds the serving end
-        too, which keeps the socket open when the server is killed, and dies with the server
-        (PR_SET_PDEATHSIG): the wait always ends by a signal there. The server ends the
-        socket itself (`end_serving`) when it stops in order.
+        I/O on it, hangs. In two processes the serving end closes when its process dies, the
+        kernel fails the requests, and the child returns. All ioctls come from the child: the
+        kernel lets only the task that gave the socket finish the setup. Signals are blocked
+        there, as they would end the wait and take the device away from the file system.
         """
         told, tell = os.pipe()
-        server = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # the child: the kernel's side only
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != server:  # the server died before the line above
-                os._exit(1)
-            # Not the image, the cache or the parent's pipes; the serving end, as above.
-            keep = {2, tell, self.kernel_end.fileno(), self.our_end.fileno()}
+            keep = {2, tell, self.kernel_end.fileno()}  # not the image, the cache or the parent's pipes
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(null, 1)
@@ -228,13 +211,6 @@ class Device:
             self.path = said
         else:
             self.error = said or "the nbd setup process ended without a word"
-
-    def end_serving(self) -> None:
-        """End the socket, not only this process's descriptor of it (the child holds one too):
-        the kernel sees the end, its DO_IT returns, and the child fails what is left and exits."""
-        with contextlib.suppress(OSError):
-            self.our_end.shutdown(socket.SHUT_RDWR)
-        self.our_end.close()
 
     def wait_ended(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -316,6 +292,41 @@ def fail_orphaned_requests() -> list[str]:
     return released
 
 
+def end_servers_of_a_dead_service(wait: float = 10.0) -> list[str]:
+    """End the DO_IT process of every block device server in this process's cgroup, while the
+    servers still live; the devices.
+
+    For cryptsnapd's ExecStop= once cryptsnapd itself is dead, before systemd SIGKILLs the rest
+    of the service: it kills in pid order, the server before its DO_IT child, and the child could
+    die after its DO_IT returned (the server's end closed) but before it failed what was left in
+    flight, leaving a request to nobody (fail_orphaned_requests). A run waiting on it stays in
+    the kernel past its SIGKILL, and in the service's cgroup, so systemd would not restart the
+    service until its stop timeouts ran out twice (three minutes; kill 41 of the per-phase
+    series, docs/reliability.md). A DO_IT process ended by a signal while its server lives has
+    the kernel fail the queue itself.
+    """
+    ours = Path("/proc/self/cgroup").read_text()
+    ended = []
+    for pid_file in sorted(Path("/sys/block").glob("nbd*/pid")):
+        try:
+            pid = int(pid_file.read_text())
+            if Path(f"/proc/{pid}/cgroup").read_text() != ours:
+                continue
+            if b"cryptsnap.nbd" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        ended.append((f"/dev/{pid_file.parent.name}", pid))
+    deadline = time.monotonic() + wait
+    for _device, pid in ended:  # the kernel has failed the queue when the process is gone
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+    return [device for device, _pid in ended]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m cryptsnap.nbd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-fd", type=int, required=True, help="open file descriptor of the image")
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionError, OSError) as exc:
             print(f"cryptsnap.nbd: {exc}", file=sys.stderr, flush=True)
         finally:
-            device.end_serving()
+            device.our_end.close()
 
     server = threading.Thread(target=serving, name="nbd-serve", daemon=True)
     server.start()

@@ -5,6 +5,7 @@ device, mapping, ssh or sshfs) and with the snapshots made before the fault inta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -149,15 +150,12 @@ def test_a_read_a_killed_block_device_server_left_unanswered_is_failed_by_the_ne
 
 @pytest.mark.parametrize("killed", ["the server", "the server, then its DO_IT process"])
 def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp_path, killed):
-    """Kill 41 of the per-phase series (cryptsnapd SIGKILLed, systemd SIGKILLing the rest of
-    the service): the block device server died first, its NBD_DO_IT process right after, and
-    the run's flush was left to nobody; the worker hung in the kernel and systemd could not
-    restart cryptsnapd for three minutes. The DO_IT process now holds the server's end of the
-    socket and dies with the server, so the kernel always fails the queue itself. Here the real
-    server (`python3 -m cryptsnap.nbd`), stopped with a read in flight, is SIGKILLed, alone or
-    followed at once by its DO_IT process as systemd does: the read fails with EIO within
-    seconds and the device is freed. (Which of the two dies first was a race the old way lost
-    once in tens of service kills; this test cannot make it lose on purpose.)"""
+    """The block device server (`python3 -m cryptsnap.nbd`) killed with a read in flight, alone
+    (its DO_IT process sees the server's end close and fails what is left) or followed at once
+    by its DO_IT process, as systemd kills a service: the read fails with EIO within seconds and
+    the device is freed. The order that loses (the DO_IT process killed between its DO_IT's
+    return and its NBD_CLEAR_SOCK) is a race this cannot make on purpose; what it leaves is
+    the next test's "orphaned device"."""
     from cryptsnap.layers import CachedDevice
 
     assert CachedDevice.available(), "this kernel has no nbd devices"  # (loads the module)
@@ -171,6 +169,9 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     assert ready[:1] == ["ready"], ready
     device = Path("/sys/block") / Path(ready[1]).name
     do_it = int((device / "pid").read_text())
+    # The size shows a moment after the pid, and the kernel's partition scan reads first.
+    wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
+    wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the partition scan")
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "skip=1000",
                                "iflag=direct"], stderr=subprocess.PIPE)  # fmt: skip
@@ -186,6 +187,64 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     assert reader.returncode != 0 and b"Input/output error" in reader.stderr.read()
     wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
     wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+
+
+SERVICE_CGROUP = Path("/sys/fs/cgroup/system.slice/cryptsnapd.service/cgroup.procs")
+
+
+@pytest.mark.parametrize("left", ["a stopped server", "an orphaned device"])
+def test_a_process_of_the_killed_service_waiting_on_a_block_device_does_not_hold_up_its_restart(service, tmp_path, left):
+    """Kill 41 of the cryptsnapd series: cryptsnapd SIGKILLed as its run's flush went out;
+    systemd SIGKILLed the rest, the block device server before its NBD_DO_IT process, and the
+    flush was left to nobody. The worker stayed in the kernel, and so in the service's cgroup,
+    and systemd did not restart cryptsnapd for three minutes. Now ExecStop= (cryptsnapd is
+    dead) ends the servers' DO_IT processes first, so the kernel fails their requests, and
+    fails those a killed server left. Made here: a process of the service waits on a read of a
+    device whose server is stopped (what ExecStop ends), or whose server and DO_IT process
+    are gone (the orphan the race leaves); cryptsnapd is SIGKILLed; it is back within 60 s
+    (it took 185 s), the read failed with EIO, the device is free."""
+    sh("systemctl", "start", "cryptsnapd.service")
+    daemon = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+    size, stuck_at = 8 << 20, 4 << 20
+    with contextlib.ExitStack() as stack:
+        if left == "a stopped server":
+            image = tmp_path / "stuck.img"
+            image.write_bytes(b"\0" * size)
+            held = stack.enter_context(open(image, "rb+"))
+            server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(held.fileno()),
+                                       "--size", str(size)], pass_fds=[held.fileno()], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+            device = server.stdout.readline().split()[1]
+            sysfs = Path("/sys/block") / Path(device).name
+            wait_until(lambda: (sysfs / "size").read_text().strip() != "0", 30, f"{device} to have its size")
+            wait_until(lambda: (sysfs / "inflight").read_text().split() == ["0", "0"], 30, "the partition scan")
+            for pid in (server.pid, int((sysfs / "pid").read_text())):  # the server and its DO_IT process
+                SERVICE_CGROUP.write_text(f"{pid}\n")
+            os.kill(server.pid, signal.SIGSTOP)  # nothing is answered from here on
+            said = f"cryptsnapd is gone: ended the server of {device} so that the kernel fails its requests"
+        else:
+            device, _do_it, orphaned = stack.enter_context(orphaned_device(size, stuck_at))
+            sysfs = Path("/sys/block") / Path(device).name
+            said = f"failed the requests a killed block device server left unanswered on {device}"
+        reader = subprocess.Popen(["dd", f"if={device}", "of=/dev/null", "bs=4096", "count=1",
+                                   f"skip={stuck_at // 4096}", "iflag=direct"], stderr=subprocess.PIPE)  # fmt: skip
+        SERVICE_CGROUP.write_text(f"{reader.pid}\n")
+        if left == "a stopped server":
+            wait_until(lambda: (sysfs / "inflight").read_text().split()[0] != "0", 30, "the read to be sent")
+        else:
+            orphaned()
+        time.sleep(1)
+        assert reader.poll() is None, "the read was answered: nothing to show"
+        os.kill(int(daemon), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: daemon_restarted(daemon), 60, "systemd to restart cryptsnapd")
+        figures.record(f"cryptsnapd killed, a process of its service waiting on {left}",
+                       restarted_s=round(time.monotonic() - killed, 1))  # fmt: skip
+        reader.wait(10)  # failed with EIO, or SIGKILLed by systemd once it could be
+        assert reader.returncode == -signal.SIGKILL or b"Input/output error" in reader.stderr.read(), reader.returncode
+        journal = sh("journalctl", "-u", "cryptsnapd.service", "--no-pager", "-o", "cat").stdout
+        assert said in journal, journal[-3000:]
+    wait_until(lambda: not (sysfs / "pid").exists(), 30, f"{device} to be freed")
 
 
 # Kills per phase: 1 in `make test`; CRYPTSNAP_KILLS_PER_PHASE=50 for the long series (about
