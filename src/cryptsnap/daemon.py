@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import psutil
 from gi.repository import GLib
 
 from . import __version__, config, logs, nbd, report, upgrades
@@ -621,22 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connect to this bus instead of the system bus (tests, debugging)")
     parser.add_argument("--verbose", "-v", action="count", default=1,
                         help="also log every command run (without it: what happens)")
-    parser.add_argument("--release-block-devices", nargs="?", const="", metavar="MAINPID",
-                        help="what cryptsnapd.service runs as it stops (ExecStop=, ExecStopPost=): unless "
-                        "cryptsnapd MAINPID still runs (a stop it handles itself), end the block device "
-                        "servers' NBD_DO_IT processes so that the kernel fails their requests, and fail "
-                        "those a killed server left unanswered; a run of the killed service waiting on one "
-                        "would otherwise keep systemd from restarting it")
+    parser.add_argument("--release-block-devices", action="store_true",
+                        help="what cryptsnapd.service runs once it has stopped (ExecStopPost=): fail the "
+                        "requests a killed block device server left unanswered, on which a process of the "
+                        "killed service may wait in the kernel, keeping systemd from restarting it")
     return parser
 
 
-def release_block_devices(main_pid: str) -> int:
-    """cryptsnapd died (or the whole service was killed): no run of it may be left waiting in
-    the kernel on a block device whose server is gone (nbd.end_servers_of_a_dead_service)."""
-    if main_pid.isdigit() and psutil.pid_exists(int(main_pid)):
-        return 0  # a stop cryptsnapd handles: it cancels its runs, which unwind in order
-    for device in nbd.end_servers_of_a_dead_service():
-        log.warning("cryptsnapd is gone: ended the server of %s so that the kernel fails its requests", device)
+def release_block_devices() -> int:
+    """Once the service has stopped: a block device server and its DO_IT process killed
+    together, the server first, can leave a request to nobody (nbd.fail_orphaned_requests); a
+    run waiting on it stays in the kernel, and in the service's cgroup, until it is failed."""
     for device in nbd.fail_orphaned_requests():
         log.warning("failed the requests a killed block device server left unanswered on %s", device)
     return 0
@@ -645,8 +639,8 @@ def release_block_devices(main_pid: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.verbose, program="cryptsnapd")
-    if args.release_block_devices is not None:
-        return release_block_devices(args.release_block_devices)
+    if args.release_block_devices:
+        return release_block_devices()
     from .bus import BusExporter
 
     try:

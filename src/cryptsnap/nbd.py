@@ -292,41 +292,6 @@ def fail_orphaned_requests() -> list[str]:
     return released
 
 
-def end_servers_of_a_dead_service(wait: float = 10.0) -> list[str]:
-    """End the DO_IT process of every block device server in this process's cgroup, while the
-    servers still live; the devices.
-
-    For cryptsnapd's ExecStop= once cryptsnapd itself is dead, before systemd SIGKILLs the rest
-    of the service: it kills in pid order, the server before its DO_IT child, and the child could
-    die after its DO_IT returned (the server's end closed) but before it failed what was left in
-    flight, leaving a request to nobody (fail_orphaned_requests). A run waiting on it stays in
-    the kernel past its SIGKILL, and in the service's cgroup, so systemd would not restart the
-    service until its stop timeouts ran out twice (three minutes; kill 41 of the per-phase
-    series, docs/reliability.md). A DO_IT process ended by a signal while its server lives has
-    the kernel fail the queue itself.
-    """
-    ours = Path("/proc/self/cgroup").read_text()
-    ended = []
-    for pid_file in sorted(Path("/sys/block").glob("nbd*/pid")):
-        try:
-            pid = int(pid_file.read_text())
-            if Path(f"/proc/{pid}/cgroup").read_text() != ours:
-                continue
-            if b"cryptsnap.nbd" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        ended.append((f"/dev/{pid_file.parent.name}", pid))
-    deadline = time.monotonic() + wait
-    for _device, pid in ended:  # the kernel has failed the queue when the process is gone
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.05)
-    return [device for device, _pid in ended]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m cryptsnap.nbd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-fd", type=int, required=True, help="open file descriptor of the image")
