@@ -175,7 +175,8 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     # At offset 0: dd's seek to a later block failed at times ("cannot skip: Invalid argument").
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE)  # fmt: skip
-    wait_until(lambda: (device / "inflight").read_text().split()[0] != "0", 30, "the read to be sent")
+    # dd's own read waits (not only a read of udev's probe, which the check of inflight saw once)
+    wait_until(lambda: psutil.Process(reader.pid).status() == psutil.STATUS_DISK_SLEEP, 30, "dd's read to be sent")
     os.kill(server.pid, signal.SIGKILL)
     if killed != "the server":
         os.kill(do_it, signal.SIGKILL)
