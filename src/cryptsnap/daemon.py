@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from gi.repository import GLib
 
-from . import __version__, config, logs, nbd, report, upgrades
+from . import __version__, config, logs, report, upgrades
 from .errors import Busy, ConfigError, CryptsnapError, Interrupted
 from .layers import LocalLock
-from .stack import has_leftovers
+from .stack import has_leftovers, release_orphaned_devices
 from .state import TargetState
 from .worker import DAEMON_PID
 
@@ -627,20 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def release_block_devices() -> int:
-    """Once the service has stopped: a block device server and its DO_IT process killed
-    together, the server first, can leave a request to nobody (nbd.fail_orphaned_requests); a
-    run waiting on it stays in the kernel, and in the service's cgroup, until it is failed."""
-    for device in nbd.fail_orphaned_requests():
-        log.warning("failed the requests a killed block device server left unanswered on %s", device)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.verbose, program="cryptsnapd")
     if args.release_block_devices:
-        return release_block_devices()
+        # Once the service has stopped: a run of it waiting on such a request stays in the
+        # kernel, and in the service's cgroup, which keeps systemd from restarting it.
+        release_orphaned_devices()
+        return 0
     from .bus import BusExporter
 
     try:

@@ -129,12 +129,18 @@ def remove_leftovers(target: Target) -> None:
         wait_for_exit(str(paths.traffic), 3.0, logging.WARNING)
 
 
+def release_orphaned_devices() -> None:
+    """Fail the requests of nbd devices whose server was killed with its DO_IT process
+    (nbd.fail_orphaned_requests): whatever waits on them stays in the kernel until then."""
+    for device in nbd.fail_orphaned_requests():
+        log.warning("failed the requests a killed block device server left unanswered on %s", device)
+
+
 def _remove_device_leftovers(paths: Paths) -> None:
     """The local layers by name, innermost first: file system, mapping, nbd and loop device."""
     # First what no one will answer: until an orphaned nbd device's requests fail, whatever
     # waits on them holds the layers above (a file system mounted in a killed run's namespace).
-    for device in nbd.fail_orphaned_requests():
-        log.warning("failed the requests a killed block device server left unanswered on %s", device)
+    release_orphaned_devices()
     for mountpoint in (paths.fs, paths.view):
         FsMount.remove_leftovers(mountpoint)
     LuksMapping.remove_leftovers(paths.mapping)
