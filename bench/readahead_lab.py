@@ -95,6 +95,7 @@ def served(files: int, file_kb: int = 4, large: int = 0, large_mb: int = 32, rtt
         known.write_text(host.host_key_line + "\n")
         config.write_text(f"Host lab\n HostName 127.0.0.1\n Port {port}\n User {host.user}\n"
                           f" IdentityFile {host.identity}\n IdentitiesOnly yes\n BatchMode yes\n"
+                          " ServerAliveInterval 1\n ServerAliveCountMax 3\n"  # as cryptsnap's: a cut is noticed
                           f" HostKeyAlias [127.0.0.1]:{host.port}\n UserKnownHostsFile {known}\n")  # fmt: skip
         yield Served(host, remote, config, work)
     finally:
