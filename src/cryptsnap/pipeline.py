@@ -436,8 +436,6 @@ def restore(target: Target, snapshot_name: str, path: str, destination: str,
         if not source.exists() and not source.is_symlink():
             raise UsageError(f"{path} is not in snapshot {name}")
         reporter.phase("syncing")
-        if source.is_dir() and not source.is_symlink():
-            Path(destination).mkdir(parents=True, exist_ok=True)
         readahead.copy_out(source, destination)
         return name
 

@@ -68,10 +68,10 @@ class ReadAhead:
     """Threads reading the small regular files under `top` in rsync's order, staying within
     `window` bytes of the count `copied` is told. A context manager: leaving it stops them."""
 
-    def __init__(self, top: Path, threads: int = THREADS, window: int = WINDOW, small: int = SMALL):
+    def __init__(self, top: Path | None, threads: int = THREADS, window: int = WINDOW, small: int = SMALL):
         self.window, self.small = window, small
         self.figures = Figures()
-        self._files = in_rsync_order(top) if top.is_dir() else iter(())
+        self._files = in_rsync_order(top) if top else iter(())  # None: nothing to read ahead
         self._position = 0  # bytes of every file handed out or passed, in rsync's order
         self._copied = 0
         self._stopped = False
@@ -142,10 +142,12 @@ class ReadAhead:
 def copy_out(source: Path, destination: str, threads: int = THREADS) -> Figures:
     """rsync `source` (a directory's contents, or a file) to `destination`, read ahead by
     `threads` threads (0: rsync alone). What was read ahead, for the benchmark."""
-    if source.is_dir() and not source.is_symlink():
+    tree = source.is_dir() and not source.is_symlink()  # a symlink is copied as one, not followed
+    if tree:
+        Path(destination).mkdir(parents=True, exist_ok=True)
         argv = commands.rsync_restore(str(source) + "/", destination.rstrip("/") + "/", progress=True)
     else:
         argv = commands.rsync_restore(str(source), destination, progress=True)
-    with ReadAhead(source, threads) as ahead:
+    with ReadAhead(source if tree else None, threads) as ahead:
         runner.stream(argv, progress_reader(lambda fraction, transferred: ahead.copied(transferred)))
     return ahead.figures
