@@ -571,6 +571,8 @@ class CachedDevice:
             raise
         self.device = ready[1]
         self.record.write_text(f"{self.device} {self.proc.pid}")
+        for said in self.log_file.read_text().splitlines():  # what it had to warn of while starting
+            log.warning("%s", said)
         log.info("block cache of %s: %s", self.image.name, ready[2] if len(ready) > 2 else "?")
         return self
 

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import scope
 from .blockcache import BLOCK, CacheFailed, Store
 
 NBD_SET_SOCK = 0xAB00
@@ -172,7 +173,8 @@ class Device:
         I/O on it, hangs. In two processes the serving end closes when its process dies, the
         kernel fails the requests, and the child returns. All ioctls come from the child: the
         kernel lets only the task that gave the socket finish the setup. Signals are blocked
-        there, as they would end the wait and take the device away from the file system.
+        there, as they would end the wait and take the device away from the file system. Under
+        systemd the child leaves the unit for a scope of its own (_leave_the_service).
         """
         told, tell = os.pipe()
         self.pid = os.fork()
@@ -209,8 +211,20 @@ class Device:
             kind, _, said = answer.read().decode().partition(" ")
         if kind == "claimed":
             self.path = said
+            self._leave_the_service()
         else:
             self.error = said or "the nbd setup process ended without a word"
+
+    def _leave_the_service(self) -> None:
+        """The DO_IT process into a scope of its own (cryptsnap.scope says why): a kill of the
+        whole service then leaves it to fail what its killed server left unanswered."""
+        name = Path(self.path).name
+        why = scope.move_to_own_scope(self.pid, f"cryptsnap-{name}-{self.pid}.scope",
+                                      f"cryptsnap: the kernel side of {self.path}")  # fmt: skip
+        if why:
+            print(f"cryptsnap.nbd: the kernel side of {self.path} stays in this unit ({why}); if the unit "
+                  "is killed with a request in flight, its ExecStopPost= must fail it", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
     def wait_ended(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -237,6 +237,61 @@ def test_a_process_of_the_killed_service_waiting_on_an_orphaned_block_device_is_
     wait_until(lambda: not (Path("/sys/block") / Path(device).name / "pid").exists(), 30, f"{device} to be freed")
 
 
+def test_a_killed_service_leaves_its_block_device_kernel_side_to_fail_what_is_in_flight(service, tmp_path):
+    """The race of the test above, closed: a block device server started in cryptsnapd's cgroup,
+    as a run's is, puts its NBD_DO_IT process into a scope of its own (cryptsnap.scope), ordered
+    before the service. With the server stopped and a process of the service waiting on a read,
+    cryptsnapd is SIGKILLed: systemd kills the service's cgroup, the server with it but not the
+    DO_IT process, which sees the server's end close and fails the read at once. The service is
+    back after RestartSec and a start (not after TimeoutStopSec, when ExecStopPost= would fail
+    the read), the scope is gone, the device free, and ExecStopPost= found nothing to do."""
+    sh("systemctl", "start", "cryptsnapd.service")
+    daemon = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
+
+    def into_the_service():  # (in the child, before exec: the process starts in the service)
+        SERVICE_CGROUP.write_text(f"{os.getpid()}\n")
+
+    image, said = tmp_path / "image", tmp_path / "server.err"
+    image.write_bytes(b"\0" * (8 << 20))
+    with open(image, "rb+") as held, open(said, "w") as errors:
+        server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(held.fileno()),
+                                   "--size", str(8 << 20)], pass_fds=[held.fileno()], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True,
+                                  preexec_fn=into_the_service)  # fmt: skip
+    ready = server.stdout.readline().split()
+    assert ready[:1] == ["ready"], (ready, said.read_text())
+    assert not said.read_text(), said.read_text()  # no "stays in this unit"
+    device = Path("/sys/block") / Path(ready[1]).name
+    do_it = int((device / "pid").read_text())
+    scope = f"cryptsnap-{device.name}-{do_it}.scope"
+    from cryptsnap.scope import unit_of
+
+    wait_until(lambda: unit_of(Path(f"/proc/{do_it}/cgroup").read_text()) == scope, 30, f"the DO_IT process in {scope}")
+    assert "cryptsnapd.service" in sh("systemctl", "show", "-P", "Before", scope).stdout.split()
+    wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
+    wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the partition scan")
+    os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
+    reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
+                              stderr=subprocess.PIPE, preexec_fn=into_the_service)  # fmt: skip
+    wait_until(lambda: psutil.Process(reader.pid).status() == psutil.STATUS_DISK_SLEEP, 30, "dd's read to be sent")
+    os.kill(int(daemon), signal.SIGKILL)
+    killed = time.monotonic()
+    reader.wait(30)
+    failed_s = round(time.monotonic() - killed, 1)
+    assert reader.returncode != 0 and b"Input/output error" in reader.stderr.read()
+    wait_until(lambda: daemon_restarted(daemon), 60, "systemd to restart cryptsnapd (ExecStopPost's way: ~100 s)")
+    restarted_s = round(time.monotonic() - killed, 1)
+    figures.record("cryptsnapd killed, a process of its service reading its block device", read_failed_s=failed_s,
+                   restarted_s=restarted_s)  # fmt: skip
+    server.wait(10)
+    wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
+    wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+    units = sh("systemctl", "list-units", "--all", "--plain", "--no-legend", "cryptsnap-nbd*").stdout
+    assert scope not in units, units
+    journal = recent_journal(int(time.monotonic() - killed) + 2)
+    assert "failed the requests a killed block device server left unanswered" not in journal, journal
+
+
 # Kills per phase: 1 in `make test`; CRYPTSNAP_KILLS_PER_PHASE=50 for the long series (about
 # 16 s a worker kill on the emulated CPU, 95 minutes for 350; a cryptsnapd kill adds systemd's
 # RestartSec of 5 s and the restart: give it CRYPTSNAP_GUEST_TEST_LIMIT; docs/reliability.md has
