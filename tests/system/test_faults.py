@@ -151,7 +151,8 @@ def test_a_read_a_killed_block_device_server_left_unanswered_is_failed_by_the_ne
 def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp_path, killed):
     """The block device server (`python3 -m cryptsnap.nbd`) killed with a read in flight, alone
     (its DO_IT process sees the server's end close and fails what is left) or followed at once
-    by its DO_IT process, as systemd kills a service: the read fails with EIO within seconds and
+    by its DO_IT process, as systemd killed a service before the DO_IT process had a scope of
+    its own (and still may, should the move fail): the read fails with EIO within seconds and
     the device is freed. The order that loses (the DO_IT process killed between its DO_IT's
     return and its NBD_CLEAR_SOCK) is a race this cannot make on purpose; when it is lost, the
     read must be released by what the unwinding does (nbd.fail_orphaned_requests), and the
@@ -212,7 +213,8 @@ def test_a_process_of_the_killed_service_waiting_on_an_orphaned_block_device_is_
     flush was left to nobody. The worker stayed in the kernel, and so in the service's cgroup:
     systemd waited TimeoutStopSec (90 s) after its SIGKILL and again after the final one, and
     only the restarted cryptsnapd fails such requests (185 s in all). ExecStopPost= now fails
-    them after the first wait. Made here: a process of the service waiting on a read of a device
+    them after the first wait: the net, since the DO_IT process has a scope of its own (the
+    next test), for when that move fails. Made here: a process of the service waiting on a read of a device
     left as the race leaves it (tests/support/orphan_nbd.py); cryptsnapd SIGKILLed; it is back
     within 150 s, the read failed, the device is free."""
     sh("systemctl", "start", "cryptsnapd.service")
