@@ -1,9 +1,9 @@
 """A process moved out of the unit that started it, into a transient systemd scope of its own.
 
-Why (docs/reliability.md, "a killed service's block device"): systemd kills a killed
+Why (docs/reliability.md: kill 41 of the cryptsnapd series): systemd kills a killed
 service's whole cgroup at once. The kernel side of a block device (cryptsnap.nbd's NBD_DO_IT
 process) must outlive its server by a moment to fail the requests the server left
-unanswered; killed together, it may not (a race lost about once in 40 kills), and whatever
+unanswered; killed together, it may not (a race lost twice in 180 daemon kills), and whatever
 waits on those requests stays in the kernel, and with it in the service's cgroup, until
 ExecStopPost= after TimeoutStopSec. In a scope of its own it is not killed with the service:
 it sees its server's end close, fails what is left and exits, and the scope goes with it.
