@@ -363,12 +363,17 @@ _contain_symlinks: bool | None = None
 
 
 class RemoteLock:
-    """A lock directory next to the image, so a second machine cannot open it read-write.
+    """A lock directory next to the image, IMAGE.lock, holding its owner (host, pid, what,
+    since), so that a second machine cannot open the image read-write.
 
-    mkdir is atomic over SFTP. A lock this host left behind (its process is gone) is taken
-    over, and so is one this very process left: an earlier try of the same run, cut off
-    from the server before it could remove it (a process runs one stack at a time, under
-    the target's local lock). Another host's lock makes the run fail as busy, saying whose.
+    It appears whole or not at all: the directory is made and its owner written under a name
+    of this process's own, IMAGE.lock.HOST.PID.new, and then renamed into place, which fails
+    while a lock with an owner is there. (Made in place, a run cut off between the mkdir and
+    the owner's write left a lock that named no one, and every later run was refused as busy.)
+    A lock this host left behind (its process is gone) is taken over, and so is one this very
+    process left: an earlier try of the same run, cut off from the server before it could
+    remove it (a process runs one stack at a time, under the target's local lock). Another
+    host's lock makes the run fail as busy, saying whose.
     """
 
     step = "connecting"
@@ -383,42 +388,78 @@ class RemoteLock:
         try:
             fd = os.open(self.path / "owner", os.O_RDONLY | os.O_NOFOLLOW)
             with os.fdopen(fd) as owner:
-                return json.loads(owner.read(4096))
+                found = json.loads(owner.read(4096))
+            return found if isinstance(found, dict) else {}
         except (OSError, ValueError):
             return {}
 
+    def _draft(self, host: str, pid: int | str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{host}.{pid}.new")
+
     def __enter__(self) -> RemoteLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what, "since": int(time.time())}
+        draft = self._draft(me["host"], me["pid"])
+        _remove_lock(draft)  # an earlier try of this run, cut off before its rename
+        os.mkdir(draft)
+        try:
+            (draft / "owner").write_text(json.dumps(me))
+            self._take(draft, me)
+        finally:
+            _remove_lock(draft)  # (gone once renamed)
+        self.held = True
+        self._remove_dead_drafts(me["host"])
+        return self
+
+    def _take(self, draft: Path, me: dict) -> None:
         for _ in range(2):
             try:
-                os.mkdir(self.path)
-                break
-            except FileExistsError:
-                owner = self._owner()
-                this_host = owner.get("host") == me["host"]
-                earlier_try = this_host and owner.get("pid") == me["pid"]
-                if earlier_try or self.break_lock or (this_host and not _alive(owner.get("pid"))):
-                    if earlier_try:
-                        log.info("taking over the remote lock %s an earlier try of this run left", self.path.name)
-                    else:
-                        log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
-                    shutil.rmtree(self.path, ignore_errors=True)
-                    continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("since", 0)))
-                raise Busy(
-                    f"the image is locked by {owner.get('what', '?')} on host {owner.get('host', '?')} "
-                    f"(pid {owner.get('pid', '?')}) since {since}; if that run is gone, retry with --break-lock"
-                ) from None
-        else:
-            raise Busy(f"could not take the remote lock {self.path.name}")
-        (self.path / "owner").write_text(json.dumps(me))
-        self.held = True
-        return self
+                os.rename(draft, self.path)  # onto a lock with an owner: fails (ENOTEMPTY, or SFTP's failure)
+                return
+            except OSError:
+                if not os.path.lexists(self.path):
+                    raise
+            owner = self._owner()
+            this_host = owner.get("host") == me["host"]
+            earlier_try = this_host and owner.get("pid") == me["pid"]
+            if earlier_try or self.break_lock or (this_host and not _alive(owner.get("pid"))):
+                if earlier_try:
+                    log.info("taking over the remote lock %s an earlier try of this run left", self.path.name)
+                else:
+                    log.warning("removing stale remote lock %s (%s)", self.path.name, owner or "no owner recorded")
+                _remove_lock(self.path)
+                continue
+            if not owner:
+                raise Busy(f"the image's lock {self.path.name} on the server names no owner (left by an older "
+                           "cryptsnap cut off while taking it, or not made by cryptsnap); if no other machine "
+                           "uses this image, retry with --break-lock")  # fmt: skip
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("since", 0)))
+            raise Busy(
+                f"the image is locked by {owner.get('what', '?')} on host {owner.get('host', '?')} "
+                f"(pid {owner.get('pid', '?')}) since {since}; if that run is gone, retry with --break-lock"
+            )
+        raise Busy(f"could not take the remote lock {self.path.name}")
+
+    def _remove_dead_drafts(self, host: str) -> None:
+        """Drafts of this host's runs cut off before their rename (other hosts' are theirs to judge)."""
+        for draft in self.path.parent.glob(f"{self.path.name}.{host}.*.new"):
+            pid = draft.name.removeprefix(f"{self.path.name}.{host}.").removesuffix(".new")
+            if pid.isdigit() and not _alive(int(pid)):
+                log.warning("removing %s, a remote lock a cut-off run of this host was making", draft.name)
+                _remove_lock(draft)
 
     def __exit__(self, *exc) -> None:
         if self.held:
-            shutil.rmtree(self.path, ignore_errors=True)
+            _remove_lock(self.path)
             self.held = False
+
+
+def _remove_lock(path: Path) -> None:
+    """A lock directory, or whatever else the server put in its place (never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):  # gone, or the server does not answer: the next step says so
+            path.unlink()
 
 
 def _alive(pid) -> bool:

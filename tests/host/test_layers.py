@@ -125,6 +125,12 @@ def test_the_image_must_be_a_regular_file_of_the_recorded_size(setup):
     assert_nothing_left(setup)
 
 
+def _a_dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_locks_make_a_second_run_busy(setup):
     target, state, paths = prepare(setup, luks=False)
     with LocalLock(target.runtime_dir, "first run"):
@@ -159,6 +165,30 @@ def test_locks_make_a_second_run_busy(setup):
         with RemoteLock(paths.remote, target.image, "backup"):
             assert json.loads((lock / "owner").read_text())["since"] > 0  # its own now
         assert not lock.exists()
+        # A run cut off while making its lock: before it was renamed into place, a draft of its
+        # own (removed by this host's next lock once its pid is gone; another host's is left);
+        # an empty lock, as the lock made in place was left when cut off before its owner's
+        # write, is taken (renamed over); one whose owner cannot be read is named as such.
+        host = os.uname().nodename
+        gone = _a_dead_pid()
+        drafts = {who: paths.remote / f"{target.image}.lock.{who}.new" for who in (f"{host}.{gone}", "other-machine.7")}
+        for draft in drafts.values():
+            draft.mkdir()
+            (draft / "owner").write_text("{}")
+        lock.mkdir()
+        with RemoteLock(paths.remote, target.image, "backup"):
+            assert json.loads((lock / "owner").read_text())["host"] == host
+            assert not drafts[f"{host}.{gone}"].exists() and drafts["other-machine.7"].exists()
+            assert not (paths.remote / f"{target.image}.lock.{host}.{os.getpid()}.new").exists()
+        shutil.rmtree(drafts["other-machine.7"])
+        lock.mkdir()
+        (lock / "owner").write_text("")
+        with pytest.raises(Busy, match="names no owner.*--break-lock"):
+            with RemoteLock(paths.remote, target.image, "backup"):
+                pass
+        with RemoteLock(paths.remote, target.image, "backup", break_lock=True):
+            pass
+        assert not [name for name in os.listdir(paths.remote) if ".lock" in name]
     assert_nothing_left(setup)
 
 
