@@ -368,8 +368,10 @@ class RemoteLock:
 
     It appears whole or not at all: the directory is made and its owner written under a name
     of this process's own, IMAGE.lock.HOST.PID.new, and then renamed into place, which fails
-    while a lock with an owner is there. (Made in place, a run cut off between the mkdir and
-    the owner's write left a lock that named no one, and every later run was refused as busy.)
+    while a lock with an owner is there; it goes the same way, renamed to IMAGE.lock.HOST.PID.gone
+    before it is removed. (Made and removed in place, a run cut off between the mkdir and the
+    owner's write, or between the owner's removal and the rmdir, left a lock that named no one,
+    and every later run was refused as busy.)
     A lock this host left behind (its process is gone) is taken over, and so is one this very
     process left: an earlier try of the same run, cut off from the server before it could
     remove it (a process runs one stack at a time, under the target's local lock). Another
@@ -393,13 +395,14 @@ class RemoteLock:
         except (OSError, ValueError):
             return {}
 
-    def _draft(self, host: str, pid: int | str) -> Path:
-        return self.path.with_name(f"{self.path.name}.{host}.{pid}.new")
+    def _draft(self, host: str, pid: int | str, kind: str = "new") -> Path:
+        return self.path.with_name(f"{self.path.name}.{host}.{pid}.{kind}")
 
     def __enter__(self) -> RemoteLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what, "since": int(time.time())}
         draft = self._draft(me["host"], me["pid"])
-        _remove_lock(draft)  # an earlier try of this run, cut off before its rename
+        for earlier in (draft, self._draft(me["host"], me["pid"], "gone")):
+            _remove_lock(earlier)  # an earlier try of this run, cut off before its rename or removal
         os.mkdir(draft)
         try:
             (draft / "owner").write_text(json.dumps(me))
@@ -440,16 +443,21 @@ class RemoteLock:
         raise Busy(f"could not take the remote lock {self.path.name}")
 
     def _remove_dead_drafts(self, host: str) -> None:
-        """Drafts of this host's runs cut off before their rename (other hosts' are theirs to judge)."""
-        for draft in self.path.parent.glob(f"{self.path.name}.{host}.*.new"):
-            pid = draft.name.removeprefix(f"{self.path.name}.{host}.").removesuffix(".new")
-            if pid.isdigit() and not _alive(int(pid)):
-                log.warning("removing %s, a remote lock a cut-off run of this host was making", draft.name)
+        """Locks this host's runs were making or removing when cut off (other hosts' are theirs to judge)."""
+        for draft in self.path.parent.glob(f"{self.path.name}.{host}.*"):
+            pid, _, kind = draft.name.removeprefix(f"{self.path.name}.{host}.").partition(".")
+            if kind in ("new", "gone") and pid.isdigit() and not _alive(int(pid)):
+                log.warning("removing %s, a remote lock a cut-off run of this host left", draft.name)
                 _remove_lock(draft)
 
     def __exit__(self, *exc) -> None:
         if self.held:
-            _remove_lock(self.path)
+            gone = self._draft(socket.gethostname(), os.getpid(), "gone")
+            try:
+                os.rename(self.path, gone)
+            except OSError:
+                gone = self.path  # (not there any more, or the server does not answer: as before)
+            _remove_lock(gone)
             self.held = False
 
 

@@ -165,22 +165,25 @@ def test_locks_make_a_second_run_busy(setup):
         with RemoteLock(paths.remote, target.image, "backup"):
             assert json.loads((lock / "owner").read_text())["since"] > 0  # its own now
         assert not lock.exists()
-        # A run cut off while making its lock: before it was renamed into place, a draft of its
-        # own (removed by this host's next lock once its pid is gone; another host's is left);
+        # A run cut off while making its lock or removing it: a draft of its own, before the
+        # rename into place or after the rename away (removed by this host's next lock once its
+        # pid is gone; another host's is left);
         # an empty lock, as the lock made in place was left when cut off before its owner's
         # write, is taken (renamed over); one whose owner cannot be read is named as such.
         host = os.uname().nodename
         gone = _a_dead_pid()
-        drafts = {who: paths.remote / f"{target.image}.lock.{who}.new" for who in (f"{host}.{gone}", "other-machine.7")}
+        drafts = {who: paths.remote / f"{target.image}.lock.{who}"
+                  for who in (f"{host}.{gone}.new", f"{host}.{gone}.gone", "other-machine.7.new")}  # fmt: skip
         for draft in drafts.values():
             draft.mkdir()
             (draft / "owner").write_text("{}")
         lock.mkdir()
         with RemoteLock(paths.remote, target.image, "backup"):
             assert json.loads((lock / "owner").read_text())["host"] == host
-            assert not drafts[f"{host}.{gone}"].exists() and drafts["other-machine.7"].exists()
+            assert not drafts[f"{host}.{gone}.new"].exists() and not drafts[f"{host}.{gone}.gone"].exists()
+            assert drafts["other-machine.7.new"].exists()
             assert not (paths.remote / f"{target.image}.lock.{host}.{os.getpid()}.new").exists()
-        shutil.rmtree(drafts["other-machine.7"])
+        shutil.rmtree(drafts["other-machine.7.new"])
         lock.mkdir()
         (lock / "owner").write_text("")
         with pytest.raises(Busy, match="names no owner.*--break-lock"):
