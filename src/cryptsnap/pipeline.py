@@ -174,6 +174,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
                  len(record.snapshots), len(record.pruned))
         return record
     except BaseException as exc:
+        note_unconfirmed_snapshot(record, exc)
         record.result = "canceled" if canceled(exc) else "failed"
         record.error = str(exc)
         record.exit_code = getattr(exc, "exit_code", 1)
@@ -198,6 +199,16 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
         hooks.after_run(target, record)
+
+
+def note_unconfirmed_snapshot(record: RunRecord, exc: BaseException) -> None:
+    """A run that failed after its snapshot was named, before the commit that makes the name
+    durable (in finalizing), says so in its error: if the rename reached the server all the
+    same, the snapshot is there, and whole, as its data went to the server before it was named
+    (a seeded cut showed it on ext2; docs/reliability.md)."""
+    if record.snapshot and not record.snapshots and isinstance(exc, CryptsnapError):
+        exc.args = (f"{exc}; snapshot {record.snapshot} may be on the server all the same, complete (its "
+                    "data was there before it was named): `cryptsnap list` shows it if so",)  # fmt: skip
 
 
 def _tries(target: Target, state: TargetState, reporter: MeteredReporter, record: RunRecord, *,
