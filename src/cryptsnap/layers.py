@@ -452,13 +452,29 @@ class RemoteLock:
 
     def __exit__(self, *exc) -> None:
         if self.held:
-            gone = self._draft(socket.gethostname(), os.getpid(), "gone")
-            try:
-                os.rename(self.path, gone)
-            except OSError:
-                gone = self.path  # (not there any more, or the server does not answer: as before)
-            _remove_lock(gone)
+            self._release()
             self.held = False
+
+    def _release(self) -> None:
+        gone = self._draft(socket.gethostname(), os.getpid(), "gone")
+        try:
+            os.rename(self.path, gone)
+        except OSError:
+            gone = self.path  # (not there any more, or the server does not answer: as before)
+        _remove_lock(gone)
+
+    @classmethod
+    def remove_leftovers(cls, remote_dir: Path, image: str) -> None:
+        """What a dead run of this host left on the server: its lock and its drafts; another
+        host's lock is theirs. Only call while holding the target's local lock (no run of this
+        host on this target is alive then, whatever pid the lock names)."""
+        lock = cls(remote_dir, image, what="cleaning up")
+        host = socket.gethostname()
+        owner = lock._owner()
+        if owner.get("host") == host:
+            log.warning("removing this host's remote lock left by %s (pid %s)", owner.get("what"), owner.get("pid"))
+            lock._release()
+        lock._remove_dead_drafts(host)
 
 
 def _remove_lock(path: Path) -> None:

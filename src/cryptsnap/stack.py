@@ -11,11 +11,8 @@ own error text. Leftovers of a crashed run are removed first, under the target's
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,8 +114,7 @@ def remove_leftovers(target: Target) -> None:
         if is_mountpoint(paths.remote):
             # An sshfs that never finished logging in hangs every access: do not wait on it.
             # A lock left behind is taken over by this host's next run anyway (its pid is gone).
-            lock = threading.Thread(target=_remove_own_remote_lock, args=(paths.remote / f"{target.image}.lock",),
-                                    daemon=True)  # fmt: skip
+            lock = threading.Thread(target=RemoteLock.remove_leftovers, args=(paths.remote, target.image), daemon=True)
             lock.start()
             lock.join(REMOTE_LOCK_TIMEOUT)
             if lock.is_alive():
@@ -169,16 +165,6 @@ def has_leftovers(target: Target) -> bool:
 
 
 REMOTE_LOCK_TIMEOUT = 10.0  # seconds a cleanup waits for the remote side to answer
-
-
-def _remove_own_remote_lock(lock: Path) -> None:
-    try:
-        owner = json.loads((lock / "owner").read_text())
-    except (OSError, ValueError):
-        return
-    if owner.get("host") == socket.gethostname():
-        log.warning("removing this host's remote lock left by %s (pid %s)", owner.get("what"), owner.get("pid"))
-        shutil.rmtree(lock, ignore_errors=True)
 
 
 @contextlib.contextmanager

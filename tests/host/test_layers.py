@@ -333,6 +333,55 @@ def test_sshfs_that_unmounts_itself_while_being_unmounted_is_not_a_failure(setup
     assert_nothing_left(setup)
 
 
+def test_the_cleanup_removes_this_hosts_remote_lock_and_drafts_and_reads_no_local_file(setup):
+    """What a dead run left on the server, as cryptsnapd's unwinding finds it (the sshfs mount
+    still there): this host's lock and drafts are removed, another host's are left, and a lock
+    whose owner is a symlink out of the mount (to a local file naming this host) is not judged
+    by it and stays, for the next run to refuse with what to do. (This sshfs refuses to follow
+    it anyway, contain_symlinks; the lock's owner is read with O_NOFOLLOW for one that would.)"""
+    target, state, paths = prepare(setup, luks=False)
+    host, gone = os.uname().nodename, _a_dead_pid()
+
+    def lock(owner, name: str = f"{target.image}.lock") -> Path:
+        path = paths.remote / name  # made through the mount, as the server's user
+        path.mkdir()
+        if isinstance(owner, dict):
+            (path / "owner").write_text(json.dumps({"what": "backup", "since": 0} | owner))
+        else:
+            os.symlink(owner, path / "owner")
+        return Path(setup.server.remote_dir) / name
+
+    def mounted() -> None:
+        SshfsMount(target, state.ssh_config, paths.remote).__enter__()  # left mounted, as by a killed run
+
+    def after_a_dead_run() -> None:
+        stack.remove_leftovers(target)
+        assert not is_mountpoint(paths.remote)
+
+    mounted()
+    ours = lock({"host": host, "pid": 1})  # (a live pid: no run of this host holds it under the local lock)
+    drafts = [lock({"host": host, "pid": gone}, f"{target.image}.lock.{host}.{gone}.{kind}") for kind in ("new", "gone")]
+    theirs = lock({"host": "other-machine", "pid": 7}, f"{target.image}.lock.other-machine.7.new")
+    after_a_dead_run()
+    assert not ours.exists() and not any(draft.exists() for draft in drafts)
+    assert theirs.exists(), "another host's draft is theirs to judge"
+    mounted()
+    shutil.rmtree(paths.remote / theirs.name)
+    theirs = lock({"host": "other-machine", "pid": 7})
+    after_a_dead_run()
+    assert theirs.exists(), "another machine's lock was removed"
+    mounted()
+    shutil.rmtree(paths.remote / theirs.name)
+    local = setup.source / "owner.json"
+    local.write_text(json.dumps({"host": host, "pid": 1}))
+    lured = lock("../" * 40 + str(local).lstrip("/"))
+    after_a_dead_run()
+    assert lured.is_dir(), "the lock was judged by a local file its owner's symlink points at"
+    result = cryptsnap(setup, "list", setup.name, expect=4)
+    assert "names no owner" in result.stderr and "--break-lock" in result.stderr
+    assert_nothing_left(setup)
+
+
 def test_a_loop_device_of_a_run_killed_while_losetup_ran_is_found_once_its_mount_is_gone(setup):
     """What a worker SIGKILLed between losetup's answer and the record of the device leaves,
     once its sshfs mount is gone (cryptsnapd's mount namespace ends with it): a device whose
