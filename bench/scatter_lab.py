@@ -10,6 +10,16 @@ it), CHANGED files rewritten as CHANGED_KB of random data, a sync. Prints the by
 per run divided by the changed bytes. dm-crypt maps sectors one to one and the sync is a
 run's own commit, so this is the upload of the guest benchmark's `syncing` step without the
 SFTP framing (docs/performance.md: 1.79x at 100,000 files there, 1.79x here).
+
+--fs nilfs2 tries a log-structured file system instead: the tree in place, and a run's
+snapshot a checkpoint made a snapshot after the change (`mkcp -s`), which copies no tree
+(new blocks go to the log's end; old checkpoints keep the old ones). Needs nilfs-tools and
+the kernel's nilfs2 module (the guest's kernel has it; these machines' own kernel does not).
+It is mounted without the cleaner (`mount -i`: no mount.nilfs2 helper), whose moves of live
+blocks out of old segments would be further writes, not counted here.
+
+--cold drops the page cache before each run's change and counts the bytes read as well: a
+run's download where nothing is cached locally (cryptsnap's metadata cache serves btrfs's).
 """
 
 from __future__ import annotations
@@ -30,7 +40,18 @@ def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
-def measure(args: argparse.Namespace) -> list[int]:
+def device_read(device: str) -> int:
+    """Bytes read from a block device so far (/sys/block/NAME/stat, sectors of 512 bytes)."""
+    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[2]) * 512
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(bytes written, bytes read) per run."""
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         image, mnt = Path(work) / "image", Path(work) / "mnt"
         mnt.mkdir()
@@ -39,11 +60,15 @@ def measure(args: argparse.Namespace) -> list[int]:
         device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
                                 check=True).stdout.strip()  # fmt: skip
         try:
-            mkfs = list(commands.mkfs("btrfs", device))
-            run(*mkfs[:-1], *shlex.split(args.mkfs), device)
-            mount = list(commands.mount(device, str(mnt), "btrfs", readonly=False))
-            options = mount[mount.index("-o") + 1] + ("," + args.mount if args.mount else "")
-            run("mount", "-t", "btrfs", "-o", options, device, str(mnt))
+            if args.fs == "nilfs2":
+                run("mkfs.nilfs2", "-q", "-f", "-b", "4096", *shlex.split(args.mkfs), device)
+                run("mount", "-i", "-t", "nilfs2", *(["-o", args.mount] if args.mount else []), device, str(mnt))
+            else:
+                mkfs = list(commands.mkfs("btrfs", device))
+                run(*mkfs[:-1], *shlex.split(args.mkfs), device)
+                mount = list(commands.mount(device, str(mnt), "btrfs", readonly=False))
+                options = mount[mount.index("-o") + 1] + ("," + args.mount if args.mount else "")
+                run("mount", "-t", "btrfs", "-o", options, device, str(mnt))
             try:
                 return _runs(args, mnt, device)
             finally:
@@ -52,29 +77,40 @@ def measure(args: argparse.Namespace) -> list[int]:
             subprocess.run(["losetup", "-d", device], check=True)
 
 
-def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[int]:
-    run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
+def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, int]]:
+    btrfs = args.fs == "btrfs"
+    if btrfs:
+        run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
+    else:
+        (mnt / "s0").mkdir()
     content = os.urandom(args.file_kb << 10)
     for i in range(args.files):
         directory = mnt / "s0" / f"d{i // 100}"
         if i % 100 == 0:
             directory.mkdir()
         (directory / f"f{i}").write_bytes(content[:-8] + i.to_bytes(8, "little"))
-    run("btrfs", "filesystem", "sync", str(mnt))
-    rng, written, last = random.Random(args.seed), [], "s0"
+    sync = ("btrfs", "filesystem", "sync", str(mnt)) if btrfs else ("sync", "-f", str(mnt))
+    run(*sync)
+    if not btrfs and args.snapshot:
+        run("mkcp", "-s", device)  # the first backup's snapshot
+    rng, figures, last = random.Random(args.seed), [], "s0"
     for n in range(1, args.runs + 1):
-        if args.snapshot:
+        if btrfs and args.snapshot:
             run("btrfs", "property", "set", "-ts", str(mnt / last), "ro", "true")
-        run("btrfs", "filesystem", "sync", str(mnt))
-        before = device_written(device)
-        if args.snapshot:
+        run(*sync)
+        if args.cold:
+            drop_caches()
+        before = device_written(device), device_read(device)
+        if btrfs and args.snapshot:
             run("btrfs", "-q", "subvolume", "snapshot", str(mnt / last), str(mnt / f"s{n}"))
             last = f"s{n}"
         for i in rng.sample(range(args.files), args.changed):
             (mnt / last / f"d{i // 100}" / f"f{i}").write_bytes(os.urandom(args.changed_kb << 10))
-        run("btrfs", "filesystem", "sync", str(mnt))
-        written.append(device_written(device) - before)
-    return written
+        run(*sync)
+        if not btrfs and args.snapshot:
+            run("mkcp", "-s", device)
+        figures.append((device_written(device) - before[0], device_read(device) - before[1]))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,16 +122,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--changed-kb", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--mkfs", default="", help="more mkfs.btrfs options, after cryptsnap's (they win)")
+    parser.add_argument("--fs", choices=("btrfs", "nilfs2"), default="btrfs")
+    parser.add_argument("--mkfs", default="", help="more mkfs options (btrfs: after cryptsnap's, they win)")
     parser.add_argument("--mount", default="", help="more mount options, after cryptsnap's")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="change the files in place: what snapshots add")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run; count reads")
     parser.add_argument("--image-gb", type=int, default=4)
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse image goes")
     args = parser.parse_args(argv)
     changed = args.changed * (args.changed_kb << 10)
-    for n, written in enumerate(measure(args), 1):
-        print(f"run {n}: {written:,} bytes written for {changed:,} changed: {written / changed:.3f}x")
+    for n, (written, read) in enumerate(measure(args), 1):
+        cold = f", {read:,} bytes read: {read / changed:.3f}x" if args.cold else ""
+        print(f"run {n}: {written:,} bytes written for {changed:,} changed: {written / changed:.3f}x{cold}")
 
 
 if __name__ == "__main__":
