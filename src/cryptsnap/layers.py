@@ -443,8 +443,14 @@ class RemoteLock:
         raise Busy(f"could not take the remote lock {self.path.name}")
 
     def _remove_dead_drafts(self, host: str) -> None:
-        """Locks this host's runs were making or removing when cut off (other hosts' are theirs to judge)."""
-        for draft in self.path.parent.glob(f"{self.path.name}.{host}.*"):
+        """Locks this host's runs were making or removing when cut off (other hosts' are theirs to judge).
+        A sweep: if the server does not answer now, the next lock sweeps again."""
+        try:
+            drafts = list(self.path.parent.glob(f"{self.path.name}.{host}.*"))
+        except OSError as exc:  # (a dead sshfs: "Transport endpoint is not connected")
+            log.debug("not sweeping this host's remote lock drafts: %s", exc)
+            return
+        for draft in drafts:
             pid, _, kind = draft.name.removeprefix(f"{self.path.name}.{host}.").partition(".")
             if kind in ("new", "gone") and pid.isdigit() and not _alive(int(pid)):
                 log.warning("removing %s, a remote lock a cut-off run of this host left", draft.name)
@@ -479,10 +485,10 @@ class RemoteLock:
 
 def _remove_lock(path: Path) -> None:
     """A lock directory, or whatever else the server put in its place (never followed)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):  # gone, or the server does not answer: the next step says so
+    with contextlib.suppress(OSError):  # gone, or the server does not answer: the next step says so
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink()
 
 

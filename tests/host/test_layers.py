@@ -382,6 +382,27 @@ def test_the_cleanup_removes_this_hosts_remote_lock_and_drafts_and_reads_no_loca
     assert_nothing_left(setup)
 
 
+def test_the_cleanup_of_a_dead_sshfs_leaves_the_remote_lock_to_the_next_run_quietly(setup):
+    """The soak's case: a run killed while connecting leaves an sshfs whose process is gone
+    (its mountpoint answers "Transport endpoint is not connected"). The remote lock cannot be
+    reached then; its cleanup says nothing went wrong rather than raising in its thread (a
+    traceback in the journal), and the unwinding goes on to unmount it."""
+    import psutil
+
+    target, state, paths = prepare(setup, luks=False)
+    SshfsMount(target, state.ssh_config, paths.remote).__enter__()
+    (paths.remote / f"{target.image}.lock").mkdir()  # left by the killed run
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "sshfs" and str(paths.remote) in (proc.info["cmdline"] or []):
+            proc.kill()
+            proc.wait(10)
+    with pytest.raises(OSError, match="not connected"):
+        os.listdir(paths.remote)
+    RemoteLock.remove_leftovers(paths.remote, target.image)  # raised ENOTCONN in its sweep before
+    stack.remove_leftovers(target)
+    assert_nothing_left(setup)
+
+
 def test_a_loop_device_of_a_run_killed_while_losetup_ran_is_found_once_its_mount_is_gone(setup):
     """What a worker SIGKILLed between losetup's answer and the record of the device leaves,
     once its sshfs mount is gone (cryptsnapd's mount namespace ends with it): a device whose
