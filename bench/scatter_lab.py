@@ -33,16 +33,11 @@ import tempfile
 from pathlib import Path
 
 from cryptsnap import commands
-from tests.support.loopfs import device_written
+from tests.support.loopfs import device_read, device_written
 
 
 def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
-
-
-def device_read(device: str) -> int:
-    """Bytes read from a block device so far (/sys/block/NAME/stat, sectors of 512 bytes)."""
-    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[2]) * 512
 
 
 def drop_caches() -> None:

@@ -11,8 +11,18 @@ from cryptsnap import commands, config
 
 
 def device_written(device: str) -> int:
-    """Bytes written to a block device so far (/sys/block/NAME/stat, sectors of 512 bytes)."""
-    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[6]) * 512
+    """Bytes written to a block device so far."""
+    return _bytes(device, 6)
+
+
+def device_read(device: str) -> int:
+    """Bytes read from a block device so far."""
+    return _bytes(device, 2)
+
+
+def _bytes(device: str, field: int) -> int:
+    """A sector count of /sys/block/NAME/stat (sectors of 512 bytes), in bytes."""
+    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[field]) * 512
 
 
 @contextlib.contextmanager
