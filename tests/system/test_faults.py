@@ -53,6 +53,20 @@ def follow_a_job_to_syncing(service) -> tuple[subprocess.Popen, str]:
     return client, sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
 
 
+def reading(reader: subprocess.Popen, node: str) -> bool:
+    """`reader` waits inside a system call on its descriptor of `node` (its read sent and
+    unanswered). A process in D state alone is not enough: dd, just started on the emulated CPU,
+    waits there on its own pages from the guest's disk too; read that way, the kill came before
+    its read, which then found the freed device empty and dd ended with 0 bytes and exit 0."""
+    try:
+        if psutil.Process(reader.pid).status() != psutil.STATUS_DISK_SLEEP:
+            return False
+        call = Path(f"/proc/{reader.pid}/syscall").read_text().split()  # number, arguments, sp, pc
+        return len(call) > 2 and os.readlink(f"/proc/{reader.pid}/fd/{int(call[1], 16)}") == node
+    except (psutil.NoSuchProcess, OSError, ValueError):
+        return False
+
+
 def daemon_restarted(before: str) -> bool:
     pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
     active = sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active"
@@ -178,7 +192,7 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE)  # fmt: skip
     # dd's own read waits (not only a read of udev's probe, which the check of inflight saw once)
-    wait_until(lambda: psutil.Process(reader.pid).status() == psutil.STATUS_DISK_SLEEP, 30, "dd's read to be sent")
+    wait_until(lambda: reading(reader, ready[1]), 30, "dd's read to be sent")
     os.kill(server.pid, signal.SIGKILL)
     if killed != "the server":
         os.kill(do_it, signal.SIGKILL)
@@ -193,7 +207,8 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
         reader.wait(15)
         released = "by the unwinding's net"
     figures.record(f"the block device server killed ({killed}) with a read in flight", released=released)
-    assert reader.returncode != 0 and b"Input/output error" in reader.stderr.read()
+    said = reader.stderr.read()
+    assert reader.returncode != 0 and b"Input/output error" in said, (reader.returncode, said)
     wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
     wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
 
@@ -275,7 +290,7 @@ def test_a_killed_service_leaves_its_block_device_kernel_side_to_fail_what_is_in
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE, preexec_fn=into_the_service)  # fmt: skip
-    wait_until(lambda: psutil.Process(reader.pid).status() == psutil.STATUS_DISK_SLEEP, 30, "dd's read to be sent")
+    wait_until(lambda: reading(reader, ready[1]), 30, "dd's read to be sent")
     os.kill(int(daemon), signal.SIGKILL)
     killed = time.monotonic()
     reader.wait(30)  # its read failed, and systemd's SIGKILL, waiting since, ended it (-9)
