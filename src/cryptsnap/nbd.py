@@ -163,6 +163,7 @@ class Device:
         self.kernel_end, self.our_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.error: str | None = None
         self.pid: int | None = None  # the process blocked in NBD_DO_IT
+        self.told_to_stop, self.tell_to_stop = os.pipe()  # a byte: the DO_IT process disconnects
 
     def start(self) -> None:
         """Claim a device in a child process that then blocks in NBD_DO_IT until the device ends.
@@ -174,13 +175,15 @@ class Device:
         kernel fails the requests, and the child returns. All ioctls come from the child: the
         kernel lets only the task that gave the socket finish the setup. Signals are blocked
         there, as they would end the wait and take the device away from the file system. Under
-        systemd the child leaves the unit for a scope of its own (_leave_the_service).
+        systemd the child leaves the unit for a scope of its own (_leave_the_service). The
+        disconnect is the child's too (disconnect() says why).
         """
         told, tell = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # the child: the kernel's side only
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            keep = {2, tell, self.kernel_end.fileno()}  # not the image, the cache or the parent's pipes
+            # not the image, the cache or the parent's other pipes
+            keep = {2, tell, self.kernel_end.fileno(), self.told_to_stop}
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(null, 1)
@@ -195,6 +198,7 @@ class Device:
                 os._exit(1)
             os.write(tell, f"claimed {self.path}".encode())
             os.close(tell)
+            threading.Thread(target=self._disconnect_when_told, name="nbd-disconnect", daemon=True).start()
             try:
                 fcntl.ioctl(self.fd, NBD_DO_IT)
             except OSError:
@@ -206,6 +210,7 @@ class Device:
                     pass
             os._exit(0)
         os.close(tell)
+        os.close(self.told_to_stop)
         self.kernel_end.close()
         with os.fdopen(told, "rb") as answer:
             kind, _, said = answer.read().decode().partition(" ")
@@ -265,11 +270,26 @@ class Device:
             time.sleep(0.02)
 
     def disconnect(self) -> None:
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            fcntl.ioctl(fd, NBD_DISCONNECT)
-        finally:
-            os.close(fd)
+        """Tell the DO_IT process to disconnect (NBD_DISCONNECT on the descriptor it holds).
+
+        Not an open of the device here: the serving process must never wait on the device it
+        serves. An open of a device whose partition table is to be read (the first open after
+        NBD_DO_IT, or any open while another process rereads it) waits for that read, which
+        only this process answers; killed then (systemd's SIGKILL to the service as the worker
+        stops the server), its serving thread dies and the thread in the open stays, so the
+        process never ends, its end of the socket never closes, the read is never failed and
+        every later open of the device hangs too (kill 3 of a cryptsnapd kill series, in
+        `unlocking`, 2026-12-05)."""
+        with contextlib.suppress(OSError):  # the DO_IT process gone: the device has ended already
+            os.write(self.tell_to_stop, b"x")
+
+    def _disconnect_when_told(self) -> None:
+        """In the DO_IT process, beside its NBD_DO_IT: the ioctl on the descriptor it holds
+        opens nothing. EOF (the serving process died) needs nothing: its end of the socket
+        closed with it, and NBD_DO_IT returns on that."""
+        if os.read(self.told_to_stop, 1):
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, NBD_DISCONNECT)
 
 
 def fail_orphaned_requests() -> list[str]:

@@ -53,9 +53,9 @@ def follow_a_job_to_syncing(service) -> tuple[subprocess.Popen, str]:
     return client, sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
 
 
-def reading(reader: subprocess.Popen, node: str) -> bool:
-    """`reader` waits inside a system call on its descriptor of `node` (its read sent and
-    unanswered). A process in D state alone is not enough: dd, just started on the emulated CPU,
+def waiting_on(reader: subprocess.Popen, node: str) -> bool:
+    """`reader` waits inside a system call on its descriptor of `node` (a read sent and
+    unanswered, or an ioctl waiting on one). A process in D state alone is not enough: dd, just started on the emulated CPU,
     waits there on its own pages from the guest's disk too; read that way, the kill came before
     its read, which then found the freed device empty and dd ended with 0 bytes and exit 0."""
     try:
@@ -192,7 +192,7 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE)  # fmt: skip
     # dd's own read waits (not only a read of udev's probe, which the check of inflight saw once)
-    wait_until(lambda: reading(reader, ready[1]), 30, "dd's read to be sent")
+    wait_until(lambda: waiting_on(reader, ready[1]), 30, "dd's read to be sent")
     os.kill(server.pid, signal.SIGKILL)
     if killed != "the server":
         os.kill(do_it, signal.SIGKILL)
@@ -211,6 +211,58 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     assert reader.returncode != 0 and b"Input/output error" in said, (reader.returncode, said)
     wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
     wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+
+
+def test_a_block_device_server_killed_as_it_stops_while_another_process_rereads_the_partitions_ends(tmp_path):
+    """The block device server told to stop (as the worker's unwinding does when cryptsnapd is
+    killed) while another process holds the device's open mutex, rereading its partition
+    table (udev does, after the device appears), and killed a moment later with the rest of
+    the service: the server ends, the reread fails, the device is freed. Before the fix the
+    server opened the device itself to disconnect it; that open (or its close) waited for the
+    mutex, whose holder waited for a read only the server could answer, and once killed the
+    server never ended: a process of the service stayed in D state for good and the device
+    with it (kill 3 of a cryptsnapd kill series, in `unlocking`, 2026-12-05). The server's
+    reads of its image are held here (a suspended dm device under it), so that the reread's
+    read is sent and not answered when the kill comes."""
+    from cryptsnap.layers import CachedDevice
+
+    assert CachedDevice.available(), "this kernel has no nbd devices"  # (loads the module)
+    size, stall = 8 << 20, f"cryptsnap-test-stall-{os.getpid()}"
+    image = tmp_path / "image"
+    image.write_bytes(b"\0" * size)
+    loop = sh("losetup", "--find", "--show", str(image)).stdout.strip()
+    sh("dmsetup", "create", stall, "--table", f"0 {size // 512} linear {loop} 0")
+    try:
+        held = os.open(f"/dev/mapper/{stall}", os.O_RDWR | os.O_DIRECT)
+        server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(held), "--size", str(size)],
+                                  pass_fds=[held], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  start_new_session=True)  # fmt: skip
+        os.close(held)
+        ready = server.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        device = Path("/sys/block") / Path(ready[1]).name
+        do_it = int((device / "pid").read_text())
+        wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
+        sh("udevadm", "settle")  # udev's own reads of the new device done
+        sh("dmsetup", "suspend", stall)  # from here on the server's reads of its image wait
+        reread = subprocess.Popen(["blockdev", "--rereadpt", ready[1]], stderr=subprocess.PIPE)
+        wait_until(lambda: waiting_on(reread, ready[1]), 30, "the reread to wait in its BLKRRPART")
+        server.stdin.write("stop\n")
+        server.stdin.flush()
+        time.sleep(2)  # the server's answer to `stop` (before the fix, its open of the device waited here)
+        os.kill(server.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        sh("dmsetup", "resume", stall)  # the serving thread's read returns, and the thread ends
+        wait_until(lambda: server.poll() is not None, 15, "the killed server to end (a thread of it waits in the kernel)")
+        reread.wait(15)
+        wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
+        wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+        figures.record("the block device server killed as it stops, a partition reread waiting on it",
+                       freed_s=round(time.monotonic() - killed, 1), reread_exit=reread.returncode)  # fmt: skip
+    finally:
+        sh("dmsetup", "resume", stall, check=False)
+        sh("dmsetup", "remove", stall, check=False)
+        sh("losetup", "--detach", loop, check=False)
 
 
 SERVICE_CGROUP = Path("/sys/fs/cgroup/system.slice/cryptsnapd.service/cgroup.procs")
@@ -290,7 +342,7 @@ def test_a_killed_service_leaves_its_block_device_kernel_side_to_fail_what_is_in
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE, preexec_fn=into_the_service)  # fmt: skip
-    wait_until(lambda: reading(reader, ready[1]), 30, "dd's read to be sent")
+    wait_until(lambda: waiting_on(reader, ready[1]), 30, "dd's read to be sent")
     os.kill(int(daemon), signal.SIGKILL)
     killed = time.monotonic()
     reader.wait(30)  # its read failed, and systemd's SIGKILL, waiting since, ended it (-9)
