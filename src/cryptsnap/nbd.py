@@ -273,13 +273,13 @@ class Device:
         """Tell the DO_IT process to disconnect (NBD_DISCONNECT on the descriptor it holds).
 
         Not an open of the device here: the serving process must never wait on the device it
-        serves. An open of a device whose partition table is to be read (the first open after
-        NBD_DO_IT, or any open while another process rereads it) waits for that read, which
-        only this process answers; killed then (systemd's SIGKILL to the service as the worker
-        stops the server), its serving thread dies and the thread in the open stays, so the
-        process never ends, its end of the socket never closes, the read is never failed and
-        every later open of the device hangs too (kill 3 of a cryptsnapd kill series, in
-        `unlocking`, 2026-12-05)."""
+        serves. An open of the device, and its close, take the device's open mutex, which a
+        reread of its partition table (udev's, once the device appears) holds until its read
+        is answered, by this process only. Killed then (systemd's SIGKILL to the service as
+        the worker stops the server), its serving thread dies and the thread waiting for the
+        mutex stays, so the process never ends, its end of the socket never closes, the read
+        is never failed and every later open of the device hangs too (kill 3 of a cryptsnapd
+        kill series, in `unlocking`, 2026-12-05)."""
         with contextlib.suppress(OSError):  # the DO_IT process gone: the device has ended already
             os.write(self.tell_to_stop, b"x")
 
