@@ -67,6 +67,19 @@ def waiting_on(reader: subprocess.Popen, node: str) -> bool:
         return False
 
 
+def settle(device: Path, node: str) -> None:
+    """Wait until nothing reads the new nbd device but the test, while its server still answers.
+    The first open of a new device reads its partition table, holding the device's open mutex
+    until answered, and then udev probes it; the first opener may be udev, or the test's own
+    reader. With the server stopped before that, the reader waits in its open (no read of its
+    own sent), udev waits for good, and a kill then leaves the reader an empty device (dd
+    exits 0 with nothing read; a CI run, 2026-12-05). So: open it here, answered, and let udev
+    finish."""
+    os.close(os.open(node, os.O_RDONLY))
+    sh("udevadm", "settle")
+    wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the reads of udev's probe")
+
+
 def daemon_restarted(before: str) -> bool:
     pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
     active = sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active"
@@ -186,7 +199,7 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     do_it = int((device / "pid").read_text())
     # The size shows a moment after the pid, and the kernel's partition scan reads first.
     wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
-    wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the partition scan")
+    settle(device, ready[1])
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     # At offset 0: dd's seek to a later block failed at times ("cannot skip: Invalid argument").
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
@@ -243,7 +256,7 @@ def test_a_block_device_server_killed_as_it_stops_while_another_process_rereads_
         device = Path("/sys/block") / Path(ready[1]).name
         do_it = int((device / "pid").read_text())
         wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
-        sh("udevadm", "settle")  # udev's own reads of the new device done
+        settle(device, ready[1])
         sh("dmsetup", "suspend", stall)  # from here on the server's reads of its image wait
         reread = subprocess.Popen(["blockdev", "--rereadpt", ready[1]], stderr=subprocess.PIPE)
         wait_until(lambda: waiting_on(reread, ready[1]), 30, "the reread to wait in its BLKRRPART")
@@ -338,7 +351,7 @@ def test_a_killed_service_leaves_its_block_device_kernel_side_to_fail_what_is_in
     wait_until(lambda: unit_of(Path(f"/proc/{do_it}/cgroup").read_text()) == scope, 30, f"the DO_IT process in {scope}")
     assert "cryptsnapd.service" in sh("systemctl", "show", "-P", "Before", scope).stdout.split()
     wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
-    wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the partition scan")
+    settle(device, ready[1])
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE, preexec_fn=into_the_service)  # fmt: skip
