@@ -55,9 +55,8 @@ def follow_a_job_to_syncing(service) -> tuple[subprocess.Popen, str]:
 
 def waiting_on(reader: subprocess.Popen, node: str) -> bool:
     """`reader` waits inside a system call on its descriptor of `node` (a read sent and
-    unanswered, or an ioctl waiting on one). A process in D state alone is not enough: dd, just started on the emulated CPU,
-    waits there on its own pages from the guest's disk too; read that way, the kill came before
-    its read, which then found the freed device empty and dd ended with 0 bytes and exit 0."""
+    unanswered, or an ioctl waiting on one). D state alone is not enough: dd, just started on
+    the emulated CPU, waits there on its own pages from the guest's disk too, and in its open."""
     try:
         if psutil.Process(reader.pid).status() != psutil.STATUS_DISK_SLEEP:
             return False
