@@ -79,6 +79,22 @@ def settle(device: Path, node: str) -> None:
     wait_until(lambda: (device / "inflight").read_text().split() == ["0", "0"], 30, "the reads of udev's probe")
 
 
+def start_server(image_fd: int, size: int) -> tuple[subprocess.Popen, str, Path, int]:
+    """The real block device server on `image_fd`, its device sized and settled: the server,
+    the device's node, its /sys/block directory and the pid of its DO_IT process."""
+    server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(image_fd), "--size", str(size)],
+                              pass_fds=[image_fd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    ready = server.stdout.readline().split()
+    assert ready[:1] == ["ready"], ready
+    device = Path("/sys/block") / Path(ready[1]).name
+    do_it = int((device / "pid").read_text())
+    # The size shows a moment after the pid, and the kernel's partition scan reads first.
+    wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
+    settle(device, ready[1])
+    return server, ready[1], device, do_it
+
+
 def daemon_restarted(before: str) -> bool:
     pid = sh("systemctl", "show", "-P", "MainPID", "cryptsnapd.service").stdout.strip()
     active = sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active"
@@ -189,22 +205,13 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     image = tmp_path / "image"
     image.write_bytes(b"\0" * (8 << 20))
     with open(image, "rb+") as held:
-        server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(held.fileno()),
-                                   "--size", str(8 << 20)], pass_fds=[held.fileno()], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    ready = server.stdout.readline().split()
-    assert ready[:1] == ["ready"], ready
-    device = Path("/sys/block") / Path(ready[1]).name
-    do_it = int((device / "pid").read_text())
-    # The size shows a moment after the pid, and the kernel's partition scan reads first.
-    wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
-    settle(device, ready[1])
+        server, node, device, do_it = start_server(held.fileno(), 8 << 20)
     os.kill(server.pid, signal.SIGSTOP)  # from here on nothing is answered
     # At offset 0: dd's seek to a later block failed at times ("cannot skip: Invalid argument").
-    reader = subprocess.Popen(["dd", f"if={ready[1]}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
+    reader = subprocess.Popen(["dd", f"if={node}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
                               stderr=subprocess.PIPE)  # fmt: skip
     # dd's own read waits (not only a read of udev's probe, which the check of inflight saw once)
-    wait_until(lambda: waiting_on(reader, ready[1]), 30, "dd's read to be sent")
+    wait_until(lambda: waiting_on(reader, node), 30, "dd's read to be sent")
     os.kill(server.pid, signal.SIGKILL)
     if killed != "the server":
         os.kill(do_it, signal.SIGKILL)
@@ -215,14 +222,14 @@ def test_a_block_device_server_killed_with_a_read_in_flight_fails_it_at_once(tmp
     except subprocess.TimeoutExpired:  # the race lost (once in tens): what the unwinding then does
         from cryptsnap.nbd import fail_orphaned_requests
 
-        assert fail_orphaned_requests() == [ready[1]], f"the read still waits 15 s after {killed} was killed"
+        assert fail_orphaned_requests() == [node], f"the read still waits 15 s after {killed} was killed"
         reader.wait(15)
         released = "by the unwinding's net"
     figures.record(f"the block device server killed ({killed}) with a read in flight", released=released)
     said = reader.stderr.read()
     assert reader.returncode != 0 and b"Input/output error" in said, (reader.returncode, said)
     wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
-    wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+    wait_until(lambda: not (device / "pid").exists(), 15, f"{node} to be freed")
 
 
 def test_a_block_device_server_killed_as_it_stops_while_another_process_rereads_the_partitions_ends(tmp_path):
@@ -246,19 +253,13 @@ def test_a_block_device_server_killed_as_it_stops_while_another_process_rereads_
     sh("dmsetup", "create", stall, "--table", f"0 {size // 512} linear {loop} 0")
     try:
         held = os.open(f"/dev/mapper/{stall}", os.O_RDWR | os.O_DIRECT)
-        server = subprocess.Popen(["python3", "-m", "cryptsnap.nbd", "--image-fd", str(held), "--size", str(size)],
-                                  pass_fds=[held], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  start_new_session=True)  # fmt: skip
-        os.close(held)
-        ready = server.stdout.readline().split()
-        assert ready[:1] == ["ready"], ready
-        device = Path("/sys/block") / Path(ready[1]).name
-        do_it = int((device / "pid").read_text())
-        wait_until(lambda: (device / "size").read_text().strip() != "0", 30, f"{ready[1]} to have its size")
-        settle(device, ready[1])
+        try:
+            server, node, device, do_it = start_server(held, size)
+        finally:
+            os.close(held)
         sh("dmsetup", "suspend", stall)  # from here on the server's reads of its image wait
-        reread = subprocess.Popen(["blockdev", "--rereadpt", ready[1]], stderr=subprocess.PIPE)
-        wait_until(lambda: waiting_on(reread, ready[1]), 30, "the reread to wait in its BLKRRPART")
+        reread = subprocess.Popen(["blockdev", "--rereadpt", node], stderr=subprocess.PIPE)
+        wait_until(lambda: waiting_on(reread, node), 30, "the reread to wait in its BLKRRPART")
         server.stdin.write("stop\n")
         server.stdin.flush()
         time.sleep(2)  # the server's answer to `stop` (before the fix, its open of the device waited here)
@@ -268,7 +269,7 @@ def test_a_block_device_server_killed_as_it_stops_while_another_process_rereads_
         wait_until(lambda: server.poll() is not None, 15, "the killed server to end (a thread of it waits in the kernel)")
         reread.wait(15)
         wait_until(lambda: not psutil.pid_exists(do_it), 15, "the DO_IT process to end")
-        wait_until(lambda: not (device / "pid").exists(), 15, f"{ready[1]} to be freed")
+        wait_until(lambda: not (device / "pid").exists(), 15, f"{node} to be freed")
         figures.record("the block device server killed as it stops, a partition reread waiting on it",
                        freed_s=round(time.monotonic() - killed, 1), reread_exit=reread.returncode)  # fmt: skip
     finally:
