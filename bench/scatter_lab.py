@@ -45,6 +45,22 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def write_tree(root: Path, files: int, file_kb: int) -> None:
+    """FILES files of FILE_KB, 100 a directory, each different (no deduplication to help)."""
+    content = os.urandom(file_kb << 10)
+    for i in range(files):
+        directory = root / f"d{i // 100}"
+        if i % 100 == 0:
+            directory.mkdir()
+        (directory / f"f{i}").write_bytes(content[:-8] + i.to_bytes(8, "little"))
+
+
+def change(root: Path, rng: random.Random, args: argparse.Namespace) -> None:
+    """The scattered change: CHANGED files drawn at random rewritten as CHANGED_KB of random data."""
+    for i in rng.sample(range(args.files), args.changed):
+        (root / f"d{i // 100}" / f"f{i}").write_bytes(os.urandom(args.changed_kb << 10))
+
+
 def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(bytes written, bytes read) per run."""
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
@@ -78,12 +94,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, i
         run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
     else:
         (mnt / "s0").mkdir()
-    content = os.urandom(args.file_kb << 10)
-    for i in range(args.files):
-        directory = mnt / "s0" / f"d{i // 100}"
-        if i % 100 == 0:
-            directory.mkdir()
-        (directory / f"f{i}").write_bytes(content[:-8] + i.to_bytes(8, "little"))
+    write_tree(mnt / "s0", args.files, args.file_kb)
     sync = ("btrfs", "filesystem", "sync", str(mnt)) if btrfs else ("sync", "-f", str(mnt))
     run(*sync)
     if not btrfs and args.snapshot:
@@ -99,8 +110,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, i
         if btrfs and args.snapshot:
             run("btrfs", "-q", "subvolume", "snapshot", str(mnt / last), str(mnt / f"s{n}"))
             last = f"s{n}"
-        for i in rng.sample(range(args.files), args.changed):
-            (mnt / last / f"d{i // 100}" / f"f{i}").write_bytes(os.urandom(args.changed_kb << 10))
+        change(mnt / last, rng, args)
         run(*sync)
         if not btrfs and args.snapshot:
             run("mkcp", "-s", device)
