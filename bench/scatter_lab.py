@@ -18,6 +18,10 @@ the kernel's nilfs2 module (the guest's kernel has it; these machines' own kerne
 It is mounted without the cleaner (`mount -i`: no mount.nilfs2 helper), whose moves of live
 blocks out of old segments would be further writes, not counted here.
 
+--integrity puts the file system on LUKS2 with authenticated encryption (dm-integrity keeps
+an HMAC of every sector), as a file system without checksums of its own would need against
+a hostile host; the bytes are still counted on the loop device, tags and journal included.
+
 --cold drops the page cache before each run's change and counts the bytes read as well: a
 run's download where nothing is cached locally (cryptsnap's metadata cache serves btrfs's).
 """
@@ -25,11 +29,13 @@ run's download where nothing is cached locally (cryptsnap's metadata cache serve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shlex
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptsnap import commands
@@ -61,34 +67,60 @@ def change(root: Path, rng: random.Random, args: argparse.Namespace) -> None:
         (root / f"d{i // 100}" / f"f{i}").write_bytes(os.urandom(args.changed_kb << 10))
 
 
+@contextlib.contextmanager
+def loop(image: Path) -> Iterator[str]:
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+
+
+@contextlib.contextmanager
+def authenticated(device: str, work: Path, mode: str) -> Iterator[str]:
+    """LUKS2 with authenticated encryption (dm-crypt over dm-integrity, HMAC-SHA256 per sector)
+    on DEVICE, opened: a changed ciphertext sector fails its read, whatever the file system.
+    MODE `journal` writes data and tags through dm-integrity's journal, `direct` without it."""
+    key, name = work / "key", f"scatter-lab-{os.getpid()}"
+    key.write_bytes(os.urandom(64))
+    fast = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", str(key))
+    # Not wiped (hours on an emulated CPU): a sector never written fails its read, so the lab
+    # relies on the file system reading only blocks it wrote (udev's probe of the new mapping fails).
+    run("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--integrity", "hmac-sha256", "--sector-size", "4096",
+        "--integrity-no-wipe", *fast, device)  # fmt: skip
+    run("cryptsetup", "open", "--key-file", str(key), *(["--integrity-no-journal"] if mode == "direct" else []),
+        device, name)  # fmt: skip
+    try:
+        yield f"/dev/mapper/{name}"
+    finally:
+        subprocess.run(["cryptsetup", "close", name], check=True)
+
+
 def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """(bytes written, bytes read) per run."""
-    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+    """(bytes written, bytes read) per run, counted on the loop device (what crosses the link)."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as work, contextlib.ExitStack() as stack:
         image, mnt = Path(work) / "image", Path(work) / "mnt"
         mnt.mkdir()
         with open(image, "wb") as f:
             f.truncate(args.image_gb << 30)
-        device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                                check=True).stdout.strip()  # fmt: skip
-        try:
-            if args.fs == "nilfs2":
-                run("mkfs.nilfs2", "-q", "-f", "-b", "4096", *shlex.split(args.mkfs), device)
-                run("mount", "-i", "-t", "nilfs2", *(["-o", args.mount] if args.mount else []), device, str(mnt))
-            else:
-                mkfs = list(commands.mkfs("btrfs", device))
-                run(*mkfs[:-1], *shlex.split(args.mkfs), device)
-                mount = list(commands.mount(device, str(mnt), "btrfs", readonly=False))
-                options = mount[mount.index("-o") + 1] + ("," + args.mount if args.mount else "")
-                run("mount", "-t", "btrfs", "-o", options, device, str(mnt))
-            try:
-                return _runs(args, mnt, device)
-            finally:
-                subprocess.run(["umount", str(mnt)], capture_output=True)
-        finally:
-            subprocess.run(["losetup", "-d", device], check=True)
+        measured = device = stack.enter_context(loop(image))
+        if args.integrity != "none":
+            device = stack.enter_context(authenticated(device, Path(work), args.integrity))
+        if args.fs == "nilfs2":
+            run("mkfs.nilfs2", "-q", "-f", "-b", "4096", *shlex.split(args.mkfs), device)
+            run("mount", "-i", "-t", "nilfs2", *(["-o", args.mount] if args.mount else []), device, str(mnt))
+        else:
+            mkfs = list(commands.mkfs("btrfs", device))
+            run(*mkfs[:-1], *shlex.split(args.mkfs), device)
+            mount = list(commands.mount(device, str(mnt), "btrfs", readonly=False))
+            options = mount[mount.index("-o") + 1] + ("," + args.mount if args.mount else "")
+            run("mount", "-t", "btrfs", "-o", options, device, str(mnt))
+        stack.callback(subprocess.run, ["umount", str(mnt)], capture_output=True)
+        return _runs(args, mnt, device, measured)
 
 
-def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, int]]:
+def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: str) -> list[tuple[int, int]]:
     btrfs = args.fs == "btrfs"
     if btrfs:
         run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
@@ -106,7 +138,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, i
         run(*sync)
         if args.cold:
             drop_caches()
-        before = device_written(device), device_read(device)
+        before = device_written(measured), device_read(measured)
         if btrfs and args.snapshot:
             run("btrfs", "-q", "subvolume", "snapshot", str(mnt / last), str(mnt / f"s{n}"))
             last = f"s{n}"
@@ -114,7 +146,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str) -> list[tuple[int, i
         run(*sync)
         if not btrfs and args.snapshot:
             run("mkcp", "-s", device)
-        figures.append((device_written(device) - before[0], device_read(device) - before[1]))
+        figures.append((device_written(measured) - before[0], device_read(measured) - before[1]))
     return figures
 
 
@@ -133,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="change the files in place: what snapshots add")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run; count reads")
+    parser.add_argument("--integrity", choices=("none", "journal", "direct"), default="none",
+                        help="the file system on LUKS2 with authenticated encryption (dm-integrity below dm-crypt), "
+                        "tags written through its journal or directly; bytes still counted below it")
     parser.add_argument("--image-gb", type=int, default=4)
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse image goes")
     args = parser.parse_args(argv)
