@@ -23,6 +23,7 @@ cleaner's move is both. Needs nilfs-tools and the kernel's nilfs2 module (the gu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -64,8 +65,8 @@ def free_mb(mnt: Path) -> float:
 
 
 def start_cleaner(conf: Path, device: str, mnt: Path, out: Path) -> int:
-    """nilfs_cleanerd on the mounted file system; its pid. It prints its pid and goes to the
-    background (a file, not a pipe, takes the output: the daemon may keep it open)."""
+    """nilfs_cleanerd on the mounted file system; its pid. It forks into the background (a file,
+    not a pipe, takes its output: the daemon may keep it open), so the pid is looked up."""
     with open(out, "w") as f:
         proc = subprocess.Popen(["nilfs_cleanerd", "-c", str(conf), device, str(mnt)], stdout=f, stderr=f)
     try:
@@ -73,7 +74,12 @@ def start_cleaner(conf: Path, device: str, mnt: Path, out: Path) -> int:
             raise RuntimeError(f"nilfs_cleanerd failed: {out.read_text().strip()}")
     except subprocess.TimeoutExpired:
         return proc.pid  # it stayed in the foreground
-    return int(out.read_text().split()[-1])
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"nilfs_cleanerd") and device.encode() in argv:
+                return int(entry.name)
+    raise RuntimeError(f"nilfs_cleanerd is not running: {out.read_text().strip()}")
 
 
 def stop(pid: int) -> None:

@@ -43,7 +43,9 @@ from tests.support.loopfs import device_read, device_written
 
 
 def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()}")
 
 
 def drop_caches() -> None:
@@ -85,10 +87,9 @@ def authenticated(device: str, work: Path, mode: str) -> Iterator[str]:
     key, name = work / "key", f"scatter-lab-{os.getpid()}"
     key.write_bytes(os.urandom(64))
     fast = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", str(key))
-    # Not wiped (hours on an emulated CPU): a sector never written fails its read, so the lab
-    # relies on the file system reading only blocks it wrote (udev's probe of the new mapping fails).
+    # Wiped, so that every tag is valid (mkfs reads sectors it never wrote): give it a small image.
     run("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--integrity", "hmac-sha256", "--sector-size", "4096",
-        "--integrity-no-wipe", *fast, device)  # fmt: skip
+        *fast, device)  # fmt: skip
     run("cryptsetup", "open", "--key-file", str(key), *(["--integrity-no-journal"] if mode == "direct" else []),
         device, name)  # fmt: skip
     try:
@@ -103,7 +104,7 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
         image, mnt = Path(work) / "image", Path(work) / "mnt"
         mnt.mkdir()
         with open(image, "wb") as f:
-            f.truncate(args.image_gb << 30)
+            f.truncate(int(args.image_gb * 2**30))
         measured = device = stack.enter_context(loop(image))
         if args.integrity != "none":
             device = stack.enter_context(authenticated(device, Path(work), args.integrity))
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--integrity", choices=("none", "journal", "direct"), default="none",
                         help="the file system on LUKS2 with authenticated encryption (dm-integrity below dm-crypt), "
                         "tags written through its journal or directly; bytes still counted below it")
-    parser.add_argument("--image-gb", type=int, default=4)
+    parser.add_argument("--image-gb", type=float, default=4)
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse image goes")
     args = parser.parse_args(argv)
     changed = args.changed * (args.changed_kb << 10)
