@@ -1,7 +1,7 @@
 """What nilfs2's cleaner costs a backup that keeps its last KEEP snapshots: every byte read and
 written on the block device over many runs, the cleaner's moves included, per changed byte.
 
-    python3 -m bench.cleaner_lab --files 10000 --image-mb 160 --runs 60 --keep 10   # in the guest
+    python3 -m bench.cleaner_lab --files 2000 --file-kb 100 --image-mb 320 --runs 60 --keep 10   # in the guest
 
 bench.scatter_lab measured nilfs2 without its cleaner: 1.20x up at 100,000 files, but the log
 only grows. Here the log has to be reclaimed, as in a backup image of fixed size that is used
@@ -13,6 +13,11 @@ again (`chcp cp`), which the cleaner may then reclaim. `nilfs_cleanerd` runs thr
 Debian's configuration but no protection period (checkpoints are reclaimable at once, as they
 would be when the next run comes a day later), so it cleans when fewer than MIN_CLEAN% of the
 segments are free, until MAX_CLEAN% are.
+
+The changed files keep their size (CHANGED_KB defaults to FILE_KB): the live data stays the
+same, as in a steady state, so every segment the runs fill must be given back by the cleaner.
+(Files that grow fill any image, cleaner or not: 4 KiB files rewritten as 100 KiB add 2.9 MB
+of live data a run.)
 
 The cleaner runs in the background; its moves land in whichever run it is in, so the figures
 are given per window of runs, with the free space at the window's end. Through cryptsnap every
@@ -138,14 +143,14 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str, kept: list[int]) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python3 -m bench.cleaner_lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--files", type=int, default=10_000)
-    parser.add_argument("--file-kb", type=int, default=4)
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--file-kb", type=int, default=100)
     parser.add_argument("--changed", type=int, default=30)
-    parser.add_argument("--changed-kb", type=int, default=100)
+    parser.add_argument("--changed-kb", type=int, help="size of a changed file (default FILE_KB)")
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--keep", type=int, default=10, help="snapshots kept (default 10)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--image-mb", type=int, default=160)
+    parser.add_argument("--image-mb", type=int, default=320)
     parser.add_argument("--segment-blocks", type=int, default=512, help="blocks of 4 KiB a segment (default 512)")
     parser.add_argument("--min-clean", type=int, default=10, help="%% of segments free below which it cleans")
     parser.add_argument("--max-clean", type=int, default=20, help="%% of segments free at which it stops")
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=10, help="runs a line of figures (default 10)")
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse image goes")
     args = parser.parse_args(argv)
+    args.changed_kb = args.changed_kb or args.file_kb
     changed = args.changed * (args.changed_kb << 10)
     figures = measure(args)
 
