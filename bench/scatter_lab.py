@@ -16,7 +16,8 @@ snapshot a checkpoint made a snapshot after the change (`mkcp -s`), which copies
 (new blocks go to the log's end; old checkpoints keep the old ones). Needs nilfs-tools and
 the kernel's nilfs2 module (the guest's kernel has it; these machines' own kernel does not).
 It is mounted without the cleaner (`mount -i`: no mount.nilfs2 helper), whose moves of live
-blocks out of old segments would be further writes, not counted here.
+blocks out of old segments would be further writes, not counted here (bench.cleaner_lab
+counts them).
 
 --integrity puts the file system on LUKS2 with authenticated encryption (dm-integrity keeps
 an HMAC of every sector), as a file system without checksums of its own would need against
