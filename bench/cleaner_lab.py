@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tests.support.loopfs import device_read, device_written
 
-from .scatter_lab import change, drop_caches, run, write_tree
+from .scatter_lab import change, drop_caches, loop, run, write_tree
 
 CONF = """protection_period 0
 min_clean_segments {min_clean}%
@@ -97,32 +97,22 @@ def stop(pid: int) -> None:
 
 def measure(args: argparse.Namespace) -> list[tuple[int, int, float]]:
     """(bytes written, bytes read, free MiB after) per run."""
-    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+    with tempfile.TemporaryDirectory(dir=args.dir) as work, contextlib.ExitStack() as stack:
         image, mnt, conf = Path(work) / "image", Path(work) / "mnt", Path(work) / "cleanerd.conf"
         mnt.mkdir()
         conf.write_text(CONF.format(min_clean=args.min_clean, max_clean=args.max_clean))
         with open(image, "wb") as f:
             f.truncate(args.image_mb << 20)
-        device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                                check=True).stdout.strip()  # fmt: skip
-        try:
-            run("mkfs.nilfs2", "-q", "-f", "-b", "4096", "-B", str(args.segment_blocks), device)
-            run("mount", "-i", "-t", "nilfs2", device, str(mnt))  # -i: no helper, so no cleaner of its own
-            try:
-                write_tree(mnt, args.files, args.file_kb)
-                run("sync", "-f", str(mnt))
-                print(f"tree of {args.files:,} files written; {free_mb(mnt):.0f} MiB free of {args.image_mb}",
-                      flush=True)  # fmt: skip
-                kept = [snapshot(device)]
-                cleaner = start_cleaner(conf, device, mnt, Path(work) / "cleanerd.out")
-                try:
-                    return _runs(args, mnt, device, kept)
-                finally:
-                    stop(cleaner)
-            finally:
-                subprocess.run(["umount", str(mnt)], capture_output=True)
-        finally:
-            subprocess.run(["losetup", "-d", device], check=True)
+        device = stack.enter_context(loop(image))
+        run("mkfs.nilfs2", "-q", "-f", "-b", "4096", "-B", str(args.segment_blocks), device)
+        run("mount", "-i", "-t", "nilfs2", device, str(mnt))  # -i: no helper, so no cleaner of its own
+        stack.callback(subprocess.run, ["umount", str(mnt)], capture_output=True)
+        write_tree(mnt, args.files, args.file_kb)
+        run("sync", "-f", str(mnt))
+        print(f"tree of {args.files:,} files written; {free_mb(mnt):.0f} MiB free of {args.image_mb}", flush=True)
+        kept = [snapshot(device)]
+        stack.callback(stop, start_cleaner(conf, device, mnt, Path(work) / "cleanerd.out"))
+        return _runs(args, mnt, device, kept)
 
 
 def _runs(args: argparse.Namespace, mnt: Path, device: str, kept: list[int]) -> list[tuple[int, int, float]]:
