@@ -23,24 +23,24 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 
-from cryptsnap import changes, commands
+from cryptsnap import changes, commands, snapshot
 
 
 def record(tree: Path, to: Path, known: changes.Record | None) -> int:
-    """Walk `tree` into a record at `to`, comparing with `known`; the number of differences."""
-    writer = changes.RecordWriter(to)
-
-    def walked():
-        for entry in changes.walk([str(tree)], [], True):
-            writer.add(*entry)
-            yield entry
-
-    found = sum(1 for _ in changes.differences(known.entries(), walked())) if known else sum(1 for _ in walked())
+    """Walk `tree` into a record at `to` as a run's scan does (snapshot.scan_sources: with
+    `known`, the compare with it; without, a content digest of every file, as a first run
+    takes them); the number of entries found changed, new or deleted (all of them without)."""
+    target = SimpleNamespace(sources=(str(tree),), excludes=(), one_file_system=True)
+    writer, found = snapshot.scan_sources(target, to, known, to.parent)
     writer.commit(1, "s", "x")
-    return found
+    if found is None:
+        return writer.count
+    with found:
+        return found.changed + found.touched + found.deleted
 
 
 def peak_rss(argv: list[str]) -> int:

@@ -134,6 +134,20 @@ def walk(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
 
     Includes the directories above each source, which rsync --relative sends as well.
     """
+    for batch in walk_batches(sources, excludes, one_file_system):
+        for relative, st in batch:
+            yield relative, _stat(st)
+
+
+BATCH = 1024  # entries a batch of the walk holds
+
+
+def walk_batches(sources: Iterable[str], excludes: Iterable[str],
+                 one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
+    """walk() in lists of up to BATCH entries, each with its os.stat_result as it came. What
+    a nothing-changed run spends is this walk and its compare, Python per entry; in lists,
+    without a generator's resume per entry and per layer, it costs about half
+    (docs/performance.md, the local record in the guest)."""
     rules = Filter(excludes)
     roots = sorted({os.fsencode(os.path.abspath(source)).rstrip(b"/") or b"/" for source in sources},
                    key=lambda root: order_key(root[1:]))  # fmt: skip
@@ -141,12 +155,19 @@ def walk(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
         yield from _source(roots[0], rules, one_file_system)
         return
     last: list[bytes] | None = None
-    for relative, st in heapq.merge(*(_source(root, rules, one_file_system) for root in roots),
-                                    key=lambda entry: order_key(entry[0])):  # fmt: skip
+    batch: list[tuple[bytes, os.stat_result]] = []
+    flat = (heapq.merge(*((entry for batch in _source(root, rules, one_file_system) for entry in batch)
+                          for root in roots), key=lambda entry: order_key(entry[0])))  # fmt: skip
+    for relative, st in flat:
         key = order_key(relative)
         if key != last:  # a directory above two sources, or a source inside another
             last = key
-            yield relative, st
+            batch.append((relative, st))
+            if len(batch) >= BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool) -> dict[bytes, Stat]:
@@ -154,20 +175,24 @@ def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
     return dict(walk(sources, excludes, one_file_system))
 
 
-def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[tuple[bytes, Stat]]:
+def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:
     parts = [p for p in root.split(b"/") if p]
-    for depth in range(1, len(parts)):
-        above = b"/" + b"/".join(parts[:depth])
-        yield above[1:], _stat(os.lstat(above))
+    above = [(b"/".join(parts[:depth]), os.lstat(b"/" + b"/".join(parts[:depth]))) for depth in range(1, len(parts))]
     try:
         top = os.lstat(root)
     except FileNotFoundError:
+        if above:
+            yield above
         return  # rsync reports it; the full compare path will fail loudly on it
     relative = root[1:]
     if relative and rules.excluded(os.fsdecode(relative), stat.S_ISDIR(top.st_mode)):
+        if above:
+            yield above
         return
     if relative:
-        yield relative, _stat(top)
+        above.append((relative, top))
+    if above:
+        yield above
     if stat.S_ISDIR(top.st_mode):
         yield from _walk(root, top.st_dev, rules, one_file_system)
 
@@ -180,25 +205,33 @@ def _listing(directory: bytes) -> Iterator[os.DirEntry]:
         return iter(())
 
 
-def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool) -> Iterator[tuple[bytes, Stat]]:
+def _walk(directory: bytes, device: int, rules: Filter,
+          one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     """Depth first, names sorted: record order."""
     levels = [_listing(directory)]
+    batch: list[tuple[bytes, os.stat_result]] = []
+    excluding = bool(rules.rules)
     while levels:
-        entry = next(levels[-1], None)
-        if entry is None:
+        for entry in levels[-1]:  # the listing goes on where it was left to descend
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # vanished while we looked
+            relative = entry.path[1:]
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if excluding and rules.excluded(os.fsdecode(relative), is_dir):
+                continue
+            batch.append((relative, st))
+            if is_dir and (not one_file_system or st.st_dev == device):
+                levels.append(_listing(entry.path))
+                break
+        else:
             levels.pop()
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # vanished while we looked
-        is_dir = stat.S_ISDIR(st.st_mode)
-        relative = entry.path[1:]
-        if rules.rules and rules.excluded(os.fsdecode(relative), is_dir):
-            continue
-        yield relative, _stat(st)
-        if is_dir and (not one_file_system or st.st_dev == device):
-            levels.append(_listing(entry.path))
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def file_digest(path: bytes, expected: Stat) -> str | None:
@@ -260,6 +293,84 @@ def merged(old: Iterable[tuple], new: Iterable[tuple]) -> Iterator[tuple[tuple |
             n = next(new, None)
 
 
+def merged_keeping_unchanged(old_chunks: Iterable[list[bytes]], batches: Iterable[list[tuple[bytes, os.stat_result]]],
+                             writer: RecordWriter) -> Iterator[tuple[tuple | None, tuple | None]]:  # fmt: skip
+    """merged() of a record read raw (Record.raw_chunks) and the walk in batches (walk_batches),
+    as a run's scan needs it: an entry whose Stat is as recorded goes to `writer` as the record
+    holds it, its digest included, and is not yielded; the rest come as merged() gives them,
+    old as (path, Stat, digest), new as (path, Stat).
+
+    The unchanged entry is the one to make cheap: a nothing-changed run of 10^6 files is 10^6 of
+    them. It costs a bytes format and compare, without parsing the record's numbers or a call
+    per entry; the order checks of merged() are made where an entry differs (an entry repeated
+    or out of order in the record cannot match the walk, which is strictly in order)."""
+    chunks = iter(old_chunks)
+    chunk: list[bytes] = []  # path, fields, path, fields, ...
+    i = 0
+    previous: bytes | None = None  # the last old path passed
+    kept: list[bytes] = []
+    kept_size = 0
+
+    def keep() -> None:  # before anything is yielded: the record stays in order
+        nonlocal kept_size
+        if kept:
+            writer.add_lines(kept, kept_size)
+            kept.clear()
+            kept_size = 0
+
+    for batch in batches:
+        for name, st in batch:
+            if i == len(chunk):
+                chunk, i = next(chunks, []), 0
+            if i < len(chunk) and chunk[i] == name:
+                fields = chunk[i + 1]
+                if fields.startswith(b"%d %d %d %d %d %d " % (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                                               st.st_mtime_ns, st.st_ctime_ns)):  # fmt: skip
+                    kept.append(name + b"\0" + fields + b"\0")
+                    if st.st_mode & 0o170000 == 0o100000:
+                        kept_size += st.st_size
+                    previous = name
+                    i += 2
+                    continue
+            keep()
+            new = (name, _stat(st))
+            key = order_key(name)
+            while True:  # the old entries up to this one: deleted, or this one's, changed
+                if i == len(chunk):
+                    chunk, i = next(chunks, []), 0
+                    if not chunk:
+                        yield None, new
+                        break
+                path = chunk[i]
+                if path == name:
+                    if path == previous:
+                        raise RecordDamaged(f"the record holds {os.fsdecode(path)!r} twice")
+                    yield (path, *parse_fields(chunk[i + 1])), new
+                    previous = path
+                    i += 2
+                    break
+                if order_key(path) > key:
+                    yield None, new
+                    break
+                if previous is not None and order_key(path) <= order_key(previous):
+                    raise RecordDamaged("the record's entries are out of order")
+                yield (path, *parse_fields(chunk[i + 1])), None
+                previous = path
+                i += 2
+        keep()
+    while True:  # what is left of the record: deleted
+        if i == len(chunk):
+            chunk, i = next(chunks, []), 0
+            if not chunk:
+                return
+        path = chunk[i]
+        if previous is not None and order_key(path) <= order_key(previous):
+            raise RecordDamaged("the record's entries are out of order")
+        yield (path, *parse_fields(chunk[i + 1])), None
+        previous = path
+        i += 2
+
+
 def differences(old: Iterable[tuple], new: Iterable[tuple]) -> Iterator[tuple[str, bytes]]:
     """(CHANGED, path) for what is new or differs, which rsync copies; (DELETED, path) for what
     is gone or changed type, removed from the snapshot first. Each kind comes in record order
@@ -300,21 +411,39 @@ def settings_digest(target) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_entries(stream) -> Iterator[tuple[bytes, Stat, str | None]]:
-    """Parse entries (path NUL fields NUL ...) from a binary stream: (path, Stat, digest or None).
-    ValueError when the stream is cut short or damaged."""
+def raw_chunks(stream) -> Iterator[list[bytes]]:
+    """Entries (path NUL fields NUL ...) from a binary stream, READ_CHUNK at a time, unparsed:
+    lists of path, fields, path, fields... ValueError when the stream is cut short."""
     rest = b""
     while chunk := stream.read(READ_CHUNK):
         fields = (rest + chunk).split(b"\0")
         rest = fields.pop()
         if len(fields) % 2:
             rest = fields.pop() + b"\0" + rest
-        for i in range(0, len(fields), 2):
-            values = fields[i + 1].split()
-            digest = values[6].decode() if len(values) == 7 and values[6] != b"-" else None
-            yield fields[i], tuple(map(int, values[:6])), digest
+        if fields:
+            yield fields
     if rest:
         raise ValueError("cut short in the middle of an entry")
+
+
+def read_entries(stream) -> Iterator[tuple[bytes, Stat, str | None]]:
+    """Parse entries (path NUL fields NUL ...) from a binary stream: (path, Stat, digest or None).
+    ValueError when the stream is cut short or damaged."""
+    for fields in raw_chunks(stream):
+        for i in range(0, len(fields), 2):
+            yield (fields[i], *parse_fields(fields[i + 1]))
+
+
+def parse_fields(fields: bytes) -> tuple[Stat, str | None]:
+    """An entry's fields: its Stat and its content digest (None: unknown, or a format 2 entry)."""
+    values = fields.split()
+    if len(values) not in (6, 7):
+        raise RecordDamaged(f"an entry with {len(values)} fields")
+    try:
+        st = tuple(map(int, values[:6]))
+    except ValueError:
+        raise RecordDamaged("an entry's field is not a number") from None
+    return st, values[6].decode() if len(values) == 7 and values[6] != b"-" else None
 
 
 def entry_line(name: bytes, st: Stat, digest: str | None) -> bytes:
@@ -335,6 +464,7 @@ class Record:
     settings: str  # settings_digest of the target when the record was made
     count: int
     source: Path  # the file its entries are read from
+    format: int = FORMAT
 
     def entries(self) -> Iterator[tuple[bytes, Stat]]:
         """The entries, in record order; RecordDamaged when the file is damaged or cut short."""
@@ -343,13 +473,26 @@ class Record:
 
     def entries_with_digests(self) -> Iterator[tuple[bytes, Stat, str | None]]:
         """(path, Stat, content digest or None), in record order."""
+        for fields in self.raw_chunks():
+            for i in range(0, len(fields), 2):
+                try:
+                    st, digest = parse_fields(fields[i + 1])
+                except RecordDamaged as exc:
+                    raise RecordDamaged(f"{self.source}: {exc}") from None
+                yield fields[i], st, digest
+
+    def raw_chunks(self) -> Iterator[list[bytes]]:
+        """The entries unparsed, as raw_chunks() reads them, each with seven fields (a format 2
+        record's get an unknown digest, "-"); RecordDamaged when the file is damaged or cut short."""
         seen = 0
         try:
             with gzip.open(self.source, "rb") as stream:
                 stream.readline()
-                for entry in read_entries(stream):
-                    seen += 1
-                    yield entry
+                for fields in raw_chunks(stream):
+                    seen += len(fields) // 2
+                    if self.format == 2:
+                        fields[1::2] = [value + b" -" for value in fields[1::2]]
+                    yield fields
         except (OSError, EOFError, ValueError) as exc:
             raise RecordDamaged(f"{self.source}: {exc}") from exc
         if seen != self.count:
@@ -389,7 +532,8 @@ class Record:
             return None
         if not isinstance(header, dict) or header.get("format") not in READABLE:
             return None
-        return cls(header["generation"], header["snapshot"], header["settings"], header["count"], path)
+        return cls(header["generation"], header["snapshot"], header["settings"], header["count"], path,
+                   header["format"])
 
 
 class RecordWriter:
@@ -425,6 +569,13 @@ class RecordWriter:
             self.size += st[3]
         if self.pending_size >= 1 << 15:
             self._flush()
+
+    def add_lines(self, lines: list[bytes], size: int) -> None:
+        """Entries as the last record holds them (entry_line), `size` bytes of regular files in all."""
+        self._flush()
+        self.out.write(b"".join(lines))
+        self.count += len(lines)
+        self.size += size
 
     def _flush(self) -> None:
         self.out.write(b"".join(self.pending))

@@ -244,7 +244,7 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
             log.info("comparing every file with the image: %s", why_not)
         # Going on from a canceled try, a file there may be half rewritten in place with its old
         # size: only a copy puts it right, so no file gets its attributes alone.
-        scanned, found = _scan(target, record_to, None if why_not else known, work_dir, touch=not resumed)
+        scanned, found = scan_sources(target, record_to, None if why_not else known, work_dir, touch=not resumed)
         if resumed or (unfinished and (found is None or found.changed_bytes >= RESUMABLE_FROM)):
             # What the periodic commits of a long sync show must be whole, for a next try to
             # trust it: every commit takes the data written before it along. (Not for short
@@ -386,7 +386,7 @@ class Found:
         self.deleted_file.close()
 
 
-def _scan(target: Target, record_to: Path | None, known: changes.Record | None, work_dir: Path | None,
+def scan_sources(target: Target, record_to: Path | None, known: changes.Record | None, work_dir: Path | None,
           touch: bool = True) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
     """Walk the sources into a new record (at record_to, once committed); with `known`, the
     record of the previous snapshot, find what changed since, as the walk goes. touch: a file
@@ -403,7 +403,7 @@ def _scan(target: Target, record_to: Path | None, known: changes.Record | None, 
 def _walk(target: Target, record_to: Path, known: changes.Record | None, work_dir: Path | None,
           touch: bool) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
     try:
-        walk = changes.walk(target.sources, target.excludes, target.one_file_system)
+        walk = changes.walk_batches(target.sources, target.excludes, target.one_file_system)
         writer = changes.RecordWriter(record_to)
     except changes.UnsupportedPattern as exc:
         log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
@@ -411,14 +411,13 @@ def _walk(target: Target, record_to: Path, known: changes.Record | None, work_di
     found = None
     try:
         found = Found(work_dir) if known else None
-        for old, new in changes.merged(known.entries_with_digests() if known else (), walk):
+        # Unchanged entries go to the new record as recorded: their copy in the snapshot is the one
+        # recorded. What comes here is new, changed or deleted.
+        for old, new in changes.merged_keeping_unchanged(known.raw_chunks() if known else (), walk, writer):
             if new is None:
                 found.add(changes.DELETED, old[0])
                 continue
             name, st = new
-            if old is not None and old[1] == st:
-                writer.add(name, st, old[2])  # unchanged: its copy in the snapshot is the one recorded
-                continue
             # New or changed (every file, without a record to compare with: rsync copies what
             # it finds different): its digest now, for this run and the record.
             digest = changes.file_digest(b"/" + name, st) if stat.S_ISREG(st[0]) else None

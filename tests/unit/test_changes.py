@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -133,6 +135,7 @@ def test_a_record_of_format_2_is_read_as_one_without_digests(tmp_path):
         out.write(b"\n" + b"etc/fstab\0" + b"33188 0 0 12 1 2\0")
     record = changes.Record.load(tmp_path / "files.gz")
     assert list(record.entries_with_digests()) == [(b"etc/fstab", (33188, 0, 0, 12, 1, 2), None)]
+    assert list(record.raw_chunks()) == [[b"etc/fstab", b"33188 0 0 12 1 2 -"]]  # as the scan reads it
 
 
 def test_digests_round_trip_and_a_file_changed_during_the_run_loses_its_digest(tmp_path):
@@ -206,6 +209,81 @@ def test_an_out_of_order_record_is_damaged_not_believed():
         list(changes.differences(old, []))
 
 
+def test_the_scan_keeps_unchanged_entries_as_recorded_and_yields_what_merged_yields(tmp_path, monkeypatch):
+    """merged_keeping_unchanged (the run's scan: the record read raw, the walk in batches) against
+    merged() of the parsed record and walk: the same pairs for what differs, and the same new
+    record, digests of unchanged files carried over. Chunks and batches are made tiny so that
+    every entry falls near a boundary of one or the other."""
+    monkeypatch.setattr(changes, "READ_CHUNK", 97)
+    monkeypatch.setattr(changes, "BATCH", 3)
+    source = tmp_path / "src"
+    make_tree(source)
+    for i in range(40):
+        (source / "many" / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (source / "many" / f"d{i % 4}" / f"f{i}").write_text(str(i))
+    records = tmp_path / "records"
+    records.mkdir()
+    writer = changes.RecordWriter(records / "old.gz")
+    for name, st in changes.walk([str(source)], [], True):
+        writer.add(name, st, changes.file_digest(b"/" + name, st) if stat.S_ISREG(st[0]) else None)
+    writer.commit(1, "s", "x")
+    old = changes.Record.load(records / "old.gz")
+    (source / "a" / "f.o").write_text("changed")
+    os.chmod(source / "a" / "b" / "h.txt", 0o600)
+    (source / "many" / "d2" / "new").write_text("new")
+    (source / "many" / "d3" / "f7").unlink()
+    shutil.rmtree(source / "many" / "d1")
+    (source / "sp ace").unlink()
+    (source / "sp ace").mkdir()  # a file became a directory
+    (source / "zz").write_text("after everything recorded")
+
+    def run(pairs, writer) -> list:
+        differing = []
+        for o, n in pairs:
+            if o is not None and n is not None and o[1] == n[1]:
+                writer.add(n[0], n[1], o[2])
+            else:
+                differing.append((o, n))
+                if n is not None:
+                    writer.add(n[0], n[1])
+        return differing
+
+    expected_writer = changes.RecordWriter(records / "expected.gz")
+    expected = run(changes.merged(old.entries_with_digests(), changes.walk([str(source)], [], True)), expected_writer)
+    scan_writer = changes.RecordWriter(records / "scanned.gz")
+    batches = changes.walk_batches([str(source)], [], True)
+    scanned = run(changes.merged_keeping_unchanged(old.raw_chunks(), batches, scan_writer), scan_writer)
+    assert scanned == expected
+    assert len(expected) > 10 and any(n is None for _, n in expected) and any(o is None for o, _ in expected)
+    assert (scan_writer.count, scan_writer.size) == (expected_writer.count, expected_writer.size)
+    for w in (expected_writer, scan_writer):
+        w.commit(2, "s", "x")
+    new_record = list(changes.Record.load(records / "scanned.gz").entries_with_digests())
+    assert new_record == list(changes.Record.load(records / "expected.gz").entries_with_digests())
+    assert sum(1 for _, st, digest in new_record if digest) > 40  # carried over as recorded
+
+
+@pytest.mark.parametrize(("recorded", "walked"), [
+    ("a a", "a"),  # repeated where the walk has it once
+    ("a a", "a b"),
+    ("b a", "a b"),  # out of order: each path found by the walk
+    ("a c b d", "a b c d"),
+    ("a c b", "a"),  # out of order after the walk's end
+    ("c b", ""),
+])  # fmt: skip
+def test_the_scan_finds_a_record_out_of_order_even_where_it_matches_the_walk(tmp_path, recorded, walked):
+    """A path repeated or out of order in the record would delete from the snapshot what is still
+    there: the scan's fast path for unchanged entries must not let one pass."""
+    st = os.lstat(tmp_path)
+    fields = b"%d %d %d %d %d %d -" % changes._stat(st)
+    chunk = [field for name in recorded.split() for field in (name.encode(), fields)]
+    batches = [[(name.encode(), st) for name in walked.split()]]
+    writer = changes.RecordWriter(tmp_path / "files.gz")
+    with pytest.raises(changes.RecordDamaged):
+        list(changes.merged_keeping_unchanged([c for c in (chunk[:4], chunk[4:]) if c], batches, writer))
+    writer.discard()
+
+
 def test_scanning_and_comparing_holds_a_directory_at_a_time_not_the_tree(tmp_path, monkeypatch):
     """Peak memory of walking a tree into a record and comparing it with the last one: ten times
     the files (in ten times the directories) must not take ten times the memory. (The record is
@@ -259,13 +337,13 @@ def test_a_damaged_record_found_during_the_scan_means_a_full_compare_and_a_whole
     state = tmp_path / "state"  # apart from the sources: its files must not change what is walked
     state.mkdir()
     old = state / "old.gz"
-    writer, found = snapshot._scan(target, old, None, state)
+    writer, found = snapshot.scan_sources(target, old, None, state)
     assert found is None
     writer.commit(1, "s1", "digest")
     whole = list(changes.Record.load(old).entries())
     old.write_bytes(old.read_bytes()[:-8])  # cut short: the header reads, the entries do not
     new = state / "new.gz"
-    writer, found = snapshot._scan(target, new, changes.Record.load(old), state)
+    writer, found = snapshot.scan_sources(target, new, changes.Record.load(old), state)
     assert found is None, "a damaged record must not say what changed"
     assert "the local record is damaged" in caplog.text
     writer.commit(2, "s2", "digest")
@@ -303,16 +381,18 @@ def test_going_on_from_a_canceled_try_copies_every_changed_file(tmp_path):
     target = SimpleNamespace(sources=(str(source),), excludes=(), one_file_system=True)
     state = tmp_path / "state"
     state.mkdir()
-    scanned, _ = snapshot._scan(target, state / "r1.gz", None, state)
+    scanned, _ = snapshot.scan_sources(target, state / "r1.gz", None, state)
     scanned.commit(1, "s1", "x")
     for name, data in (("a", b"x" * 5000), ("b", b"z" * 5000)):  # made again, as tar does
         (source / name).unlink()
         (source / name).write_bytes(data)
-    scanned, found = snapshot._scan(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state, touch=True)
+    scanned, found = snapshot.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
+                                           touch=True)
     assert (found.changed, found.touched) == (1 + 1, 1)  # b and the directory; a touched
     found.close()
     scanned.discard()
-    scanned, found = snapshot._scan(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state, touch=False)
+    scanned, found = snapshot.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
+                                           touch=False)
     assert (found.changed, found.touched) == (3, 0)
     found.close()
     scanned.discard()
