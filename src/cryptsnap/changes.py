@@ -32,6 +32,7 @@ import hashlib
 import heapq
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -197,9 +198,12 @@ def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[list[
         yield from _walk(root, top.st_dev, rules, one_file_system)
 
 
+_name = operator.attrgetter("name")
+
+
 def _listing(directory: bytes) -> Iterator[os.DirEntry]:
     try:
-        return iter(sorted(os.scandir(directory), key=lambda entry: entry.name))
+        return iter(sorted(os.scandir(directory), key=_name))
     except (PermissionError, FileNotFoundError) as exc:
         log.warning("cannot read %s: %s", os.fsdecode(directory), exc)
         return iter(())
