@@ -134,10 +134,10 @@ def walk(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
     files is made and compared without keeping it in memory.
 
     Includes the directories above each source, which rsync --relative sends as well.
+    UnsupportedPattern at once, not when first read, for a pattern only rsync can apply.
     """
-    for batch in walk_batches(sources, excludes, one_file_system):
-        for relative, st in batch:
-            yield relative, _stat(st)
+    batches = walk_batches(sources, excludes, one_file_system)
+    return ((relative, _stat(st)) for batch in batches for relative, st in batch)
 
 
 BATCH = 1024  # entries a batch of the walk holds
@@ -148,8 +148,12 @@ def walk_batches(sources: Iterable[str], excludes: Iterable[str],
     """walk() in lists of up to BATCH entries, each with its os.stat_result as it came. What
     a nothing-changed run spends is this walk and its compare, Python per entry; in lists,
     without a generator's resume per entry and per layer, it costs about half
-    (docs/performance.md, the local record in the guest)."""
-    rules = Filter(excludes)
+    (docs/performance.md, the local record in the guest). UnsupportedPattern at once."""
+    return _batches(sources, Filter(excludes), one_file_system)
+
+
+def _batches(sources: Iterable[str], rules: Filter,
+             one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     roots = sorted({os.fsencode(os.path.abspath(source)).rstrip(b"/") or b"/" for source in sources},
                    key=lambda root: order_key(root[1:]))  # fmt: skip
     if len(roots) == 1:

@@ -387,7 +387,7 @@ class Found:
 
 
 def scan_sources(target: Target, record_to: Path | None, known: changes.Record | None, work_dir: Path | None,
-          touch: bool = True) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
+                 touch: bool = True) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
     """Walk the sources into a new record (at record_to, once committed); with `known`, the
     record of the previous snapshot, find what changed since, as the walk goes. touch: a file
     whose content is as recorded may get its attributes alone (Found.touched)."""

@@ -351,6 +351,23 @@ def test_a_damaged_record_found_during_the_scan_means_a_full_compare_and_a_whole
     assert sorted(p.name for p in state.iterdir()) == ["new.gz", "old.gz"], "temporary files left"
 
 
+def test_an_exclude_only_rsync_can_apply_means_no_record_not_a_failed_run(tmp_path, caplog):
+    """The walk cannot select what rsync selects with such a pattern: the run goes on without a
+    record (rsync compares every file), it does not fail."""
+    from types import SimpleNamespace
+
+    from cryptsnap import snapshot
+
+    source = tmp_path / "src"
+    make_tree(source)
+    for pattern in ("[[:digit:]]*", "- cache", "a\\*b"):
+        target = SimpleNamespace(sources=(str(source),), excludes=("*.o", pattern), one_file_system=True)
+        with caplog.at_level("INFO"):
+            assert snapshot.scan_sources(target, tmp_path / "files.gz", None, tmp_path) == (None, None)
+        assert "one only rsync can apply" in caplog.text
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "files left behind"
+
+
 def test_the_record_stands_down_unless_it_describes_the_images_newest_snapshot(tmp_path):
     """The decision behind "found from the local record" or a full compare, one reason each
     (the guest's test_the_local_record_… runs them through real backups, in make test-long)."""
