@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse image goes")
     args = parser.parse_args(argv)
     changed = args.changed * (args.changed_kb << 10)
+    ratio = (lambda n: f": {n / changed:.3f}x") if changed else (lambda n: "")  # noqa: E731 (--changed 0: a snapshot alone)
     for n, (written, read) in enumerate(measure(args), 1):
-        cold = f", {read:,} bytes read: {read / changed:.3f}x" if args.cold else ""
-        print(f"run {n}: {written:,} bytes written for {changed:,} changed: {written / changed:.3f}x{cold}")
+        cold = f", {read:,} bytes read{ratio(read)}" if args.cold else ""
+        print(f"run {n}: {written:,} bytes written for {changed:,} changed{ratio(written)}{cold}")
 
 
 if __name__ == "__main__":

@@ -170,8 +170,7 @@ def cmd_backup(args) -> int:
     finally:
         reporter.done()
         report.update_metrics(loaded)
-    print(f"{target.name}: snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
-          + (f", pruned {', '.join(record.pruned)}" if record.pruned else ""))
+    print(f"{target.name}: {pipeline.outcome_text(record)}")
     print(f"traffic: {pipeline.traffic_text(record)}")
     return 0
 

@@ -72,6 +72,7 @@ class Target:
     upload_limit: int = 0  # KiB/s, 0: none
     free_space_warning: int = 10  # percent
     check_budget: int = 1  # percent of the image a check may download
+    skip_unchanged: bool = False
     skip_on_battery: bool = True
     skip_on_metered: bool = True
     download_limit: int = 0

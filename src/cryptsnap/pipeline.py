@@ -138,6 +138,7 @@ class RunRecord:
     error: str = ""
     exit_code: int = 0
     snapshot: str = ""
+    unchanged: bool = False  # skip_unchanged: nothing changed, `snapshot` is the newest, no new one made
     pruned: list[str] = field(default_factory=list)
     snapshots: list[str] = field(default_factory=list)
     bytes_up: int = 0  # on the ssh connection, whole run
@@ -170,8 +171,7 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             _tries(target, state, reporter, record, break_lock=break_lock, full_compare=full_compare,
                    accept_rollback=accept_rollback, lock_fd=lock_fd)  # fmt: skip
         record.result = "done"
-        log.info("target %s: snapshot %s complete (%d kept, %d pruned)", target.name, record.snapshot,
-                 len(record.snapshots), len(record.pruned))
+        log.info("target %s: %s", target.name, outcome_text(record))
         return record
     except BaseException as exc:
         note_unconfirmed_snapshot(record, exc)
@@ -199,6 +199,15 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
         except OSError as exc:
             log.error("could not record the run in %s: %s", state.dir, exc)
         hooks.after_run(target, record)
+
+
+def outcome_text(record: RunRecord) -> str:
+    """What a done backup made, as the log and `cryptsnap backup` say it."""
+    if record.unchanged:
+        return (f"nothing changed since snapshot {record.snapshot}: no new snapshot (skip_unchanged); "
+                f"{len(record.snapshots)} snapshots")  # fmt: skip
+    return (f"snapshot {record.snapshot} complete; {len(record.snapshots)} snapshots"
+            + (f", pruned {', '.join(record.pruned)}" if record.pruned else ""))
 
 
 def note_unconfirmed_snapshot(record: RunRecord, exc: BaseException) -> None:
@@ -243,21 +252,26 @@ def _write(target: Target, state: TargetState, reporter: MeteredReporter, record
         known = changes.Record.load(state.file_record)
         unfinished = snapshot.Unfinished(state)
         made_room: list[str] = []
+        scanned = None
         with step("syncing"):
-            record.snapshot, scanned = snapshot.write_snapshot(op.fs, target, reporter.progress, known, generation,
-                                                               work_dir=target.runtime_dir, full_compare=full_compare,
-                                                               unfinished=unfinished, made_room=made_room,
-                                                               record_to=state.file_record)  # fmt: skip
-        op.phase("finalizing")
-        state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
-        try:
-            with step("finalizing"):
-                record.pruned = made_room + snapshot.prune(op.fs, target)
-                snapshot.bump_generation(op.fs, state, generation)
-        except BaseException:
-            if scanned:
-                scanned.discard()
-            raise
+            try:
+                record.snapshot, scanned = snapshot.write_snapshot(
+                    op.fs, target, reporter.progress, known, generation, work_dir=target.runtime_dir,
+                    full_compare=full_compare, unfinished=unfinished, made_room=made_room,
+                    record_to=state.file_record)  # fmt: skip
+            except snapshot.NothingChanged as unchanged:  # skip_unchanged: no snapshot, no commit
+                record.snapshot, record.unchanged = unchanged.snapshot, True
+        if not record.unchanged:
+            op.phase("finalizing")
+            state.file_record.unlink(missing_ok=True)  # it describes the previous snapshot from here on
+            try:
+                with step("finalizing"):
+                    record.pruned = made_room + snapshot.prune(op.fs, target)
+                    snapshot.bump_generation(op.fs, state, generation)
+            except BaseException:
+                if scanned:
+                    scanned.discard()
+                raise
         unfinished.clear()
         state.mark_complete(record.snapshot)
         runner.ignore_cancels()  # complete: a cancel from here on would only make a done run look undone

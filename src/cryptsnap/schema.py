@@ -96,6 +96,10 @@ TARGET = {
     "pbkdf_iterations": Option("int", "Force this many PBKDF iterations (pbkdf2) or this time cost "
                                "(argon2), instead of benchmarking; mainly for slow or emulated CPUs.",
                                None, minimum=1),
+    "skip_unchanged": Option("bool", "btrfs: when the local record shows that nothing changed since the newest "
+                             "snapshot, make no new one: the run writes nothing to the image and costs a few KB "
+                             "on the wire whatever the tree's size, instead of a snapshot's commits (70-400 KB); "
+                             "it is recorded as done, and the newest snapshot stays the backup of now.", False),
     "skip_on_battery": Option("bool", "Put a requested backup off while the machine runs on battery (UPower "
                               "says so); cryptsnapd starts it once on mains power. `cryptsnap backup --anyway` "
                               "does not wait.", True),

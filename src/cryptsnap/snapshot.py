@@ -160,7 +160,8 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
     sources held, to be committed to `record_to` by the caller once the snapshot is durable
     (or None where no record can be kept: ext2, ext4, no record_to). With `unfinished`, an
     unfinished snapshot noted there by a try that lost its connection is gone on from. The
-    snapshots retention.make_room deleted for room are appended to `made_room`.
+    snapshots retention.make_room deleted for room are appended to `made_room`. NothingChanged
+    (nothing written) when the target skips unchanged runs and the record shows nothing changed.
     """
     written = [0]
 
@@ -245,6 +246,10 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         # Going on from a canceled try, a file there may be half rewritten in place with its old
         # size: only a copy puts it right, so no file gets its attributes alone.
         scanned, found = scan_sources(target, record_to, None if why_not else known, work_dir, touch=not resumed)
+        if target.skip_unchanged and found is not None and found.empty and not resumed:
+            found.close()
+            scanned.discard()  # the record of `previous` stands as it is
+            raise NothingChanged(previous)
         if resumed or (unfinished and (found is None or found.changed_bytes >= RESUMABLE_FROM)):
             # What the periodic commits of a long sync show must be whole, for a next try to
             # trust it: every commit takes the data written before it along. (Not for short
@@ -336,6 +341,16 @@ def progress_reader(on_progress: ProgressCallback, expected: int | None = None) 
     return read
 
 
+class NothingChanged(Exception):  # noqa: N818 (not an error: the run is done)
+    """skip_unchanged: the local record shows nothing changed since `snapshot`, the newest, so no
+    new snapshot is made. Raised before anything is written to the image: a snapshot's commits
+    cost 70-400 KB up, this run only what opening the image reads."""
+
+    def __init__(self, snapshot: str):
+        super().__init__(f"nothing changed since snapshot {snapshot}")
+        self.snapshot = snapshot
+
+
 RESUMABLE_FROM = 64 << 20  # changed bytes from which a lost connection's next try goes on from the last
 TOUCHED = "touched"  # a file whose attributes changed, not its content
 
@@ -351,6 +366,10 @@ class Found:
         self.touched_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="touched.")
         self.deleted_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="deleted.")
         self.changed = self.touched = self.deleted = self.changed_bytes = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changed or self.touched or self.deleted)
 
     def add(self, kind: str, path: bytes, st: changes.Stat | None = None) -> None:
         if kind == TOUCHED:

@@ -1,0 +1,57 @@
+"""skip_unchanged: a run whose local record shows nothing changed makes no snapshot and writes
+nothing to the image, whatever the tree's size (issue 13, item 3: the fixed cost of a run).
+snapshot.write_snapshot on a real btrfs over a loop device with the real rsync."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+
+import pytest
+
+from cryptsnap import changes, snapshot
+from tests.support import loopfs
+
+
+def _backup(fs, target, record, generation: int) -> str:
+    known = changes.Record.load(record) if generation else None
+    name, scanned = snapshot.write_snapshot(fs, target, known=known, generation=generation, record_to=record,
+                                            work_dir=record.parent)  # fmt: skip
+    scanned.commit(generation + 1, name, changes.settings_digest(target))  # as the run bumps it
+    return name
+
+
+def test_nothing_changed_writes_nothing_a_change_or_the_default_makes_a_snapshot(tmp_path):
+    source = tmp_path / "source"
+    for i in range(200):
+        (source / f"d{i // 50}").mkdir(parents=True, exist_ok=True)
+        (source / f"d{i // 50}" / f"f{i}").write_bytes(os.urandom(1000))
+    default = loopfs.target(tmp_path, source)
+    assert default.skip_unchanged is False
+    skipping = dataclasses.replace(default, skip_unchanged=True)
+    state = tmp_path / "state"  # not in the source's parents, which the walk records: writing here changes nothing
+    state.mkdir()
+    record, fs = state / "files.gz", tmp_path / "fs"
+    with loopfs.btrfs(state / "image", fs) as device:
+        (fs / "snapshots").mkdir()
+        first = _backup(fs, skipping, record, 0)  # no record yet: a snapshot
+        subprocess.run(["sync", "-f", str(fs)], check=True)
+        before, recorded = loopfs.device_written(device), record.read_bytes()
+
+        with pytest.raises(snapshot.NothingChanged) as unchanged:
+            snapshot.write_snapshot(fs, skipping, known=changes.Record.load(record), generation=1, record_to=record,
+                                    work_dir=state)  # fmt: skip
+        subprocess.run(["sync", "-f", str(fs)], check=True)  # anything it left dirty would be written now
+        assert unchanged.value.snapshot == first
+        assert loopfs.device_written(device) == before, "a run with nothing changed wrote to the image"
+        assert snapshot.list_snapshots(fs) == [first]
+        assert record.read_bytes() == recorded  # the record of `first` stands
+        assert sorted(p.name for p in state.iterdir()) == ["files.gz", "image"], "files left"
+
+        os.chmod(source / "d3" / "f160", 0o600)  # attributes alone are a change too
+        second = _backup(fs, skipping, record, 1)
+        assert snapshot.list_snapshots(fs) == [first, second]
+        third = _backup(fs, default, record, 2)  # the default: a snapshot per run, changed or not
+        assert snapshot.list_snapshots(fs) == [first, second, third]
+        assert (fs / "snapshots" / third / source.relative_to("/") / "d3" / "f160").stat().st_mode & 0o777 == 0o600
