@@ -99,6 +99,7 @@ def backup_via_daemon(client, args) -> int:
     wanted = (("break-lock", args.break_lock), ("full-compare", args.full_compare),
               ("accept-rollback", args.accept_rollback), ("ignore-conditions", args.anyway))  # fmt: skip
     options = {name: True for name, asked in wanted if asked}
+    newest_before = client.properties(args.target).get("Snapshots", [])[-1:]
     job = client.start_backup(args.target, options)
     if job == "/":
         why = client.properties(args.target).get("Deferred", "")
@@ -112,7 +113,11 @@ def backup_via_daemon(client, args) -> int:
     props = client.properties(args.target)
     if result == "done":
         snaps = props.get("Snapshots", [])
-        print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
+        if snaps and snaps[-1:] == newest_before:  # skip_unchanged: the run made none
+            print(f"{args.target}: nothing changed since snapshot {snaps[-1]}: no new snapshot (skip_unchanged); "
+                  f"{len(snaps)} snapshots")  # fmt: skip
+        else:
+            print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
         print(f"traffic: {props['BytesUploaded']:,} bytes up, {props['BytesDownloaded']:,} down")
         return 0
     print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
