@@ -79,7 +79,8 @@ METRICS = (  # name, help, type, value from a target's record
      lambda run: run.get("finished", 0)),
     ("cryptsnap_last_success_timestamp_seconds", "End of the last successful run (0: never).", "gauge",
      lambda run: run.get("last_success", 0)),
-    ("cryptsnap_last_run_success", "1 if the last run made its snapshot, else 0.", "gauge",
+    ("cryptsnap_last_run_success", "1 if the last run succeeded (made its snapshot, or found nothing changed: "
+     "skip_unchanged), else 0.", "gauge",
      lambda run: 1 if run.get("result") == "done" else 0),
     ("cryptsnap_last_run_exit_code", "The last run's exit code (cryptsnap --help lists them).", "gauge",
      lambda run: run.get("exit_code", 0)),
