@@ -246,6 +246,11 @@ def remount_flushoncommit(mountpoint: str) -> Argv:
     return ("mount", "-o", "remount,flushoncommit", mountpoint)
 
 
+def remount_rw(mountpoint: str) -> Argv:
+    """A file system mounted read-only until the run knows it has something to write (FsMount)."""
+    return ("mount", "-o", "remount,rw", mountpoint)
+
+
 def unmount(mountpoint: str) -> Argv:
     return ("umount", mountpoint)
 

@@ -842,16 +842,28 @@ class LuksMapping:
 
 
 class FsMount:
-    """The file system inside the image, mounted nodev,nosuid,noatime (and ro for views)."""
+    """The file system inside the image, mounted nodev,nosuid,noatime (and ro for views).
+
+    writable_later: mounted read-only until make_writable(), for a run that may find it has
+    nothing to write (skip_unchanged). Unmounting a file system mounted read-write costs a
+    commit on some kernels even when nothing was written (Debian 12's 6.1: 36-49 KB up);
+    one mounted read-only costs nothing.
+    """
 
     step = "mounting"
 
-    def __init__(self, device: str, mountpoint: Path, filesystem: str, readonly: bool):
+    def __init__(self, device: str, mountpoint: Path, filesystem: str, readonly: bool, writable_later: bool = False):
         self.device = device
         self.mountpoint = mountpoint
         self.filesystem = filesystem
         self.readonly = readonly
+        self.read_only_for_now = writable_later and not readonly
         self.mounted = False
+
+    def make_writable(self) -> None:
+        if self.read_only_for_now:
+            runner.run(commands.remount_rw(str(self.mountpoint)))
+            self.read_only_for_now = False
 
     @staticmethod
     def remove_leftovers(mountpoint: Path) -> None:
@@ -866,7 +878,8 @@ class FsMount:
             self._preen(preen)
         kernel = KernelMessages()
         try:
-            runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem, self.readonly))
+            runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem,
+                                      self.readonly or self.read_only_for_now))  # fmt: skip
         except ToolFailed as exc:
             damage = damage_reported(self.device, kernel.read())
             if damage:

@@ -245,8 +245,9 @@ def _tries(target: Target, state: TargetState, reporter: MeteredReporter, record
 def _write(target: Target, state: TargetState, reporter: MeteredReporter, record: RunRecord, *,
            break_lock: bool, full_compare: bool, accept_rollback: bool, lock_fd: int | None) -> None:  # fmt: skip
     """One try of a backup: open the stack, write the snapshot, prune, close. Fills `record`."""
+    # skip_unchanged: mounted read-only until the run finds something to write (FsMount).
     with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
-                    lock_fd=lock_fd) as op:  # fmt: skip
+                    lock_fd=lock_fd, writable_later=target.skip_unchanged and target.filesystem == "btrfs") as op:
         generation = snapshot.check_generation(op.fs, state, accept_rollback)
         op.phase("syncing")
         known = changes.Record.load(state.file_record)
@@ -258,7 +259,7 @@ def _write(target: Target, state: TargetState, reporter: MeteredReporter, record
                 record.snapshot, scanned = snapshot.write_snapshot(
                     op.fs, target, reporter.progress, known, generation, work_dir=target.runtime_dir,
                     full_compare=full_compare, unfinished=unfinished, made_room=made_room,
-                    record_to=state.file_record)  # fmt: skip
+                    record_to=state.file_record, make_writable=op.make_writable)  # fmt: skip
             except snapshot.NothingChanged as unchanged:  # skip_unchanged: no snapshot, no commit
                 record.snapshot, record.unchanged = unchanged.snapshot, True
         if not record.unchanged:

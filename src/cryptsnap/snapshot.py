@@ -152,7 +152,8 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
                    known: changes.Record | None = None, generation: int | None = None,
                    work_dir: Path | None = None, full_compare: bool = False,
                    unfinished: Unfinished | None = None, made_room: list[str] | None = None,
-                   record_to: Path | None = None) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
+                   record_to: Path | None = None, make_writable: Callable[[], None] = lambda: None,
+                   ) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
     """rsync the target's sources into a new snapshot; return its name once complete.
 
     btrfs: with `known`, the file record of the previous snapshot at this image generation,
@@ -161,7 +162,8 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
     (or None where no record can be kept: ext2, ext4, no record_to). With `unfinished`, an
     unfinished snapshot noted there by a try that lost its connection is gone on from. The
     snapshots retention.make_room deleted for room are appended to `made_room`. NothingChanged
-    (nothing written) when the target skips unchanged runs and the record shows nothing changed.
+    (nothing written) when the target skips unchanged runs and the record shows nothing changed;
+    make_writable() is called before anything is written (a file system mounted read-only till then).
     """
     written = [0]
 
@@ -174,7 +176,7 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
         while True:
             try:
                 return _write_snapshot(fs, target, syncer, progress, known, generation, work_dir, full_compare,
-                                       unfinished, record_to)  # fmt: skip
+                                       unfinished, record_to, make_writable)  # fmt: skip
             except (ToolFailed, OSError) as exc:
                 said = getattr(exc, "stderr", "") or str(exc)
                 if "No space left on device" not in said and getattr(exc, "errno", None) != errno.ENOSPC:
@@ -225,14 +227,14 @@ def _image_full(fs: Path, written: int, made_room: list[str]) -> ImageFull:
 
 def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progress: ProgressCallback,
                     known: changes.Record | None, generation: int | None, work_dir: Path | None,
-                    full_compare: bool, unfinished: Unfinished | None,
-                    record_to: Path | None) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
+                    full_compare: bool, unfinished: Unfinished | None, record_to: Path | None,
+                    make_writable: Callable[[], None]) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
     directory = snapshots_dir(fs)
     existing = list_snapshots(fs)
     previous = existing[-1] if existing else None
     btrfs = target.filesystem == "btrfs"
     resumed = unfinished.resumable(directory, previous, generation) if unfinished and btrfs else None
-    remove_partials(fs, keep=resumed)
+    leftovers = [entry for entry in os.listdir(directory) if naming.is_partial(entry) and entry != resumed]
     name = naming.next_name(existing)  # named when it completes, whenever it was begun
     partial = directory / (resumed or name + naming.PARTIAL_SUFFIX)
     scanned = found = None
@@ -246,18 +248,21 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         # Going on from a canceled try, a file there may be half rewritten in place with its old
         # size: only a copy puts it right, so no file gets its attributes alone.
         scanned, found = scan_sources(target, record_to, None if why_not else known, work_dir, touch=not resumed)
-        if target.skip_unchanged and found is not None and found.empty and not resumed:
+        if target.skip_unchanged and found is not None and found.empty and not resumed and not leftovers:
             found.close()
             scanned.discard()  # the record of `previous` stands as it is
             raise NothingChanged(previous)
-        if resumed or (unfinished and (found is None or found.changed_bytes >= RESUMABLE_FROM)):
+    try:
+        make_writable()  # from here on the run writes
+        if leftovers:
+            remove_partials(fs, keep=resumed)
+        if btrfs and (resumed or (unfinished and (found is None or found.changed_bytes >= RESUMABLE_FROM))):
             # What the periodic commits of a long sync show must be whole, for a next try to
             # trust it: every commit takes the data written before it along. (Not for short
             # syncs, which a next try repeats: this costs 150-250 KB more upload a run.)
             runner.run(commands.remount_flushoncommit(str(fs)))
-        else:
+        elif btrfs:
             unfinished = None  # too little to go on from: a next try starts afresh
-    try:
         # A whole-tree rsync after a walk lists directories as it goes: the walk's total
         # stands in for rsync's own (see commands.rsync).
         expected = scanned.size if scanned and found is None else None

@@ -84,6 +84,7 @@ class Opened:
     loop_device: str
     mapping_device: str
     phase: PhaseCallback  # report the next phase of the run (syncing, finalizing) through the stack
+    make_writable: Callable[[], None] = lambda: None  # open_stack(writable_later=True): remount read-write
 
 
 def step(name: str):
@@ -179,11 +180,13 @@ def open_stack(
     keep_open: bool = False,
     lock_fd: int | None = None,
     before_attaching: Callable[[Path], None] | None = None,
+    writable_later: bool = False,
 ) -> Iterator[Opened]:
     """Open the stack; unwind it when the block ends (unless keep_open, for detached views).
     `before_attaching(image)` runs once connected and locked, before anything reads the
     image as a file system (`check` compares blocks there that a damaged file system could
-    not be mounted without)."""
+    not be mounted without). writable_later: everything below the file system is opened
+    read-write, the file system itself mounted read-only until Opened.make_writable()."""
     state = TargetState(target)
     image = state.image()
     key = key_path(target)
@@ -225,10 +228,11 @@ def open_stack(
                                                        state.header_backup))  # fmt: skip
         phase("mounting")
         with step("mounting"):
-            stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly))
+            mount = stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly,
+                                                writable_later))  # fmt: skip
             if isinstance(loop, CachedDevice):  # tell the cache where metadata is, for as long as it is mounted
                 stack.enter_context(chunks.Watch(fs_mountpoint, loop.cover))
-        opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase)
+        opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase, mount.make_writable)
     except BaseException as exc:
         lost = connected and _lost(target, state, paths, exc, current[0])
         _begin_unwinding(watch, failed)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cryptsnap import changes, snapshot
+from cryptsnap import changes, commands, runner, snapshot
 from tests.support import loopfs
 
 
@@ -36,21 +36,32 @@ def test_nothing_changed_writes_nothing_a_change_or_the_default_makes_a_snapshot
     with loopfs.btrfs(state / "image", fs) as device:
         (fs / "snapshots").mkdir()
         first = _backup(fs, skipping, record, 0)  # no record yet: a snapshot
-        subprocess.run(["sync", "-f", str(fs)], check=True)
+        # As the run mounts it (FsMount writable_later): read-only until it has something to write.
+        subprocess.run(commands.unmount(str(fs)), check=True)
+        subprocess.run(commands.mount(device, str(fs), "btrfs", readonly=True), check=True)
         before, recorded = loopfs.device_written(device), record.read_bytes()
+        made_writable = []
+
+        def make_writable() -> None:
+            made_writable.append(True)
+            runner.run(commands.remount_rw(str(fs)))
 
         with pytest.raises(snapshot.NothingChanged) as unchanged:
             snapshot.write_snapshot(fs, skipping, known=changes.Record.load(record), generation=1, record_to=record,
-                                    work_dir=state)  # fmt: skip
+                                    work_dir=state, make_writable=make_writable)  # fmt: skip
         subprocess.run(["sync", "-f", str(fs)], check=True)  # anything it left dirty would be written now
-        assert unchanged.value.snapshot == first
+        assert unchanged.value.snapshot == first and not made_writable
         assert loopfs.device_written(device) == before, "a run with nothing changed wrote to the image"
         assert snapshot.list_snapshots(fs) == [first]
         assert record.read_bytes() == recorded  # the record of `first` stands
         assert sorted(p.name for p in state.iterdir()) == ["files.gz", "image"], "files left"
 
         os.chmod(source / "d3" / "f160", 0o600)  # attributes alone are a change too
-        second = _backup(fs, skipping, record, 1)
+        name, scanned = snapshot.write_snapshot(fs, skipping, known=changes.Record.load(record), generation=1,
+                                                record_to=record, work_dir=state, make_writable=make_writable)  # fmt: skip
+        assert made_writable, "wrote without making the file system writable first"
+        scanned.commit(2, name, changes.settings_digest(skipping))
+        second = name
         assert snapshot.list_snapshots(fs) == [first, second]
         third = _backup(fs, default, record, 2)  # the default: a snapshot per run, changed or not
         assert snapshot.list_snapshots(fs) == [first, second, third]
