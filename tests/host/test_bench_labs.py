@@ -41,3 +41,10 @@ def test_readahead_lab_restores_through_sshfs_and_loop_and_reads_ahead():
     out = lab("bench.readahead_lab", "--files", "300", "--rtt-ms", "4", "--threads", "0,8")
     read = {int(m[1]): int(m[2]) for m in re.finditer(r"^ *(\d+) threads: .*read ahead (\d+) files", out, re.M)}
     assert read[0] == 0 and read[8] > 150, out
+
+
+def test_mount_lab_counts_no_write_for_a_read_only_mount_and_the_write_after_remounting():
+    out = lab("bench.mount_lab", "--files", "200")
+    assert "read-only, a run's reads: mount wrote 0 bytes, the work 0, the unmount 0" in out, out
+    written = re.search(r"remount,rw and a snapshot: mount wrote 0 bytes, the work ([0-9,]+)", out).group(1)
+    assert int(written.replace(",", "")) > 0, out
