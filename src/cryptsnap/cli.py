@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("backup", cmd_backup, "back up a target now",
             "Mount the image, rsync the sources into a new snapshot that shares unchanged files with the "
             "previous one, prune by the retention rules, and unmount everything. A run that fails or is "
-            "interrupted leaves no partial snapshot in `list` and no mounts behind. When cryptsnapd is "
+            "interrupted leaves no partial snapshot in `list` and no mounts behind. A target with "
+            "skip_unchanged makes no snapshot when its local record shows nothing changed. When cryptsnapd is "
             "running (or D-Bus-activatable) and the default configuration is used, the daemon runs the job and "
             "this command follows it with a progress line; the exit code is the job's result.")
     p.add_argument("target", help=TARGET_HELP)
