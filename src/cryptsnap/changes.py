@@ -182,7 +182,8 @@ def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
 
 def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:
     parts = [p for p in root.split(b"/") if p]
-    above = [(b"/".join(parts[:depth]), os.lstat(b"/" + b"/".join(parts[:depth]))) for depth in range(1, len(parts))]
+    paths = [b"/".join(parts[:depth]) for depth in range(1, len(parts))]
+    above = [(path, os.lstat(b"/" + path)) for path in paths]
     try:
         top = os.lstat(root)
     except FileNotFoundError:

@@ -112,12 +112,10 @@ def backup_via_daemon(client, args) -> int:
     result = _follow(client, args, job)
     props = client.properties(args.target)
     if result == "done":
-        snaps = props.get("Snapshots", [])
-        if snaps and snaps[-1:] == newest_before:  # skip_unchanged: the run made none
-            print(f"{args.target}: nothing changed since snapshot {snaps[-1]}: no new snapshot (skip_unchanged); "
-                  f"{len(snaps)} snapshots")  # fmt: skip
-        else:
-            print(f"{args.target}: snapshot {snaps[-1] if snaps else '?'} complete; {len(snaps)} snapshots")
+        snaps = list(props.get("Snapshots", []))
+        done = pipeline.RunRecord("backup", args.target, snapshot=snaps[-1] if snaps else "?", snapshots=snaps,
+                                  unchanged=bool(snaps) and snaps[-1:] == newest_before)  # skip_unchanged: made none
+        print(f"{args.target}: {pipeline.outcome_text(done)}")
         print(f"traffic: {props['BytesUploaded']:,} bytes up, {props['BytesDownloaded']:,} down")
         return 0
     print(f"cryptsnap: error: {props.get('LastError') or result}", file=sys.stderr)
