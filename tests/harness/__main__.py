@@ -38,6 +38,8 @@ def main() -> int:
     run = sub.add_parser("run", help="boot the guest, run one command, power off")
     run.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
     run.add_argument("--results", type=Path, help="host directory shared as /results (default build/vm-results)")
+    run.add_argument("--disk", type=Path, action="append", default=[],
+                     help="a raw image the guest sees as /dev/vdb (then vdc...); its writes are thrown away")
     run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (after --)")
     sub.add_parser("build", help="build or reuse the cached guest image and print where it is")
     sub.add_parser("demo", help="run demo/demo.sh in a fresh guest, showing its output as it goes")
@@ -63,7 +65,7 @@ def main() -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        with Guest(results=args.results) as guest:
+        with Guest(results=args.results, disks=tuple(args.disk)) as guest:
             print(f"guest up in {guest.boot_seconds:.1f}s ({guest.accel})", file=sys.stderr)
             result = guest.run(command, timeout=args.timeout, cwd="/src", env=PYTHON_ENV)
     except GuestError as exc:

@@ -132,8 +132,10 @@ class Guest:
     """One boot of the test guest. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, results: Path | None = None, interactive: bool = False,
-                 kernel_extra: tuple[str, ...] = (), boot_timeout: float = BOOT_TIMEOUT):  # fmt: skip
+                 kernel_extra: tuple[str, ...] = (), boot_timeout: float = BOOT_TIMEOUT,
+                 disks: tuple[Path, ...] = ()):  # fmt: skip
         self.results = Path(results or DEFAULT_RESULTS)
+        self.disks = disks  # raw images seen as /dev/vdb, /dev/vdc...; the guest's writes are thrown away
         self.interactive = interactive
         self.kernel_extra = kernel_extra
         self.boot_timeout = boot_timeout
@@ -160,6 +162,9 @@ class Guest:
             "-chardev", f"socket,id=agent,path={self.workdir / 'agent.sock'},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
         ]  # fmt: skip
+        for disk in self.disks:
+            # snapshot=on: the image stays as the host made it, so one can serve several boots.
+            argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe,snapshot=on"]
         if self.interactive:
             argv += ["-nographic"]
         else:

@@ -48,3 +48,17 @@ def test_mount_lab_counts_no_write_for_a_read_only_mount_and_the_write_after_rem
     assert "read-only, a run's reads: mount wrote 0 bytes, the work 0, the unmount 0" in out, out
     written = re.search(r"remount,rw and a snapshot: mount wrote 0 bytes, the work ([0-9,]+)", out).group(1)
     assert int(written.replace(",", "")) > 0, out
+
+
+def test_scan_cache_makes_an_image_the_measure_step_mounts_and_scans(tmp_path):
+    image = tmp_path / "scan.img"
+    lab("bench.scan_cache", "make", str(image), "--files", "2500")
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    try:
+        out = lab("bench.scan_cache", "measure", device)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+    rows = [line for line in out.splitlines() if re.match(r"\| \S.* \| [0-9.]+ s \| [0-9.]+ s \|", line)]
+    # the first record was made at `make`; the scan at `measure` finds only the touched file
+    assert len(rows) == 3 and "found [1, 1] changed entries" in out, out

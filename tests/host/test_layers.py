@@ -294,8 +294,8 @@ def test_an_ext2_left_inconsistent_by_a_cut_run_is_repaired_before_it_is_written
 
 def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
     """A tool that would not notice the lost connection soon (rsync filling the page cache
-    of an ext2 on a dead device) is stopped within a second of ssh's end, and the failure is
-    then explained as the lost connection."""
+    of an ext2 on a dead device) is stopped soon after ssh's end (the watch looks twice a
+    second), and the failure is then explained as the lost connection."""
     from cryptsnap.layers import ConnectionWatch, connection_lost
     from tests.support.runs import kill_server_sessions
 
@@ -308,7 +308,9 @@ def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
         with pytest.raises(ToolFailed):
             runner.run(("sleep", "30"))
         took = time.monotonic() - started
-        assert took < 5, f"the tool was stopped {took:.1f} s after ssh ended"  # a flake under load: say how late
+        # Stopped, not run to its end: a bound far from the watch's half second, so that a loaded
+        # machine (a guest running beside the tests) does not fail it.
+        assert took < 20, f"the tool was stopped {took:.1f} s after ssh ended (sleep 30 ends by itself)"
         lost = connection_lost(target, state.ssh_config, paths.remote, paths.ssh_log)
         assert lost is not None and "lost the connection to 127.0.0.1" in str(lost), (lost, paths.ssh_log.read_text())
     assert_nothing_left(setup)

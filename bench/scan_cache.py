@@ -1,0 +1,123 @@
+"""A nothing-changed run's local scan at 10^6 files beside the machine's own floor: how long
+`du` (C, one lstat per file), the run's scan (cryptsnap.snapshot.scan_sources, one file
+touched) and `rsync --dry-run` against an up-to-date copy take on the same tree, each with
+the kernel's caches dropped first (cold) and again at once (warm). Where the warm figures stay
+near the cold ones the machine's memory does not hold the tree's inodes and dentries, and
+every tool reads them from disk again: that is the floor, not cryptsnap's Python.
+
+Making a million files in the emulated guest takes longer than measuring them, so the host
+makes the tree once, in an image the guest gets as a disk (its writes thrown away):
+
+    sudo .venv/bin/python -m bench.scan_cache make build/scan-1m.img --files 1000000
+    sudo CRYPTSNAP_VM_MEMORY=2048 .venv/bin/python -m tests.harness run --disk build/scan-1m.img \\
+        -- python3 -m bench.scan_cache measure /dev/vdb
+
+`make` puts on a fresh file system (ext4 by default, as a Debian machine's sources are; -N
+sized for the files): tree/ with FILES files of one byte, 1,000 a directory (as
+bench.record_scale makes them), copy/ made by `cp -a`, and records/files.gz, the tree's
+first record with content digests, as a first run leaves it. Both steps mount the image at
+the same place, since the record names the tree by its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from bench.record_scale import record
+from bench.scatter_lab import drop_caches, loop, run
+from cryptsnap import changes
+
+MOUNTPOINT = Path("/mnt/cryptsnap-scan-cache")
+
+
+def make(image: Path, files: int, filesystem: str) -> None:
+    image.unlink(missing_ok=True)
+    with image.open("wb") as sparse:
+        sparse.truncate((files * 1024 * 3) + (2 << 30))  # two trees of inodes, with room
+    with loop(image) as device:
+        if filesystem == "ext4":
+            # inline_data: a file of a byte lives in its inode, not a block of its own
+            run("mkfs.ext4", "-q", "-F", "-O", "inline_data", "-N", str(files * 2 + 100_000), device)
+        else:
+            run("mkfs.btrfs", "-q", "-f", "-m", "single", device)
+        MOUNTPOINT.mkdir(exist_ok=True)
+        run("mount", "-o", "noatime", device, str(MOUNTPOINT))
+        try:
+            tree, records = MOUNTPOINT / "tree", MOUNTPOINT / "records"
+            records.mkdir()
+            for i in range(files):
+                if i % 1000 == 0:
+                    (tree / f"d{i // 1000}").mkdir(parents=True)
+                (tree / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
+            run("cp", "-a", str(tree), str(MOUNTPOINT / "copy"))
+            record(tree, records / "files.gz", None)
+        finally:
+            run("umount", str(MOUNTPOINT))
+
+
+def timed(cold: bool, work) -> float:
+    if cold:
+        drop_caches()
+    started = time.monotonic()
+    work()
+    return time.monotonic() - started
+
+
+def memory() -> dict[str, int]:
+    """MiB of /proc/meminfo: all of it, the page cache, and the slab (inodes and dentries)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) >> 10 for name in ("MemTotal", "Cached", "Slab")}
+
+
+def measure(device: str) -> None:
+    MOUNTPOINT.mkdir(exist_ok=True)
+    run("mount", "-o", "noatime", device, str(MOUNTPOINT))
+    try:
+        tree, copy = MOUNTPOINT / "tree", MOUNTPOINT / "copy"
+        known = changes.Record.load(MOUNTPOINT / "records" / "files.gz")
+        os.utime(tree / "d0" / "f0")  # one file touched: the scan finds it, rsync would copy it
+        work = Path(tempfile.mkdtemp(dir="/var/tmp"))
+        found = []
+        tools = {
+            "du -s (lstat of every file, C)": lambda: run("du", "-s", str(tree)),
+            "the run's scan (walk, compare, new record)":
+                lambda: found.append(record(tree, work / f"next{len(found)}.gz", known)),
+            "rsync -a --dry-run against the copy":
+                lambda: run("rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/"),
+        }  # fmt: skip
+        print(f"memory {memory()['MemTotal']} MiB")
+        print("| | cold | warm | page cache, slab after |\n|---|---|---|---|")
+        for name, work_of in tools.items():
+            cold, warm = timed(True, work_of), timed(False, work_of)
+            after = memory()
+            print(f"| {name} | {cold:.1f} s | {warm:.1f} s | {after['Cached']} MiB, {after['Slab']} MiB |", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        print(f"the scan found {found} changed entries; peak RSS of this process {peak} MiB")
+    finally:
+        run("umount", str(MOUNTPOINT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.scan_cache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="action", required=True)
+    made = sub.add_parser("make", help="make the image: tree, copy, first record (on the host)")
+    made.add_argument("image", type=Path)
+    made.add_argument("--files", type=int, default=1_000_000)
+    made.add_argument("--fs", choices=("ext4", "btrfs"), default="ext4")
+    measured = sub.add_parser("measure", help="mount the image's device and time the three walks")
+    measured.add_argument("device")
+    args = parser.parse_args(argv)
+    if args.action == "make":
+        make(args.image, args.files, args.fs)
+    else:
+        measure(args.device)
+
+
+if __name__ == "__main__":
+    main()
