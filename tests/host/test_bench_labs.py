@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 
 def lab(*argv: str) -> str:
@@ -62,3 +63,18 @@ def test_scan_cache_makes_an_image_the_measure_step_mounts_and_scans(tmp_path):
     rows = [line for line in out.splitlines() if re.match(r"\| \S.* \| [0-9.]+ s \| [0-9.]+ s \|", line)]
     # the first record was made at `make`; the scan at `measure` finds only the touched file
     assert len(rows) == 3 and "found [1, 1] changed entries" in out, out
+
+
+def test_run_memory_sampler_counts_a_process_started_under_it_and_not_one_from_before():
+    from bench.run_memory import Sampler
+
+    # A process from before holds its memory through the whole sampling: not counted.
+    before = subprocess.Popen(["python3", "-c", "x = bytearray(80 << 20); import time; time.sleep(5)"])
+    time.sleep(1.5)
+    with Sampler(server_user="nobody-here") as sampler:
+        subprocess.run(["python3", "-c", "x = bytearray(40 << 20); x[::4096] = b'y' * len(x[::4096]); "
+                        "import time; time.sleep(2)"], check=True)  # fmt: skip
+    before.kill()
+    before.wait()
+    assert 40 << 20 <= sampler.peak < 80 << 20, sampler.summary()
+    assert sampler.by_name["python3"] >= 40 << 20, sampler.summary()
