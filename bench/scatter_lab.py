@@ -19,6 +19,14 @@ It is mounted without the cleaner (`mount -i`: no mount.nilfs2 helper), whose mo
 blocks out of old segments would be further writes, not counted here (bench.cleaner_lab
 counts them).
 
+--fs thin puts ext4 on a dm-thin volume (device-mapper's thin provisioning, the kernel's
+dm-thin-pool, as LVM's thin snapshots use it): block-level snapshots below the file system,
+whose reference counts are a space map (two bits a block) rather than items in a tree.
+A run's snapshot is the pool's `create_snap` of the volume after the change (the file
+system frozen by `dmsetup suspend`); the first write to a block still shared with a
+snapshot copies the whole pool block (--thin-block-kb, 64 at least). Counted: the pool's
+metadata and data devices together. Needs the guest (device-mapper).
+
 --integrity puts the file system on LUKS2 with authenticated encryption (dm-integrity keeps
 an HMAC of every sector), as a file system without checksums of its own would need against
 a hostile host; the bytes are still counted on the loop device, tags and journal included.
@@ -99,6 +107,33 @@ def authenticated(device: str, work: Path, mode: str) -> Iterator[str]:
         subprocess.run(["cryptsetup", "close", name], check=True)
 
 
+THIN_POOL, THIN_VOLUME = f"scatter-lab-{os.getpid()}-pool", f"scatter-lab-{os.getpid()}-0"
+
+
+@contextlib.contextmanager
+def thin_volume(work: Path, data: str, block_kb: int) -> Iterator[tuple[str, str]]:
+    """A dm-thin pool on DATA with its metadata on a loop device of its own, and a thin volume
+    the size of DATA in it: yields (the volume's device, the metadata's loop device)."""
+    metadata = work / "thin-metadata"
+    with open(metadata, "wb") as f:
+        f.truncate(256 << 20)  # zeroed: the pool formats an empty metadata device
+    sectors = int(Path(f"/sys/block/{Path(data).name}/size").read_text())
+    with loop(metadata) as metadata_device:
+        # low water mark 0; skip_block_zeroing: the unwritten part of a newly provisioned block
+        # is not zeroed (only what the file system writes is written)
+        run("dmsetup", "create", THIN_POOL, "--table",
+            f"0 {sectors} thin-pool {metadata_device} {data} {block_kb * 2} 0 1 skip_block_zeroing")  # fmt: skip
+        try:
+            run("dmsetup", "message", THIN_POOL, "0", "create_thin 0")
+            run("dmsetup", "create", THIN_VOLUME, "--table", f"0 {sectors} thin /dev/mapper/{THIN_POOL} 0")
+            try:
+                yield f"/dev/mapper/{THIN_VOLUME}", metadata_device
+            finally:
+                subprocess.run(["dmsetup", "remove", THIN_VOLUME], check=True)
+        finally:
+            subprocess.run(["dmsetup", "remove", THIN_POOL], check=True)
+
+
 def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(bytes written, bytes read) per run, counted on the loop device (what crosses the link)."""
     with tempfile.TemporaryDirectory(dir=args.dir) as work, contextlib.ExitStack() as stack:
@@ -106,7 +141,16 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
         mnt.mkdir()
         with open(image, "wb") as f:
             f.truncate(int(args.image_gb * 2**30))
-        measured = device = stack.enter_context(loop(image))
+        device = stack.enter_context(loop(image))
+        measured = [device]
+        if args.fs == "thin":
+            device, metadata = stack.enter_context(thin_volume(Path(work), device, args.thin_block_kb))
+            measured.append(metadata)
+            # (inode tables and journal written now, not by a background thread during the runs)
+            run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", device)
+            run("mount", "-o", "noatime" + ("," + args.mount if args.mount else ""), device, str(mnt))
+            stack.callback(subprocess.run, ["umount", str(mnt)], capture_output=True)
+            return _runs(args, mnt, device, measured)
         if args.integrity != "none":
             device = stack.enter_context(authenticated(device, Path(work), args.integrity))
         if args.fs == "nilfs2":
@@ -122,7 +166,27 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
         return _runs(args, mnt, device, measured)
 
 
-def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: str) -> list[tuple[int, int]]:
+def written(devices: list[str]) -> int:
+    return sum(device_written(d) for d in devices)
+
+
+def read(devices: list[str]) -> int:
+    return sum(device_read(d) for d in devices)
+
+
+def snapshot_after_change(args: argparse.Namespace, device: str, n: int) -> None:
+    """nilfs2's and dm-thin's snapshot of the state a run leaves (btrfs snapshots before it)."""
+    if args.fs == "nilfs2":
+        run("mkcp", "-s", device)
+    else:  # dm-thin: the file system frozen while the pool takes the snapshot
+        run("dmsetup", "suspend", THIN_VOLUME)
+        try:
+            run("dmsetup", "message", THIN_POOL, "0", f"create_snap {n + 1} 0")
+        finally:
+            run("dmsetup", "resume", THIN_VOLUME)
+
+
+def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: list[str]) -> list[tuple[int, int]]:
     btrfs = args.fs == "btrfs"
     if btrfs:
         run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
@@ -132,7 +196,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: str) -> li
     sync = ("btrfs", "filesystem", "sync", str(mnt)) if btrfs else ("sync", "-f", str(mnt))
     run(*sync)
     if not btrfs and args.snapshot:
-        run("mkcp", "-s", device)  # the first backup's snapshot
+        snapshot_after_change(args, device, 0)  # the first backup's snapshot
     rng, figures, last = random.Random(args.seed), [], "s0"
     for n in range(1, args.runs + 1):
         if btrfs and args.snapshot:
@@ -140,15 +204,15 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: str) -> li
         run(*sync)
         if args.cold:
             drop_caches()
-        before = device_written(measured), device_read(measured)
+        before = written(measured), read(measured)
         if btrfs and args.snapshot:
             run("btrfs", "-q", "subvolume", "snapshot", str(mnt / last), str(mnt / f"s{n}"))
             last = f"s{n}"
         change(mnt / last, rng, args)
         run(*sync)
         if not btrfs and args.snapshot:
-            run("mkcp", "-s", device)
-        figures.append((device_written(measured) - before[0], device_read(measured) - before[1]))
+            snapshot_after_change(args, device, n)
+        figures.append((written(measured) - before[0], read(measured) - before[1]))
     return figures
 
 
@@ -161,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--changed-kb", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fs", choices=("btrfs", "nilfs2"), default="btrfs")
+    parser.add_argument("--fs", choices=("btrfs", "nilfs2", "thin"), default="btrfs",
+                        help="thin: ext4 on a dm-thin volume, block-level snapshots (see above)")
+    parser.add_argument("--thin-block-kb", type=int, default=64, help="dm-thin's block (64 to 1 GiB; default 64)")
     parser.add_argument("--mkfs", default="", help="more mkfs options (btrfs: after cryptsnap's, they win)")
     parser.add_argument("--mount", default="", help="more mount options, after cryptsnap's")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
