@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from cryptsnap import changes, runner, snapshot
+from cryptsnap import changes, runner
 from tests.support import loopfs
 
 FILES, SIZE = 300, 64 << 10
@@ -26,12 +26,6 @@ def _unpack_anew(source: Path, contents: dict[str, bytes], mtime_ns: int) -> Non
         path.unlink(missing_ok=True)
         path.write_bytes(data)
         os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-def _backup(fs: Path, target, record: Path, known: changes.Record | None, generation: int) -> str:
-    name, scanned = snapshot.write_snapshot(fs, target, known=known, generation=generation, record_to=record)
-    scanned.commit(generation + 1, name, changes.settings_digest(target))  # as the run bumps it
-    return name
 
 
 def _extents(path: Path) -> list[str]:
@@ -54,7 +48,7 @@ def test_files_unpacked_anew_with_the_same_bytes_get_their_attributes_not_a_copy
         monkeypatch.setattr(runner, name, lambda argv, *a, _real=real, **k: (argvs.append(argv), _real(argv, *a, **k))[1])
     with loopfs.btrfs(tmp_path / "image", fs) as device:
         (fs / "snapshots").mkdir()
-        first = _backup(fs, target, record, None, 0)
+        first = loopfs.backup(fs, target, record, 0)
         # The next version: every file made again, 3 with other bytes, 1 with another mode and
         # an xattr (attributes rsync sets for a file it does not copy), 1 new. Their mtimes in
         # the same second as before: rsync's quick check alone would take them for unchanged.
@@ -64,7 +58,7 @@ def test_files_unpacked_anew_with_the_same_bytes_get_their_attributes_not_a_copy
         os.setxattr(source / "f050", "user.tag", b"v2")
         argvs.clear()
         before = loopfs.device_written(device)
-        second = _backup(fs, target, record, changes.Record.load(record), 1)
+        second = loopfs.backup(fs, target, record, 1)
         written = loopfs.device_written(device) - before
 
         old, new = (fs / "snapshots" / name / source.relative_to("/") for name in (first, second))

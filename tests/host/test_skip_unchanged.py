@@ -14,14 +14,6 @@ from cryptsnap import changes, commands, runner, snapshot
 from tests.support import loopfs
 
 
-def _backup(fs, target, record, generation: int) -> str:
-    known = changes.Record.load(record) if generation else None
-    name, scanned = snapshot.write_snapshot(fs, target, known=known, generation=generation, record_to=record,
-                                            work_dir=record.parent)  # fmt: skip
-    scanned.commit(generation + 1, name, changes.settings_digest(target))  # as the run bumps it
-    return name
-
-
 def test_nothing_changed_writes_nothing_a_change_or_the_default_makes_a_snapshot(tmp_path):
     source = tmp_path / "source"
     for i in range(200):
@@ -35,7 +27,7 @@ def test_nothing_changed_writes_nothing_a_change_or_the_default_makes_a_snapshot
     record, fs = state / "files.gz", tmp_path / "fs"
     with loopfs.btrfs(state / "image", fs) as device:
         (fs / "snapshots").mkdir()
-        first = _backup(fs, skipping, record, 0)  # no record yet: a snapshot
+        first = loopfs.backup(fs, skipping, record, 0, work_dir=record.parent)  # no record yet: a snapshot
         # As the run mounts it (FsMount writable_later): read-only until it has something to write.
         subprocess.run(commands.unmount(str(fs)), check=True)
         subprocess.run(commands.mount(device, str(fs), "btrfs", readonly=True), check=True)
@@ -63,6 +55,6 @@ def test_nothing_changed_writes_nothing_a_change_or_the_default_makes_a_snapshot
         scanned.commit(2, name, changes.settings_digest(skipping))
         second = name
         assert snapshot.list_snapshots(fs) == [first, second]
-        third = _backup(fs, default, record, 2)  # the default: a snapshot per run, changed or not
+        third = loopfs.backup(fs, default, record, 2, work_dir=record.parent)  # the default: a snapshot per run, changed or not
         assert snapshot.list_snapshots(fs) == [first, second, third]
         assert (fs / "snapshots" / third / source.relative_to("/") / "d3" / "f160").stat().st_mode & 0o777 == 0o600

@@ -7,7 +7,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from cryptsnap import commands, config
+from cryptsnap import changes, commands, config, snapshot
 
 
 def device_written(device: str) -> int:
@@ -65,3 +65,13 @@ def target(tmp_path: Path, source: Path) -> config.Target:
             size: 512M
             sources: [{source}]
         """), "test.yaml").target("t")  # fmt: skip
+
+
+def backup(fs: Path, target, record: Path, generation: int, work_dir: Path | None = None) -> str:
+    """One run's snapshot as the pipeline makes it, with its local record: compared with the
+    last run's record (none at generation 0), the new one committed with the bumped generation."""
+    known = changes.Record.load(record) if generation else None
+    name, scanned = snapshot.write_snapshot(fs, target, known=known, generation=generation, record_to=record,
+                                            work_dir=work_dir)  # fmt: skip
+    scanned.commit(generation + 1, name, changes.settings_digest(target))
+    return name
