@@ -59,6 +59,9 @@ def main() -> int:
     if args.action == "demo":
         return demo()
     command = [c for c in args.command if c != "--"] or ["systemctl", "is-system-running", "--wait"]
+    missing = [str(disk) for disk in args.disk if not disk.is_file()]
+    if missing:
+        parser.error(f"--disk {missing[0]}: no such file (bench.scan_cache make builds one)")
     try:
         package.build()  # what the guest's service tests install (tests/support/package.py)
     except RuntimeError as exc:

@@ -164,7 +164,7 @@ class Guest:
         ]  # fmt: skip
         for disk in self.disks:
             # snapshot=on: the image stays as the host made it, so one can serve several boots.
-            argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe,snapshot=on"]
+            argv += ["-drive", f"file={Path(disk).resolve()},format=raw,if=virtio,cache=unsafe,snapshot=on"]
         if self.interactive:
             argv += ["-nographic"]
         else:
