@@ -43,3 +43,20 @@ def test_a_failing_guest_test_fails_the_host_run_with_the_guest_message(tmp_path
     assert "deliberate failure inside the guest" in run.stdout
     assert "1 failed" in run.stdout
     assert not {p.pid for p in qemu_processes()} - before, "the run left its qemu behind"
+
+
+def test_run_with_a_disk_shows_it_as_vdb_and_keeps_the_image_as_it_was(tmp_path):
+    """`tests.harness run --disk` (bench.scan_cache's way in): the guest reads the host's image
+    and its writes to it are thrown away, so one image serves several boots."""
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "hello").write_text("from the host\n")
+    image = tmp_path / "disk.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(content), str(image), "16M"], check=True)
+    before = image.read_bytes()
+    script = "mount /dev/vdb /mnt && cat /mnt/hello && echo guest > /mnt/written && umount /mnt"
+    run = subprocess.run([sys.executable, "-m", "tests.harness", "run", "--timeout", "300", "--results",
+                          str(tmp_path / "results"), "--disk", str(image), "--", "sh", "-c", script],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0 and "from the host" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    assert image.read_bytes() == before, "the guest's write reached the host's image"
