@@ -46,8 +46,9 @@ class Sampler:
     except the untrusted host's (its user's and sshd): the peak of their sum, and each
     process name's own peak."""
 
-    def __init__(self, server_user: str):
+    def __init__(self, server_user: str, log: Path | None = None):
         self.server_user = server_user
+        self.log = log  # the summary so far, rewritten every minute: a run too long to wait for
         self.peak = 0
         self.by_name: dict[str, int] = collections.Counter()
         self.done = threading.Event()
@@ -60,8 +61,11 @@ class Sampler:
         return self
 
     def _sample(self) -> None:
-        mine = os.getpid()
+        mine, samples = os.getpid(), 0
         while not self.done.wait(0.5):
+            samples += 1
+            if self.log and samples % 120 == 0:
+                self.log.write_text(f"after {samples // 2} s: {self.summary()}\n")
             total = 0
             for process in psutil.process_iter(["pid", "name", "username", "create_time", "memory_info"]):
                 info = process.info
@@ -78,7 +82,8 @@ class Sampler:
         self.thread.join()
 
     def summary(self) -> str:
-        names = ", ".join(f"{name} {rss >> 20}" for name, rss in sorted(self.by_name.items(), key=lambda i: -i[1]))
+        names = ", ".join(f"{name} {rss >> 20}" for name, rss in sorted(self.by_name.items(), key=lambda i: -i[1])
+                          if rss >= 1 << 20)  # (not the kernel's threads: they have none of their own)
         return f"peak {self.peak >> 20} MiB together; each process's own peak (MiB): {names}"
 
 
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--device", help="a disk made by `bench.scan_cache make`: its tree/ is backed up")
     source.add_argument("--files", type=int, help="make a tree of this many files of a byte, 1,000 a directory")
+    parser.add_argument("--log", type=Path, help="write the peaks so far to this file every minute")
     parser.add_argument("--image-gb", type=float, default=0,
                         help="size of the image (default: 2 GiB and 2 KiB a file)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("second"):
                 os.utime(next(tree.glob("d0/*")))
             started = time.monotonic()
-            with Sampler(server.user) as sampler:
+            with Sampler(server.user, args.log) as sampler:
                 cryptsnap(setup, "backup", setup.name)
             traffic = meter.read(counter)
             print(f"{name}: {time.monotonic() - started:.0f} s, up {traffic.up:,} B, down {traffic.down:,} B; "
