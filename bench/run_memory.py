@@ -51,6 +51,7 @@ class Sampler:
         self.log = log  # the summary so far, rewritten every minute: a run too long to wait for
         self.peak = 0
         self.by_name: dict[str, int] = collections.Counter()
+        self.by_pid: dict[int, int] = collections.Counter()
         self.done = threading.Event()
 
     def __enter__(self) -> Sampler:
@@ -75,6 +76,7 @@ class Sampler:
                     continue
                 total += info["memory_info"].rss
                 self.by_name[info["name"]] = max(self.by_name[info["name"]], info["memory_info"].rss)
+                self.by_pid[info["pid"]] = max(self.by_pid[info["pid"]], info["memory_info"].rss)
             self.peak = max(self.peak, total)
 
     def __exit__(self, *exc) -> None:
