@@ -213,7 +213,7 @@ def _ended(process: psutil.Process) -> bool:
 
 
 class ConnectionWatch:
-    """Stops the run's tools as soon as its ssh connection ends.
+    """Stops the run's tools as soon as its ssh connection ends, and starts no more of them.
 
     Without it a run noticed the loss only when a tool failed, and some never fail soon: on
     ext2, rsync went on filling the page cache against a dead device for 20 s and more after
@@ -244,13 +244,15 @@ class ConnectionWatch:
                 # not as a lost connection.
                 if not self.done.is_set() and os.getppid() == parent:
                     log.warning("the ssh connection ended: stopping the run")
-                    runner.terminate_children()
+                    runner.stop_all("the ssh connection ended")
                 return
 
     def stop(self) -> None:
+        """Before unwinding: the watch ends, and commands may run again to close the layers."""
         self.done.set()
         if self.thread and self.thread is not threading.current_thread():
             self.thread.join()
+        runner.allow_again()
 
     def __exit__(self, *exc) -> None:
         self.stop()

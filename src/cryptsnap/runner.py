@@ -27,6 +27,9 @@ _children_lock = threading.Lock()
 # raised in the middle of Popen, it would leave a running child that nobody stops.
 _spawning = False
 _deferred: CryptsnapError | None = None
+# Why no new command may start (the run's connection ended), until the run begins unwinding:
+# stopping the commands that run is not enough when the end comes between two of them.
+_refusing: str | None = None
 
 
 def _environment() -> dict[str, str]:
@@ -52,6 +55,11 @@ def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwarg
         canceled, _deferred = _deferred, None
         _stop(proc)
         raise canceled
+    # Looked at after the child is known: stop_all() either sees it among the children or
+    # has set this before.
+    if _refusing is not None:
+        _stop(proc)
+        raise ToolFailed(f"{argv[0]} was not run: {_refusing}", tuple(argv), -signal.SIGTERM)
     return proc
 
 
@@ -173,6 +181,20 @@ def _on_signal(signum, frame) -> None:
         _deferred = canceled  # _popen raises it as soon as the new child can be stopped
         return
     raise canceled
+
+
+def stop_all(reason: str) -> None:
+    """Stop every command still running and start no new one (ToolFailed, saying `reason`)
+    until allow_again(): for a run whose connection ended, from another thread."""
+    global _refusing
+    _refusing = reason
+    terminate_children()
+
+
+def allow_again() -> None:
+    """Commands run again: the run unwinds, and closing its layers needs them."""
+    global _refusing
+    _refusing = None
 
 
 def terminate_children() -> None:

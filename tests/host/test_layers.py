@@ -316,6 +316,25 @@ def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
     assert_nothing_left(setup)
 
 
+def test_when_ssh_ends_between_two_tools_the_next_one_is_not_run(setup):
+    """The watch fires while no tool runs: the run's next tool is refused, not run against the
+    dead connection (and not left to run as long as it likes); unwinding runs tools again."""
+    from cryptsnap.layers import ConnectionWatch
+    from tests.support.runs import kill_server_sessions
+
+    target, state, paths = prepare(setup, luks=False)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(SshfsMount(target, state.ssh_config, paths.remote, paths.ssh_log))
+        watch = stack.enter_context(ConnectionWatch(state.ssh_config))
+        assert kill_server_sessions(setup.server)
+        watch.thread.join(timeout=30)  # it saw the end, with nothing to stop
+        assert not watch.thread.is_alive()
+        with pytest.raises(ToolFailed, match="sleep was not run: the ssh connection ended"):
+            runner.run(("sleep", "30"))
+        watch.stop()  # as unwinding begins
+        assert runner.run(("true",)).returncode == 0
+
+
 def test_sshfs_that_unmounts_itself_while_being_unmounted_is_not_a_failure(setup):
     """The race a cut while unmounting found: fusermount3 fails while sshfs is busy, the
     connection ends, sshfs detaches itself, and the next fusermount3 fails as "not mounted".

@@ -104,3 +104,34 @@ def test_a_cancel_that_lands_in_a_log_line_is_not_dropped(signals):
             logger.warning("going on from the unfinished snapshot %s", "x.partial")
     finally:
         logger.handlers.clear()
+
+
+def test_stop_all_stops_the_running_tool_and_starts_none_until_allowed_again():
+    """A run's connection ended (ConnectionWatch, another thread): the tool running then is
+    stopped, and one the run starts after it is not run at all; unwinding allows them again."""
+    import threading
+
+    seconds = "27.1828"  # a duration no other process sleeps
+    failures = []
+
+    def running():
+        try:
+            runner.run(("sleep", seconds))
+        except ToolFailed as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=running)
+    thread.start()
+    try:
+        while not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]:
+            pass
+        runner.stop_all("the ssh connection ended")
+        thread.join(timeout=10)
+        assert not thread.is_alive() and failures and failures[0].returncode == -signal.SIGTERM
+        with pytest.raises(ToolFailed, match="sleep was not run: the ssh connection ended"):
+            runner.run(("sleep", seconds))
+        assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
+        assert not runner._children
+    finally:
+        runner.allow_again()
+    assert runner.run(("echo", "unwinding")).stdout == "unwinding\n"
