@@ -41,6 +41,8 @@ def _environment() -> dict[str, str]:
 
 def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     global _spawning, _deferred
+    if _refusing is not None:
+        raise ToolFailed(f"{argv[0]} was not run: {_refusing}", tuple(argv), -signal.SIGTERM)
     log.debug("+ %s", shlex.join(argv))
     _spawning = True
     try:
@@ -55,11 +57,11 @@ def _popen(argv: Sequence[str], extra_env: dict[str, str] | None = None, **kwarg
         canceled, _deferred = _deferred, None
         _stop(proc)
         raise canceled
-    # Looked at after the child is known: stop_all() either sees it among the children or
-    # has set this before.
+    # Again once the child is known: stop_all() either sees it among the children or has
+    # refused before this look.
     if _refusing is not None:
         _stop(proc)
-        raise ToolFailed(f"{argv[0]} was not run: {_refusing}", tuple(argv), -signal.SIGTERM)
+        raise ToolFailed(f"{argv[0]} was stopped as it started: {_refusing}", tuple(argv), -signal.SIGTERM)
     return proc
 
 

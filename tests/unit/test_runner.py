@@ -135,3 +135,24 @@ def test_stop_all_stops_the_running_tool_and_starts_none_until_allowed_again():
     finally:
         runner.allow_again()
     assert runner.run(("echo", "unwinding")).stdout == "unwinding\n"
+
+
+def test_a_tool_starting_while_stop_all_runs_is_stopped_as_it_starts(monkeypatch):
+    # stop_all() from the watch's thread between Popen and the child's registration: its
+    # terminate_children() cannot see the child, so _popen looks again once it is known.
+    seconds = "16.1803"
+    real_popen = subprocess.Popen
+
+    def popen_then_refused(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        runner._refusing = "the ssh connection ended"  # what stop_all() sets before it terminates
+        return proc
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen_then_refused)
+    try:
+        with pytest.raises(ToolFailed, match="sleep was stopped as it started: the ssh connection ended"):
+            runner.run(("sleep", seconds))
+    finally:
+        runner.allow_again()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
+    assert not runner._children
