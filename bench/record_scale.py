@@ -30,6 +30,14 @@ import psutil
 from cryptsnap import changes, commands, snapshot
 
 
+def make_tree(root: Path, files: int) -> None:
+    """FILES files of one byte under root, 1,000 a directory (d0/f0, d0/f1...)."""
+    for i in range(files):
+        if i % 1000 == 0:
+            (root / f"d{i // 1000}").mkdir(parents=True)
+        (root / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
+
+
 def record(tree: Path, to: Path, known: changes.Record | None) -> int:
     """Walk `tree` into a record at `to` as a run's scan does (snapshot.scan_sources: with
     `known`, the compare with it; without, a content digest of every file, as a first run
@@ -101,10 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         tree, records = Path(work) / "tree", Path(work) / "records"
         records.mkdir()  # beside the tree: writing there changes nothing the walk sees
-        for i in range(args.files):
-            if i % 1000 == 0:
-                (tree / f"d{i // 1000}").mkdir(parents=True)
-            (tree / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
+        make_tree(tree, args.files)
         first = records / "files.gz"
         started = time.monotonic()
         record(tree, first, None)

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import psutil
 
-from bench import link
+from bench import link, scan_cache
+from bench.record_scale import make_tree
 from bench.run import cryptsnap
-from bench.scan_cache import MOUNTPOINT
-from bench.scatter_lab import run
 from cryptsnap import meter
 from cryptsnap.stack import Paths
 from tests.support import udev
@@ -89,13 +88,6 @@ class Sampler:
         return f"peak {self.peak >> 20} MiB together; each process's own peak (MiB): {names}"
 
 
-def make_tree(root: Path, files: int) -> None:
-    for i in range(files):  # as bench.scan_cache and bench.record_scale make them
-        if i % 1000 == 0:
-            (root / f"d{i // 1000}").mkdir(parents=True)
-        (root / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.run_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -111,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         if args.device:
-            MOUNTPOINT.mkdir(exist_ok=True)
-            run("mount", "-o", "noatime", args.device, str(MOUNTPOINT))
-            stack.callback(run, "umount", str(MOUNTPOINT))
-            tree = MOUNTPOINT / "tree"
+            tree = stack.enter_context(scan_cache.mounted(args.device)) / "tree"
         else:
             tree = work / "tree"
             make_tree(tree, args.files)

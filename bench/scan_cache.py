@@ -22,17 +22,30 @@ the same place, since the record names the tree by its path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from bench.record_scale import record
+from bench.record_scale import make_tree, record
 from bench.scatter_lab import drop_caches, loop, run
 from cryptsnap import changes
 
 MOUNTPOINT = Path("/mnt/cryptsnap-scan-cache")
+
+
+@contextlib.contextmanager
+def mounted(device: str) -> Iterator[Path]:
+    """The image's file system at MOUNTPOINT (the place the record names the tree by)."""
+    MOUNTPOINT.mkdir(exist_ok=True)
+    run("mount", "-o", "noatime", device, str(MOUNTPOINT))
+    try:
+        yield MOUNTPOINT
+    finally:
+        run("umount", str(MOUNTPOINT))
 
 
 def make(image: Path, files: int, filesystem: str) -> None:
@@ -45,19 +58,12 @@ def make(image: Path, files: int, filesystem: str) -> None:
             run("mkfs.ext4", "-q", "-F", "-O", "inline_data", "-N", str(files * 2 + 100_000), device)
         else:
             run("mkfs.btrfs", "-q", "-f", "-m", "single", device)
-        MOUNTPOINT.mkdir(exist_ok=True)
-        run("mount", "-o", "noatime", device, str(MOUNTPOINT))
-        try:
-            tree, records = MOUNTPOINT / "tree", MOUNTPOINT / "records"
+        with mounted(device) as top:
+            tree, records = top / "tree", top / "records"
             records.mkdir()
-            for i in range(files):
-                if i % 1000 == 0:
-                    (tree / f"d{i // 1000}").mkdir(parents=True)
-                (tree / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
-            run("cp", "-a", str(tree), str(MOUNTPOINT / "copy"))
+            make_tree(tree, files)
+            run("cp", "-a", str(tree), str(top / "copy"))
             record(tree, records / "files.gz", None)
-        finally:
-            run("umount", str(MOUNTPOINT))
 
 
 def timed(cold: bool, work) -> float:
@@ -75,13 +81,10 @@ def memory() -> dict[str, int]:
 
 
 def measure(device: str) -> None:
-    MOUNTPOINT.mkdir(exist_ok=True)
-    run("mount", "-o", "noatime", device, str(MOUNTPOINT))
-    try:
-        tree, copy = MOUNTPOINT / "tree", MOUNTPOINT / "copy"
-        known = changes.Record.load(MOUNTPOINT / "records" / "files.gz")
+    with mounted(device) as top, tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        tree, copy, work = top / "tree", top / "copy", Path(scratch)
+        known = changes.Record.load(top / "records" / "files.gz")
         os.utime(tree / "d0" / "f0")  # one file touched: the scan finds it, rsync would copy it
-        work = Path(tempfile.mkdtemp(dir="/var/tmp"))
         found = []
         tools = {
             "du -s (lstat of every file, C)": lambda: run("du", "-s", str(tree)),
@@ -98,8 +101,6 @@ def measure(device: str) -> None:
             print(f"| {name} | {cold:.1f} s | {warm:.1f} s | {after['Cached']} MiB, {after['Slab']} MiB |", flush=True)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
         print(f"the scan found {found} changed entries; peak RSS of this process {peak} MiB")
-    finally:
-        run("umount", str(MOUNTPOINT))
 
 
 def main(argv: list[str] | None = None) -> None:
