@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -123,8 +124,10 @@ def test_stop_all_stops_the_running_tool_and_starts_none_until_allowed_again():
     thread = threading.Thread(target=running)
     thread.start()
     try:
+        deadline = time.monotonic() + 10
         while not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]:
-            pass
+            assert time.monotonic() < deadline, "the tool did not start within 10 s"
+            time.sleep(0.01)
         runner.stop_all("the ssh connection ended")
         thread.join(timeout=10)
         assert not thread.is_alive() and failures and failures[0].returncode == -signal.SIGTERM
