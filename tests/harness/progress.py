@@ -49,7 +49,8 @@ def pytest_runtest_logstart(nodeid, location) -> None:
 
 
 def pytest_runtest_logfinish(nodeid, location) -> None:
-    _write({"finish": nodeid})
+    # With the start's time: the test's wall time, its setup and teardown included.
+    _write({"finish": nodeid, "t": round(time.time(), 1)})
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -110,3 +110,20 @@ def test_a_guest_tier_that_stopped_keeps_what_ended_and_names_the_test_it_stoppe
         outcome = run.outcome(nodeid)
         assert outcome.status == "failed" and "the guest stopped answering" in outcome.text
         assert "while tests/system/test_a.py::test_slow ran" in outcome.text
+
+
+def test_progress_lines_carry_each_tests_start_and_finish_time(tmp_path, monkeypatch):
+    """Their difference is the test's wall time with its setup (where an init may be), which the
+    call's duration leaves out."""
+    import json
+
+    from tests.harness import progress
+
+    monkeypatch.setattr(progress, "PROGRESS", str(tmp_path / "progress.jsonl"))
+    monkeypatch.setattr(progress, "LIMIT", 0)
+    progress.pytest_runtest_logstart("tests/system/test_a.py::test_ok", None)
+    progress.pytest_runtest_logfinish("tests/system/test_a.py::test_ok", None)
+    start, finish = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert start["start"] == finish["finish"] == "tests/system/test_a.py::test_ok"
+    assert 0 <= finish["t"] - start["t"] < 60
+    assert progress.read(tmp_path / "progress.jsonl") == ({}, None)
