@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -14,7 +15,7 @@ import pytest
 from cryptsnap.bus import target_path
 from tests.support import package, sshd
 from tests.support.checks import cryptsnap
-from tests.support.targets import make_setup
+from tests.support.targets import InitializedCopy, Setup, make_setup
 
 SRV = "/srv/cryptsnap-test"  # visible to the service (PrivateTmp hides /tmp from it)
 
@@ -53,19 +54,37 @@ def installed():
     sshd.stop(server)
 
 
-@pytest.fixture
-def service(installed):
-    """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded."""
+def service_setup(installed) -> Setup:
     base = Path(SRV) / uuid.uuid4().hex[:8]
-    setup = make_setup(base, installed, filesystem="btrfs", size="400M",
-                       state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
+    return make_setup(base, installed, filesystem="btrfs", size="400M",
+                      state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def initialized(installed) -> InitializedCopy:
+    """One `cryptsnap init` per module, kept aside; each `service` target starts as a copy of it.
+
+    An init costs about 20 s of emulated CPU (60 s on a slow day) and these tests are not about
+    init (test_pipeline, tests/host and the package tests' own targets run it)."""
+    setup = service_setup(installed)
+    cryptsnap(setup, "init", setup.name)
+    kept = InitializedCopy.keep(setup, setup.config_path.parent / "initialized")
+    shutil.rmtree(setup.state_dir / setup.name)  # the package tests may purge /var/lib/cryptsnap: kept elsewhere
+    os.unlink(Path(installed.remote_dir) / f"{setup.name}.img")
+    return kept
+
+
+@pytest.fixture
+def service(installed, initialized):
+    """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded."""
+    setup = service_setup(installed)
     (setup.source / "file.txt").write_text("version 1\n")
+    initialized.copy_to(setup)
     os.makedirs("/etc/cryptsnap", exist_ok=True)
     os.replace(setup.config_path, "/etc/cryptsnap/config.yaml")
     setup.config_path = Path("/etc/cryptsnap/config.yaml")
     if sh("systemctl", "is-active", "cryptsnapd.service", check=False).stdout.strip() == "active":
         sh("systemctl", "reload", "cryptsnapd.service")
-    cryptsnap(setup, "init", setup.name)
     yield setup
     sh("systemctl", "stop", f"cryptsnap-restore@{setup.name}.service", f"cryptsnap-backup@{setup.name}.timer",
        check=False)  # fmt: skip
