@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 from tests.support import package
 
 from .image import ensure_image
-from .vm import PYTHON_ENV, REPO, Guest, GuestError
+from .vm import PYTHON_ENV, REPO, Guest, GuestError, with_local_src
 
 
 def main() -> int:
@@ -70,7 +71,7 @@ def main() -> int:
     try:
         with Guest(results=args.results, disks=tuple(args.disk)) as guest:
             print(f"guest up in {guest.boot_seconds:.1f}s ({guest.accel})", file=sys.stderr)
-            result = guest.run(command, timeout=args.timeout, cwd="/src", env=PYTHON_ENV)
+            result = guest.run(with_local_src(shlex.join(command)), timeout=args.timeout, cwd="/src", env=PYTHON_ENV)
     except GuestError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ class GuestRun:
         self.image_built = False
 
     def run(self) -> None:
-        from .vm import PYTHON_ENV, Guest, GuestError  # only the host needs qemu
+        from .vm import PYTHON_ENV, Guest, GuestError, with_local_src  # only the host needs qemu
 
         started = time.monotonic()
         try:  # the guest installs cryptsnap from the package, as users do (tests/support/package.py)
@@ -116,7 +116,7 @@ class GuestRun:
                 "-o", "junit_family=xunit2", "--junitxml=/results/junit.xml", *self.nodeids,
             ]  # fmt: skip
             t0 = time.monotonic()
-            command = f"{shlex.join(argv)} > /results/pytest.log 2>&1"
+            command = with_local_src(f"{shlex.join(argv)} > /results/pytest.log 2>&1")
             try:
                 guest.run(command, timeout=GUEST_TIMEOUT, cwd="/src", env=env)
             finally:

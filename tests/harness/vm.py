@@ -38,8 +38,16 @@ KVM_PROBE_SECONDS = 8.0
 PR_SET_PDEATHSIG = 1
 # Python in the guest: the checkout's code, and its bytecode cached on the guest's own disk.
 # /src is read-only, so without a cache prefix every process (each run's CLI, meter and block
-# device server) compiled every module again: seconds per process on an emulated CPU.
-PYTHON_ENV = {"PYTHONPATH": "/src/src", "PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": "/var/cache/cryptsnap-pyc"}
+# device server) compiled every module again: seconds per process on an emulated CPU. The
+# code itself is copied to the guest's disk too (`with_local_src`): importing the CLI from 9p
+# took 1.3 s against 0.9 s from the guest's disk, and a run starts three Python processes.
+LOCAL_SRC = "/var/tmp/cryptsnap-src"
+PYTHON_ENV = {"PYTHONPATH": LOCAL_SRC, "PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": "/var/cache/cryptsnap-pyc"}
+
+
+def with_local_src(command: str) -> str:
+    """`command` (a shell command line for Guest.run) run after /src/src is copied to LOCAL_SRC."""
+    return f"rm -rf {LOCAL_SRC} && cp -r /src/src {LOCAL_SRC} && {command}"
 
 
 class GuestError(RuntimeError):
