@@ -25,7 +25,7 @@ from tests.support import package
 
 SYSTEM_DIR = "tests/system/"
 IN_GUEST = os.environ.get("CRYPTSNAP_IN_GUEST") == "1"
-GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "4800"))
+GUEST_TIMEOUT = float(os.environ.get("CRYPTSNAP_VM_TEST_TIMEOUT", "4900"))
 
 
 LONG_ENV = "CRYPTSNAP_LONG"  # set by --long (make test-long); reaches the guest with the other CRYPTSNAP_ variables

@@ -15,7 +15,7 @@ import psutil
 from tests.support import trees
 from tests.support.checks import cryptsnap
 from tests.support.service import wait_until
-from tests.support.targets import make_setup
+from tests.support.targets import init_target, make_setup
 
 PHASES = ("connecting", "attaching", "unlocking", "mounting", "syncing", "finalizing", "unmounting")
 
@@ -74,7 +74,7 @@ def with_one_snapshot(tmp_path, server, **options):
     """An initialized target with one snapshot, and what that snapshot holds."""
     setup = make_setup(tmp_path, server, **options)
     (setup.source / "first").write_text("before the fault\n")
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     cryptsnap(setup, "backup", setup.name)
     return setup, digests(setup)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -14,8 +13,7 @@ import pytest
 
 from cryptsnap.bus import target_path
 from tests.support import package, sshd
-from tests.support.checks import cryptsnap
-from tests.support.targets import InitializedCopy, Setup, make_setup
+from tests.support.targets import Setup, init_target, make_setup
 
 SRV = "/srv/cryptsnap-test"  # visible to the service (PrivateTmp hides /tmp from it)
 
@@ -60,26 +58,14 @@ def service_setup(installed) -> Setup:
                       state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def initialized(installed) -> InitializedCopy:
-    """One `cryptsnap init` per module, kept aside; each `service` target starts as a copy of it.
-
-    An init costs about 20 s of emulated CPU (60 s on a slow day) and these tests are not about
-    init (test_pipeline, tests/host and the package tests' own targets run it)."""
-    setup = service_setup(installed)
-    cryptsnap(setup, "init", setup.name)
-    kept = InitializedCopy.keep(setup, setup.config_path.parent / "initialized")
-    shutil.rmtree(setup.state_dir / setup.name)  # the package tests may purge /var/lib/cryptsnap: kept elsewhere
-    os.unlink(Path(installed.remote_dir) / f"{setup.name}.img")
-    return kept
-
-
 @pytest.fixture
-def service(installed, initialized):
-    """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded."""
+def service(installed):
+    """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded.
+    Initialized as a copy of the first such target's init (targets.init_target): these tests
+    are not about init, and 18 inits were 6 minutes of the guest tier (twice that on a slow day)."""
     setup = service_setup(installed)
     (setup.source / "file.txt").write_text("version 1\n")
-    initialized.copy_to(setup)
+    init_target(setup)
     os.makedirs("/etc/cryptsnap", exist_ok=True)
     os.replace(setup.config_path, "/etc/cryptsnap/config.yaml")
     setup.config_path = Path("/etc/cryptsnap/config.yaml")

@@ -7,13 +7,16 @@ import json
 import os
 import pwd
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from cryptsnap import config
+from cryptsnap import commands, config
+from cryptsnap.stack import Paths
+from cryptsnap.state import TargetState
 from tests.support.sshd import UntrustedHost
 
 
@@ -81,16 +84,34 @@ def make_setup(tmp: Path, server: UntrustedHost, filesystem: str = "btrfs", size
     return Setup(name, config_path, source, key_file, state_dir, runtime_dir, server)
 
 
+_initialized: dict[tuple, InitializedCopy] = {}  # kind of target -> what its first init made
+
+
+def init_target(setup: Setup) -> None:
+    """`cryptsnap init` for a test whose subject is not init: the first target of its kind
+    (file system, size, sparse, KDF) in the test session runs it; the later ones start as a
+    copy of what it made (an init is 20 s of emulated CPU, 36-60 s on a slow day)."""
+    from tests.support.checks import cryptsnap  # checks imports this module
+
+    target = setup.load()
+    kind = (target.filesystem, target.size, target.sparse, target.pbkdf, target.pbkdf_iterations)
+    if kind in _initialized:
+        _initialized[kind].copy_to(setup)
+        return
+    cryptsnap(setup, "init", setup.name)
+    _initialized[kind] = InitializedCopy.keep(setup, Path(tempfile.mkdtemp(prefix="csnap-initialized-", dir="/var/tmp")))
+
+
 @dataclass(frozen=True)
 class InitializedCopy:
     """What `cryptsnap init` made for one target, kept aside to start other targets from.
 
-    A copy is byte for byte the initialized target under another name: the image (allocated
-    in full, as init allocates it), the state directory and the key. Every copy has the same
-    LUKS and btrfs UUIDs, so copies must not be open at the same time.
+    A copy is byte for byte the initialized target under another name, on its own server:
+    the image (allocated in full, as init allocates it), the state directory with the
+    server's host key pinned, and the key. Every copy has the same LUKS and file system
+    UUIDs, so copies must not be open at the same time.
     """
 
-    name: str
     image: Path  # sparse: only the parts init wrote
     state: Path
     key: Path
@@ -98,9 +119,9 @@ class InitializedCopy:
 
     @classmethod
     def keep(cls, setup: Setup, where: Path) -> InitializedCopy:
-        where.mkdir(parents=True)
-        image = Path(setup.server.remote_dir) / f"{setup.name}.img"
-        kept = cls(setup.name, where / "image", where / "state", where / "key", image.stat().st_size)
+        where.mkdir(parents=True, exist_ok=True)
+        image = Path(setup.server.remote_dir) / setup.load().image
+        kept = cls(where / "image", where / "state", where / "key", image.stat().st_size)
         _copy_written_parts(image, kept.image)
         shutil.copytree(setup.state_dir / setup.name, kept.state)
         shutil.copy2(setup.key_file, kept.key)
@@ -108,17 +129,24 @@ class InitializedCopy:
 
     def copy_to(self, setup: Setup) -> None:
         """Make `setup`'s target (not initialized yet) what init made of this one."""
+        target = setup.load()
         state = setup.state_dir / setup.name
         shutil.copytree(self.state, state)
-        for name in ("known_hosts", "ssh_config"):  # they name the target: its host alias, its paths
-            path = state / name
-            path.write_text(path.read_text().replace(self.name, setup.name))
+        # What init pins and writes for this target's own name and server: its host key (under
+        # the target's host alias) and its ssh config.
+        key_type, key = setup.server.host_key_line.split()[1:3]
+        (state / "known_hosts").write_text(f"{commands.ssh_host(target)} {key_type} {key}\n")
+        TargetState(target).write_ssh_config(Paths.of(target).traffic)
         shutil.copy2(self.key, setup.key_file)
-        image = Path(setup.server.remote_dir) / f"{setup.name}.img"
+        account = pwd.getpwnam(setup.server.user)
+        remote = Path(setup.server.remote_dir)
+        if not remote.exists():  # init makes it over ssh, as the server's user
+            remote.mkdir()
+            os.chown(remote, account.pw_uid, account.pw_gid)
+        image = remote / target.image
         with open(image, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, self.size)
         _copy_written_parts(self.image, image)
-        account = pwd.getpwnam(setup.server.user)
         os.chown(image, account.pw_uid, account.pw_gid)
 
 

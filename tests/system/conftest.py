@@ -4,7 +4,7 @@ import pytest
 
 from tests.support import udev
 from tests.support.fixtures import setup, untrusted_host  # noqa: F401  (fixtures)
-from tests.support.service import initialized, installed, service  # noqa: F401  (fixtures: cryptsnapd under systemd)
+from tests.support.service import installed, service  # noqa: F401  (fixtures: cryptsnapd under systemd)
 
 
 @pytest.fixture(scope="session", autouse=True)

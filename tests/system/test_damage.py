@@ -17,7 +17,7 @@ import yaml
 from cryptsnap.blockcache import Store
 from tests.support import trees
 from tests.support.checks import assert_nothing_left, cryptsnap
-from tests.support.targets import make_setup
+from tests.support.targets import init_target, make_setup
 from tests.system.test_pipeline import flip, remote_image
 
 OOPS = re.compile(r"BUG:|Oops|general protection fault|kernel BUG|Call Trace", re.I)
@@ -55,7 +55,7 @@ def test_damaged_metadata_is_found_by_check_mended_from_this_machines_copy_and_r
         (setup.source / f"d{d}").mkdir()
         for f in range(30):
             (setup.source / f"d{d}" / f"f{f:02}").write_bytes(os.urandom(8192))
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     cryptsnap(setup, "backup", setup.name)
     (setup.source / "d0" / "late").write_text("second snapshot\n")
     cryptsnap(setup, "backup", setup.name)

@@ -33,7 +33,7 @@ from tests.support.runs import (
     with_one_snapshot,
 )
 from tests.support.service import prop, sh, start_backup, wait_idle, wait_until
-from tests.support.targets import make_setup
+from tests.support.targets import init_target, make_setup
 
 TARGET = "org.cryptsnap1.Target"
 
@@ -164,7 +164,7 @@ def test_a_read_a_killed_block_device_server_left_unanswered_is_failed_by_the_ne
     target's mapping on it and a reader stuck there. The next run fails the read, removes the
     mapping, frees the device and backs up."""
     setup = make_setup(tmp_path, untrusted_host)
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     (setup.source / "file").write_text("after the hang\n")
     mapping = f"cryptsnap-{setup.name}"
     size, stuck_at = 64 << 20, 40 << 20
@@ -573,7 +573,7 @@ def test_whatever_the_server_puts_where_the_image_was_is_refused(tmp_path, untru
     another size: refused before anything is read or written, the local file untouched."""
     setup = make_setup(tmp_path, untrusted_host, filesystem="ext2", size="64M")
     (setup.source / "f").write_text("data\n")
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     image = Path(untrusted_host.remote_dir) / f"{setup.name}.img"
     kept = image.with_name("kept.img")
     image.rename(kept)
@@ -728,7 +728,7 @@ def test_two_machines_on_one_image_one_proceeds_the_other_is_busy(tmp_path, untr
     import shutil
 
     first = make_setup(tmp_path / "first", untrusted_host, size="300M")
-    cryptsnap(first, "init", first.name)
+    init_target(first)
     fill(first.source, 48)
     second = make_setup(tmp_path / "second", untrusted_host, size="300M", image=f"{first.name}.img")
     shutil.copytree(first.state_dir / first.name, second.state_dir / second.name)

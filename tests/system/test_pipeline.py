@@ -15,7 +15,7 @@ import yaml
 from cryptsnap import changes
 from tests.support import trees
 from tests.support.checks import assert_nothing_left, cryptsnap, leftovers
-from tests.support.targets import make_setup
+from tests.support.targets import init_target, make_setup
 
 
 def extents(path: Path) -> list[int]:
@@ -119,7 +119,7 @@ def start_big_backup(tmp_path, untrusted_host, filesystem: str):
     setup = make_setup(tmp_path, untrusted_host, filesystem=filesystem, size="400M")
     for i in range(4):
         (setup.source / f"big-{i}").write_bytes(os.urandom(16 * 1024 * 1024))
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     proc = subprocess.Popen(["python3", "-m", "cryptsnap", *setup.cli_args("backup", setup.name)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     return setup, proc
@@ -294,7 +294,7 @@ def test_the_local_record_copies_only_changes_and_stands_down_when_it_does_not_m
     # of its parent directory, which rsync --relative copies too (and so would count as a change).
     restores = tmp_path / "restores"
     restores.mkdir()
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
 
     def backup(*extra: str) -> str:
         return cryptsnap(setup, "-v", "backup", setup.name, *extra).stderr
@@ -377,7 +377,7 @@ def test_check_stays_within_one_percent_continues_where_it_stopped_and_finds_dam
     setup = make_setup(tmp_path, untrusted_host, size="200M")
     for i in range(48):
         (setup.source / f"f{i:02d}.bin").write_bytes(os.urandom(256 << 10))
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     cryptsnap(setup, "backup", setup.name)
 
     def check(*extra: str, expect: int = 0) -> tuple[str, int]:
@@ -424,7 +424,7 @@ def test_the_metadata_cache_answers_reads_locally_and_steps_aside_when_the_image
         (setup.source / f"d{d:02}").mkdir()
         for f in range(20):
             (setup.source / f"d{d:02}" / f"f{f:02}").write_bytes(os.urandom(16384))
-    cryptsnap(setup, "init", setup.name)
+    init_target(setup)
     restores = tmp_path / "restores"
     restores.mkdir()
 
