@@ -31,10 +31,11 @@ def test_a_copy_is_the_kept_image_on_its_own_server_with_that_servers_host_key_p
     assert os.stat(kept.image).st_blocks * 512 < target.size // 2, "the kept image should hold only the written parts"
 
     other = sshd.start()
+    copy = make_setup(tmp_path / "copy", other)
+    copied = copy.load()
+    traffic = Paths.of(copied).traffic
     try:
-        copy = make_setup(tmp_path / "copy", other)
         kept.copy_to(copy)
-        copied = copy.load()
         image = os.path.join(other.remote_dir, copied.image)
         with open(original, "rb") as a, open(image, "rb") as b:
             assert a.read() == b.read(), "the copy's image differs from the kept one"
@@ -47,10 +48,9 @@ def test_a_copy_is_the_kept_image_on_its_own_server_with_that_servers_host_key_p
         assert copied_state.header_backup.read_bytes() == state.header_backup.read_bytes()
         # The pinned key is the new server's, under the new target's alias: ssh just works
         # (through the meter, as in a run, which first makes its counter).
-        traffic = Paths.of(copied).traffic
         meter.reset(traffic)
         result = runner.run(commands.ssh(str(copied_state.ssh_config), copied, ["echo", "reached"]))
         assert result.stdout.strip() == "reached"
     finally:
         sshd.stop(other)
-        shutil.rmtree(os.path.dirname(Paths.of(copy.load()).traffic), ignore_errors=True)
+        shutil.rmtree(traffic.parent, ignore_errors=True)

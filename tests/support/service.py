@@ -13,7 +13,7 @@ import pytest
 
 from cryptsnap.bus import target_path
 from tests.support import package, sshd
-from tests.support.targets import Setup, init_target, make_setup
+from tests.support.targets import init_target, make_setup
 
 SRV = "/srv/cryptsnap-test"  # visible to the service (PrivateTmp hides /tmp from it)
 
@@ -52,18 +52,14 @@ def installed():
     sshd.stop(server)
 
 
-def service_setup(installed) -> Setup:
-    base = Path(SRV) / uuid.uuid4().hex[:8]
-    return make_setup(base, installed, filesystem="btrfs", size="400M",
-                      state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
-
-
 @pytest.fixture
 def service(installed):
     """A fresh target in /etc/cryptsnap/config.yaml, initialized, with the daemon reloaded.
     Initialized as a copy of the first such target's init (targets.init_target): these tests
     are not about init, and 18 inits were 6 minutes of the guest tier (twice that on a slow day)."""
-    setup = service_setup(installed)
+    base = Path(SRV) / uuid.uuid4().hex[:8]
+    setup = make_setup(base, installed, filesystem="btrfs", size="400M",
+                       state_dir=Path("/var/lib/cryptsnap"), runtime_dir=Path("/run/cryptsnap"))  # fmt: skip
     (setup.source / "file.txt").write_text("version 1\n")
     init_target(setup)
     os.makedirs("/etc/cryptsnap", exist_ok=True)
