@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench import find_scan
 from bench.record_scale import make_tree, record
 from bench.scatter_lab import drop_caches, loop, run
 from cryptsnap import changes
@@ -80,19 +81,37 @@ def memory() -> dict[str, int]:
     return {name: int(fields[name].split()[0]) >> 10 for name in ("MemTotal", "Cached", "Slab")}
 
 
-def measure(device: str) -> None:
+TOOLS = ("du", "scan", "rsync", "find-sorted", "find")
+LAB_ORDERS = {"find-sorted": "sorted", "find": "find"}  # bench.find_scan's tools: their --order
+
+
+def measure(device: str, only: tuple[str, ...] = TOOLS) -> None:
     with mounted(device) as top, tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
         tree, copy, work = top / "tree", top / "copy", Path(scratch)
         known = changes.Record.load(top / "records" / "files.gz")
+        # bench.find_scan's first records, of the tree as `make` left it (not timed)
+        for name in set(only) & set(LAB_ORDERS):
+            find_scan.first(tree, work / LAB_ORDERS[name], LAB_ORDERS[name])
         os.utime(tree / "d0" / "f0")  # one file touched: the scan finds it, rsync would copy it
-        found = []
+        found, found_by_find = [], []
+
+        def prototype(order: str) -> None:
+            (work / order / "next").mkdir(exist_ok=True)
+            # against the first record each time, as the run's scan is
+            found_by_find.append(find_scan.scan(tree, work / order, work / order / "next", order, replace=False)[1])
+
         tools = {
-            "du -s (lstat of every file, C)": lambda: run("du", "-s", str(tree)),
-            "the run's scan (walk, compare, new record)":
-                lambda: found.append(record(tree, work / f"next{len(found)}.gz", known)),
-            "rsync -a --dry-run against the copy":
-                lambda: run("rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/"),
+            "du": ("du -s (lstat of every file, C)", lambda: run("du", "-s", str(tree))),
+            "scan": ("the run's scan (walk, compare, new record)",
+                     lambda: found.append(record(tree, work / f"next{len(found)}.gz", known))),
+            "rsync": ("rsync -a --dry-run against the copy",
+                      lambda: run("rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/")),
+            "find-sorted": ("lab: find | tr | sort, compared a block at a time (bench.find_scan)",
+                            lambda: prototype("sorted")),
+            "find": ("lab: find in its own order, compared a block at a time (bench.find_scan --order find)",
+                     lambda: prototype("find")),
         }  # fmt: skip
+        tools = dict(tools[name] for name in only)
         print(f"memory {memory()['MemTotal']} MiB")
         print("| | cold | warm | page cache, slab after |\n|---|---|---|---|")
         for name, work_of in tools.items():
@@ -100,7 +119,7 @@ def measure(device: str) -> None:
             after = memory()
             print(f"| {name} | {cold:.1f} s | {warm:.1f} s | {after['Cached']} MiB, {after['Slab']} MiB |", flush=True)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-        print(f"the scan found {found} changed entries; peak RSS of this process {peak} MiB")
+        print(f"the scan found {found} changed entries, the lab's {found_by_find}; peak RSS of this process {peak} MiB")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,11 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("--fs", choices=("ext4", "btrfs"), default="ext4")
     measured = sub.add_parser("measure", help="mount the image's device and time the three walks")
     measured.add_argument("device")
+    measured.add_argument("--only", default=",".join(TOOLS), help=f"which of {', '.join(TOOLS)} (default: all)")
     args = parser.parse_args(argv)
     if args.action == "make":
         make(args.image, args.files, args.fs)
     else:
-        measure(args.device)
+        only = tuple(args.only.split(","))
+        if unknown := set(only) - set(TOOLS):
+            parser.error(f"--only: no tool {', '.join(sorted(unknown))}; the tools are {', '.join(TOOLS)}")
+        measure(args.device, only)
 
 
 if __name__ == "__main__":

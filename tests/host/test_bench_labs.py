@@ -62,7 +62,7 @@ def test_scan_cache_makes_an_image_the_measure_step_mounts_and_scans(tmp_path):
         subprocess.run(["losetup", "-d", device], check=True)
     rows = [line for line in out.splitlines() if re.match(r"\| \S.* \| [0-9.]+ s \| [0-9.]+ s \|", line)]
     # the first record was made at `make`; the scan at `measure` finds only the touched file
-    assert len(rows) == 3 and "found [1, 1] changed entries" in out, out
+    assert len(rows) == 5 and "found [1, 1] changed entries, the lab's [1, 1, 1, 1]" in out, out
 
 
 def test_run_memory_sampler_counts_a_process_started_under_it_and_not_one_from_before():
@@ -80,3 +80,48 @@ def test_run_memory_sampler_counts_a_process_started_under_it_and_not_one_from_b
     # (by pid: whatever else this machine starts meanwhile is counted too, as it should be)
     assert sampler.by_pid[child.pid] >= 40 << 20 and before.pid not in sampler.by_pid, sampler.summary()
     assert sampler.peak >= 40 << 20 and sampler.by_name["python3"] >= 40 << 20, sampler.summary()
+
+
+def test_find_scan_lab_finds_what_changed_and_carries_each_unchanged_entrys_digest(tmp_path):
+    """bench.find_scan's block compare against a ground truth: the entries that differ between
+    two walks, in both orders, with names whose bytes sort around '/' (and \\001, which the lab
+    swaps with it), and every unchanged entry's digest where its entry went."""
+    import os
+    import random
+
+    from bench import find_scan
+
+    tree, rng = tmp_path / "tree", random.Random(13)
+    for d in range(30):
+        for f in range(rng.randint(0, 40)):
+            path = tree / f"d{d}" / (f"f{f}" + rng.choice(["", "-x", ".y", " z", "\x01q"]))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+
+    def listing() -> dict[bytes, bytes]:
+        out = subprocess.run(["find", str(tree), "-printf", find_scan.FIELDS], capture_output=True, check=True).stdout
+        return {find_scan.path_of(entry + b"\0"): entry + b"\0" for entry in out.split(b"\0")[:-1]}
+
+    for order in ("sorted", "find"):
+        find_scan.first(tree, tmp_path / order, order)
+    before = listing()
+    for path in rng.sample(sorted(p for p in tree.rglob("*") if p.is_file()), 15):
+        choice = rng.random()
+        if choice < 0.3:
+            path.unlink()
+        elif choice < 0.6:
+            os.utime(path, (1, 1))
+        else:
+            path.with_name(path.name + "new").write_bytes(b"y")
+    (tree / "d0-0" / "n").parent.mkdir()  # sorts between d0 and d0/..., by bytes
+    (tree / "d0-0" / "n").write_bytes(b"z")
+    after = listing()
+    changed = sum(before[path] != after[path] for path in before.keys() & after.keys())
+    new, gone = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+    assert changed and new and gone
+    for order in ("sorted", "find"):
+        work = tmp_path / order / "next"
+        work.mkdir()
+        assert find_scan.scan(tree, tmp_path / order, work, order) == (len(after), changed + new + gone), order
+        assert find_scan.check(tmp_path / order) == (len(after) - changed - new, changed + new), order
+        assert find_scan.scan(tree, tmp_path / order, work, order) == (len(after), 0), order
