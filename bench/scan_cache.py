@@ -3,7 +3,9 @@
 touched) and `rsync --dry-run` against an up-to-date copy take on the same tree, each with
 the kernel's caches dropped first (cold) and again at once (warm). Where the warm figures stay
 near the cold ones the machine's memory does not hold the tree's inodes and dentries, and
-every tool reads them from disk again: that is the floor, not cryptsnap's Python.
+every tool reads them from disk again: that is the floor, not cryptsnap's Python. Two more
+rows time bench.find_scan's lab (a C walk compared in blocks, sorted or in find's order);
+`--only du,scan` picks the rows.
 
 Making a million files in the emulated guest takes longer than measuring them, so the host
 makes the tree once, in an image the guest gets as a disk (its writes thrown away):
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("image", type=Path)
     made.add_argument("--files", type=int, default=1_000_000)
     made.add_argument("--fs", choices=("ext4", "btrfs"), default="ext4")
-    measured = sub.add_parser("measure", help="mount the image's device and time the three walks")
+    measured = sub.add_parser("measure", help="mount the image's device and time the walks")
     measured.add_argument("device")
     measured.add_argument("--only", default=",".join(TOOLS), help=f"which of {', '.join(TOOLS)} (default: all)")
     args = parser.parse_args(argv)
