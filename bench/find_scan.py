@@ -11,14 +11,20 @@ sorts, and Python only compares blocks.
 - the order: `tr` swaps '/' and \\001 in the stream, so that `sort -z -t ' ' -k8` (C locale)
   orders the lines by path components (a directory right before everything under it, as
   the record's order_key does); the fields hold neither byte;
-- the compare: the sorted stream against the last run's, a MiB at a time. Where the bytes
+- the compare: this walk's stream against the last run's, a MiB at a time. Where the bytes
   are equal, whole entries are copied to the new record and their digests (16 bytes each,
-  in a stream of their own, in the same order) along with them; where they differ, the next
-  entry of each side is taken apart and merged by path.
+  in a stream of their own, in the same order) along with them; where they differ, an entry
+  waits by path until the other side brings the same path. That needs no sorted order, only
+  the same one for what did not change, so `--order find` leaves out tr and sort: find's own
+  order (each directory's) is the same between two walks of a directory whose entries did
+  not change.
 
-The digests here are zeros: copying them costs the same whatever they hold, and a changed
-file's digest is counted, not taken. What is not prototyped: rsync's exclude rules (find
-would need them as -prune predicates), the record's safety checks, several sources.
+The first record's digests are markers (each entry's own hash), so that check() can tell
+that every unchanged entry's digest went where its entry went; a changed file's digest is
+zeros here, not taken. What is not prototyped: rsync's exclude rules (find would need them
+as -regex ... -prune predicates), several sources, the record's safety checks. Measured in
+the guest it gained 1.14x in find's order and lost in the sorted one (docs/performance.md,
+"A C walk instead").
 
     python3 -m bench.find_scan TREE PREVIOUS_DIR   # the first time: makes PREVIOUS_DIR's record
 """
@@ -194,7 +200,7 @@ def scan(tree: Path, previous: Path, work: Path, order: str, replace: bool = Tru
           open(work / "digests", "wb") as out_digests):  # fmt: skip
         found = compare(old, old_digests, walk.stdout, out, out_digests)
     if walk.wait() != 0:
-        raise RuntimeError(f"sort failed ({walk.returncode})")
+        raise RuntimeError(f"the walk failed (exit {walk.returncode})")
     for name in ("entries.gz", "digests") if replace else ():
         os.replace(work / name, previous / name)
     return found
@@ -220,7 +226,7 @@ def first(tree: Path, previous: Path, order: str) -> int:
             digests.write(marker(entry))
             count += 1
     if walk.wait() != 0:
-        raise RuntimeError(f"sort failed ({walk.returncode})")
+        raise RuntimeError(f"the walk failed (exit {walk.returncode})")
     return count
 
 
