@@ -879,10 +879,19 @@ class FsMount:
         if preen:
             self._preen(preen)
         kernel = KernelMessages()
+        was_mounted = is_mountpoint(self.mountpoint)
         try:
             runner.run(commands.mount(self.device, str(self.mountpoint), self.filesystem,
                                       self.readonly or self.read_only_for_now))  # fmt: skip
-        except ToolFailed as exc:
+        except BaseException as exc:
+            # mount stopped (the connection's end, a cancel) after the kernel had mounted the file
+            # system: it is mounted all the same, and the mapping below stays in use until it is
+            # unmounted. __exit__ does that, for a caller that registered it before entering
+            # (open_stack); it cannot be done here: after the connection's end no command may run
+            # until the run unwinds.
+            self.mounted = not was_mounted and is_mountpoint(self.mountpoint)
+            if not isinstance(exc, ToolFailed):
+                raise
             damage = damage_reported(self.device, kernel.read())
             if damage:
                 raise IntegrityError(

@@ -228,8 +228,9 @@ def open_stack(
                                                        state.header_backup))  # fmt: skip
         phase("mounting")
         with step("mounting"):
-            mount = stack.enter_context(FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly,
-                                                writable_later))  # fmt: skip
+            mount = FsMount(mapping.path, fs_mountpoint, target.filesystem, readonly, writable_later)
+            stack.push(mount)  # before entering: a mount stopped midway can leave it mounted (FsMount.__enter__)
+            mount.__enter__()
             if isinstance(loop, CachedDevice):  # tell the cache where metadata is, for as long as it is mounted
                 stack.enter_context(chunks.Watch(fs_mountpoint, loop.cover))
         opened = Opened(target, paths, fs_mountpoint, readonly, loop.device, mapping.path, phase, mount.make_writable)

@@ -292,6 +292,38 @@ def test_an_ext2_left_inconsistent_by_a_cut_run_is_repaired_before_it_is_written
         subprocess.run(["losetup", "--detach", device], check=True)
 
 
+def test_a_mount_stopped_after_the_kernel_mounted_is_unmounted_when_the_stack_unwinds(tmp_path, monkeypatch):
+    """The connection's end (or a cancel) can stop `mount` after the kernel mounted the file
+    system. The layer then says it is mounted, so that its exit, registered before entering as
+    open_stack does, unmounts it; else the mapping below stays in use and closing it fails the
+    run's unwinding (seen in the guest: a cut while mounting ended "still in use", exit 8)."""
+    image = tmp_path / "ext2.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext2", "-q", str(image)], check=True)
+    # `mount` that mounts, then is stopped by SIGTERM before it exits, as the watch stops it
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "mount").write_text(f'#!/bin/sh\n{shutil.which("mount")} "$@" && kill -TERM $$\n')
+    (tools / "mount").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    mountpoint = tmp_path / "fs"
+    try:
+        with contextlib.ExitStack() as stack:
+            mount = FsMount(device, mountpoint, "ext2", readonly=True)
+            stack.push(mount)
+            with pytest.raises(ToolFailed, match="exit -15"):
+                mount.__enter__()
+            assert is_mountpoint(mountpoint) and mount.mounted
+        assert not is_mountpoint(mountpoint)
+    finally:
+        if is_mountpoint(mountpoint):
+            subprocess.run(["umount", str(mountpoint)])
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
 def test_the_connection_watch_stops_the_running_tool_when_ssh_ends(setup):
     """A tool that would not notice the lost connection soon (rsync filling the page cache
     of an ext2 on a dead device) is stopped soon after ssh's end (the watch looks twice a
