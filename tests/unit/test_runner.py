@@ -22,6 +22,11 @@ def signals():
     yield
     for number, handler in saved.items():
         signal.signal(number, handler)
+    # Not cancelable any more either: else the next in-process unwinding (a host test's failed
+    # open_stack) runs ignore_cancels, and every later child of pytest inherits SIGTERM ignored
+    # (a tool the connection watch stops then runs to its end).
+    runner._cancelable = False
+    runner._meanings = {}
 
 
 def test_a_signal_while_a_child_starts_stops_that_child_then_cancels(signals):
