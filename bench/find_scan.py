@@ -39,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 FIELDS = r"%y %m %U %G %s %T@ %C@ %P\0"
@@ -93,6 +94,14 @@ class Entries:
         end = self.buf.find(b"\0", self.pos)
         return None if end < 0 else self.take(end + 1 - self.pos)
 
+    def __iter__(self) -> Iterator[bytes]:
+        """The entries left, one at a time."""
+        while True:
+            self.fill()
+            if (entry := self.next_entry()) is None:
+                return
+            yield entry
+
     def whole_entries_within(self, size: int) -> int:
         """The bytes of the whole entries among the next `size`."""
         end = self.buf.rfind(b"\0", self.pos, self.pos + size)
@@ -137,9 +146,8 @@ def compare(old, old_digests, new, out, out_digests) -> tuple[int, int]:
     is deleted (old) or new."""
     previous, current = Entries(old), Entries(new)
     waiting_old: dict[bytes, tuple[bytes, bytes]] = {}  # path: (entry, digest)
-    waiting_new: dict[bytes, int] = {}  # path: its place in `slots`
+    waiting_new: dict[bytes, tuple[int, bytes]] = {}  # path: (its place in `slots`, the entry)
     slots: list[bytes | None] = []  # the new digests from the first waiting new entry on
-    waiting_entries: dict[int, bytes] = {}  # place in `slots`: the new entry waiting there
     entries = differing = 0
 
     def digests(value: bytes) -> None:
@@ -165,8 +173,8 @@ def compare(old, old_digests, new, out, out_digests) -> tuple[int, int]:
         if before is not None:
             digest, path = old_digests.read(DIGEST), path_of(before)
             if path in waiting_new:
-                place = waiting_new.pop(path)
-                unchanged = waiting_entries.pop(place) == before
+                place, waiting = waiting_new.pop(path)
+                unchanged = waiting == before
                 differing += not unchanged
                 slots[place] = digest if unchanged else bytes(DIGEST)
             else:
@@ -180,9 +188,8 @@ def compare(old, old_digests, new, out, out_digests) -> tuple[int, int]:
                 differing += was != now
                 digests(digest if was == now else bytes(DIGEST))
             else:
-                waiting_new[path] = len(slots)
+                waiting_new[path] = (len(slots), now)
                 slots.append(None)
-                waiting_entries[len(slots) - 1] = now
         if not waiting_new and slots:
             out_digests.write(b"".join(slots))
             slots.clear()
@@ -216,12 +223,8 @@ def first(tree: Path, previous: Path, order: str) -> int:
     previous.mkdir(parents=True, exist_ok=True)
     walk = sorted_walk(tree, previous, order)
     with gzip.open(previous / "entries.gz", "wb", compresslevel=1) as out, open(previous / "digests", "wb") as digests:
-        entries = Entries(walk.stdout)
         count = 0
-        while True:
-            entries.fill()
-            if (entry := entries.next_entry()) is None:
-                break
+        for entry in Entries(walk.stdout):
             out.write(entry)
             digests.write(marker(entry))
             count += 1
@@ -236,11 +239,7 @@ def check(previous: Path) -> tuple[int, int]:
     AssertionError when any other digest is found beside an entry."""
     carried = zeroed = 0
     with gzip.open(previous / "entries.gz", "rb") as out, open(previous / "digests", "rb") as digests:
-        entries = Entries(out)
-        while True:
-            entries.fill()
-            if (entry := entries.next_entry()) is None:
-                break
+        for entry in Entries(out):
             digest = digests.read(DIGEST)
             if digest == marker(entry):
                 carried += 1
