@@ -27,6 +27,7 @@ rsync's rules (see Filter); patterns outside the subset handled here turn the re
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import heapq
@@ -143,25 +144,61 @@ def walk(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
 BATCH = 1024  # entries a batch of the walk holds
 
 
-def walk_batches(sources: Iterable[str], excludes: Iterable[str],
-                 one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
+def walk_batches(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool, start: bytes | None = None,
+                 end: bytes | None = None) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     """walk() in lists of up to BATCH entries, each with its os.stat_result as it came. What
     a nothing-changed run spends is this walk and its compare, Python per entry; in lists,
     without a generator's resume per entry and per layer, it costs about half
-    (docs/performance.md, the local record in the guest). UnsupportedPattern at once."""
-    return _batches(sources, Filter(excludes), one_file_system)
+    (docs/performance.md, the local record in the guest). UnsupportedPattern at once.
+
+    start, end (relative paths): only the entries from `start` (included) to `end` (excluded)
+    in record order, one part of a scan made in several processes (scanparts). The walk goes
+    down to `start` and stops at `end`; it reads no directory outside the part."""
+    return _batches(sources, Filter(excludes), one_file_system, Bounds(start, end))
 
 
-def _batches(sources: Iterable[str], rules: Filter,
-             one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
+@dataclass(frozen=True)
+class Bounds:
+    """A part of the record order: from `start` (included) to `end` (excluded); None: open."""
+
+    start: bytes | None = None
+    end: bytes | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lo", None if self.start is None else order_key(self.start))
+        object.__setattr__(self, "hi", None if self.end is None else order_key(self.end))
+
+    def holds(self, relative: bytes) -> bool:
+        key = order_key(relative)
+        return (self.lo is None or key >= self.lo) and (self.hi is None or key < self.hi)
+
+    def reaches(self, relative: bytes) -> bool:
+        """Does the subtree at `relative` (the directory and all under it) meet the part?"""
+        key = _key(relative)
+        if self.hi is not None and key >= self.hi:
+            return False  # all of it comes after the end
+        # Before the start, and the start not under it: all of it comes before the start.
+        return self.lo is None or key >= self.lo or self.lo[:len(key)] == key
+
+
+WHOLE = Bounds()
+
+
+def _key(relative: bytes) -> list[bytes]:
+    """order_key, with the file system root (b"") above everything."""
+    return order_key(relative) if relative else []
+
+
+def _batches(sources: Iterable[str], rules: Filter, one_file_system: bool,
+             bounds: Bounds = WHOLE) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     roots = sorted({os.fsencode(os.path.abspath(source)).rstrip(b"/") or b"/" for source in sources},
                    key=lambda root: order_key(root[1:]))  # fmt: skip
     if len(roots) == 1:
-        yield from _source(roots[0], rules, one_file_system)
+        yield from _source(roots[0], rules, one_file_system, bounds)
         return
     last: list[bytes] | None = None
     batch: list[tuple[bytes, os.stat_result]] = []
-    flat = (heapq.merge(*((entry for batch in _source(root, rules, one_file_system) for entry in batch)
+    flat = (heapq.merge(*((entry for batch in _source(root, rules, one_file_system, bounds) for entry in batch)
                           for root in roots), key=lambda entry: order_key(entry[0])))  # fmt: skip
     for relative, st in flat:
         key = order_key(relative)
@@ -180,10 +217,11 @@ def scan(sources: Iterable[str], excludes: Iterable[str], one_file_system: bool)
     return dict(walk(sources, excludes, one_file_system))
 
 
-def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:
+def _source(root: bytes, rules: Filter, one_file_system: bool,
+            bounds: Bounds) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     parts = [p for p in root.split(b"/") if p]
     paths = [b"/".join(parts[:depth]) for depth in range(1, len(parts))]
-    above = [(path, os.lstat(b"/" + path)) for path in paths]
+    above = [(path, os.lstat(b"/" + path)) for path in paths if bounds.holds(path)]
     try:
         top = os.lstat(root)
     except FileNotFoundError:
@@ -195,33 +233,87 @@ def _source(root: bytes, rules: Filter, one_file_system: bool) -> Iterator[list[
         if above:
             yield above
         return
-    if relative:
+    if relative and bounds.holds(relative):
         above.append((relative, top))
     if above:
         yield above
-    if stat.S_ISDIR(top.st_mode):
-        yield from _walk(root, top.st_dev, rules, one_file_system)
+    if stat.S_ISDIR(top.st_mode) and bounds.reaches(relative):
+        yield from _walk(root, top.st_dev, rules, one_file_system, bounds)
 
 
 _name = operator.attrgetter("name")
 
 
-def _listing(directory: bytes) -> Iterator[os.DirEntry]:
+def _listed(directory: bytes) -> list[os.DirEntry]:
     try:
-        return iter(sorted(os.scandir(directory), key=_name))
+        return sorted(os.scandir(directory), key=_name)
     except (PermissionError, FileNotFoundError) as exc:
         log.warning("cannot read %s: %s", os.fsdecode(directory), exc)
-        return iter(())
+        return []
 
 
-def _walk(directory: bytes, device: int, rules: Filter,
-          one_file_system: bool) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
-    """Depth first, names sorted: record order."""
-    levels = [_listing(directory)]
+def _descend(entry: os.DirEntry, device: int, rules: Filter,
+             one_file_system: bool) -> tuple[os.stat_result, bool] | None:  # fmt: skip
+    """An entry's stat and whether the walk goes into it; None: vanished, or excluded."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # vanished while we looked
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if rules.rules and rules.excluded(os.fsdecode(entry.path[1:]), is_dir):
+        return None
+    return st, is_dir and (not one_file_system or st.st_dev == device)
+
+
+def _first_levels(directory: bytes, device: int, rules: Filter, one_file_system: bool,
+                  lo: list[bytes] | None) -> tuple[list[Iterator[os.DirEntry]], list[list[bytes]]]:  # fmt: skip
+    """The walk's stack of listings where the part begins, with each listing's directory as an
+    order key: down the directories above `lo`, each listing from `lo`'s name at its depth
+    on. Those directories themselves come before `lo`: the part before this one holds them."""
+    key = _key(directory[1:])
+    listing = _listed(directory)
+    levels: list[Iterator[os.DirEntry]] = []
+    keys: list[list[bytes]] = []
+    while True:
+        keys.append(key)
+        if lo is None or len(lo) <= len(key) or lo[:len(key)] != key:
+            levels.append(iter(listing))  # the part holds all of this directory
+            return levels, keys
+        name = lo[len(key)]
+        i = bisect.bisect_left(listing, name, key=_name)
+        if i == len(listing) or listing[i].name != name or len(lo) == len(key) + 1:
+            levels.append(iter(listing[i:]))  # from `lo`, or from what follows it where it is gone
+            return levels, keys
+        levels.append(iter(listing[i + 1:]))  # listing[i] is above `lo`: into it
+        seen = _descend(listing[i], device, rules, one_file_system)
+        if not seen or not seen[1]:
+            return levels, keys  # not a directory the walk enters (any more): on after it
+        key = key + [name]
+        listing = _listed(listing[i].path)
+
+
+def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool,
+          bounds: Bounds = WHOLE) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
+    """Depth first, names sorted: record order. Within `bounds` (see walk_batches)."""
+    levels, keys = _first_levels(directory, device, rules, one_file_system, bounds.lo)
+    # The end: `edge` is the deepest listing whose directory lies above it. Only there can a
+    # name reach the end, so only there is a name compared (with the end's name at that depth).
+    hi, edge, limit = bounds.hi, -1, b""
+    if hi is not None:
+        while edge + 1 < len(keys) and len(hi) > len(keys[edge + 1]) and hi[:len(keys[edge + 1])] == keys[edge + 1]:
+            edge += 1
+        if edge >= 0:
+            limit = hi[len(keys[edge])]
     batch: list[tuple[bytes, os.stat_result]] = []
     excluding = bool(rules.rules)
     while levels:
         for entry in levels[-1]:  # the listing goes on where it was left to descend
+            above_end = False
+            if len(levels) - 1 == edge and entry.name >= limit:
+                if entry.name > limit or len(hi) == len(keys[edge]) + 1:
+                    levels.clear()  # the end: the next part begins here
+                    break
+                above_end = True
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -232,10 +324,17 @@ def _walk(directory: bytes, device: int, rules: Filter,
                 continue
             batch.append((relative, st))
             if is_dir and (not one_file_system or st.st_dev == device):
-                levels.append(_listing(entry.path))
+                levels.append(iter(_listed(entry.path)))
+                if above_end:  # the end is under it: its listing is the edge now
+                    del keys[edge + 1:]
+                    keys.append(keys[edge] + [entry.name])
+                    edge += 1
+                    limit = hi[len(keys[edge])]
                 break
         else:
             levels.pop()
+            if len(levels) == edge:  # the edge's directory is done: what follows lies after the end
+                levels.clear()
         if len(batch) >= BATCH:
             yield batch
             batch = []

@@ -56,6 +56,38 @@ def test_all_patterns_at_once_and_two_sources(tmp_path):
     assert set(ours) == rsync_selection(tmp_path / "src", patterns) | rsync_selection(tmp_path / "other", patterns)
 
 
+def test_a_walk_in_parts_is_the_whole_walk_for_any_boundary(tmp_path, monkeypatch):
+    """Each part of a scan in processes (scanparts) walks from its start to its end: cut at
+    any path (an entry, an excluded one, one that does not exist, a directory above sources),
+    the parts together are the whole walk, once each and in order. A part lists no directory
+    that lies wholly before its start."""
+    make_tree(tmp_path / "src")
+    make_tree(tmp_path / "other")
+    patterns = [p.format(root=str(tmp_path / "src").strip("/")) for p in PATTERNS]
+    sources = [str(tmp_path / "src"), str(tmp_path / "other"), str(tmp_path / "other" / "a")]
+    part = lambda start, end: [p for batch in changes.walk_batches(sources, patterns, True, start, end)  # noqa: E731
+                               for p, _ in batch]  # fmt: skip
+    whole = part(None, None)
+    assert whole == [p for p, _ in changes.walk(sources, patterns, True)]
+    src = os.fsencode(tmp_path / "src")[1:]
+    cuts = {b"", b"tmp", src, src + b"/cache", src + b"/cache/k", src + b"/x/cache/y/q"}  # the last three excluded
+    for path in whole:
+        cuts |= {path, path + b"0", path + b"/0", path + b"/~", path[:-1]}
+    listed: list[bytes] = []
+    listing = changes._listed
+    monkeypatch.setattr(changes, "_listed", lambda directory: listed.append(directory) or listing(directory))
+    for cut in sorted(cuts, key=changes.order_key):
+        listed.clear()
+        after = part(cut, None)
+        key = changes.order_key(cut)
+        under = lambda d: key[:len(d.split(b"/"))] == d.split(b"/")  # noqa: E731 (cut lies under d)
+        assert [d for d in listed if changes.order_key(d[1:]) < key and not under(d[1:])] == [], cut
+        assert part(None, cut) + after == whole, cut
+    ordered = sorted(cuts, key=changes.order_key)
+    for first, second in zip(ordered[::7], ordered[3::7]):
+        assert part(None, first) + part(first, second) + part(second, None) == whole, (first, second)
+
+
 def test_patterns_outside_the_subset_are_refused_not_guessed():
     for pattern in ("+ keep", "- drop", "a\\*b", "[[:digit:]]"):
         with pytest.raises(changes.UnsupportedPattern):
