@@ -1,7 +1,7 @@
 """A lab for issue 13's item 3 (not cryptsnap's record): what a nothing-changed run's local scan
 would cost with no Python per unchanged entry.
 
-The run's scan (snapshot.scan_sources) spends about 3 µs of Python per entry on this host
+The run's scan (scan.scan_sources) spends about 3 µs of Python per entry on this host
 and 50–80 s for 10^6 entries in the emulated guest, over the 24 s that `du` takes there
 (docs/performance.md). This lab measures the other way that the docs name: C walks and
 sorts, and Python only compares blocks.

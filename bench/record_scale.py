@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import psutil
 
-from cryptsnap import changes, commands, snapshot
+from cryptsnap import changes, commands, scan
 
 
 def make_tree(root: Path, files: int) -> None:
@@ -39,11 +39,11 @@ def make_tree(root: Path, files: int) -> None:
 
 
 def record(tree: Path, to: Path, known: changes.Record | None) -> int:
-    """Walk `tree` into a record at `to` as a run's scan does (snapshot.scan_sources: with
+    """Walk `tree` into a record at `to` as a run's scan does (scan.scan_sources: with
     `known`, the compare with it; without, a content digest of every file, as a first run
     takes them); the number of entries found changed, new or deleted (all of them without)."""
     target = SimpleNamespace(sources=(str(tree),), excludes=(), one_file_system=True)
-    writer, found = snapshot.scan_sources(target, to, known, to.parent)
+    writer, found = scan.scan_sources(target, to, known, to.parent)
     writer.commit(1, "s", "x")
     if found is None:
         return writer.count

@@ -1,5 +1,5 @@
 """A nothing-changed run's local scan at 10^6 files beside the machine's own floor: how long
-`du` (C, one lstat per file), the run's scan (cryptsnap.snapshot.scan_sources, one file
+`du` (C, one lstat per file), the run's scan (cryptsnap.scan.scan_sources, one file
 touched) and `rsync --dry-run` against an up-to-date copy take on the same tree, each with
 the kernel's caches dropped first (cold) and again at once (warm). Where the warm figures stay
 near the cold ones the machine's memory does not hold the tree's inodes and dentries, and

@@ -12,7 +12,7 @@ The record also holds a digest of each regular file's content, taken from the so
 that file was copied. A file whose metadata changed but whose content did not (a package
 upgrade or a release tarball unpacked over the tree gives every file a new mtime) then gets
 only its attributes set in the snapshot, without its bytes crossing the link again
-(snapshot.Found.touched). A digest is kept only where it is sure to describe what the
+(scan.Found.touched). A digest is kept only where it is sure to describe what the
 snapshot holds: taken from a file with one link, and only if the file did not change between
 the walk and the end of the run (RecordWriter.commit); otherwise "-", unknown.
 
@@ -40,6 +40,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def walk_batches(sources: Iterable[str], excludes: Iterable[str], one_file_syste
     (docs/performance.md, the local record in the guest). UnsupportedPattern at once.
 
     start, end (relative paths): only the entries from `start` (included) to `end` (excluded)
-    in record order, one part of a scan made in several processes (scanparts). The walk goes
+    in record order, one part of a scan made in several processes (cryptsnap.scan). The walk goes
     down to `start` and stops at `end`; it reads no directory outside the part."""
     return _batches(sources, Filter(excludes), one_file_system, Bounds(start, end))
 
@@ -453,7 +454,12 @@ def merged_keeping_unchanged(old_chunks: Iterable[list[bytes]], batches: Iterabl
                 if path == name:
                     if path == previous:
                         raise RecordDamaged(f"the record holds {os.fsdecode(path)!r} twice")
-                    yield (path, *parse_fields(chunk[i + 1])), new
+                    recorded = parse_fields(chunk[i + 1])
+                    if recorded[0] == new[1]:  # as recorded, after entries that are gone
+                        kept.append(name + b"\0" + chunk[i + 1] + b"\0")
+                        kept_size += st.st_size if st.st_mode & 0o170000 == 0o100000 else 0
+                    else:
+                        yield (path, *recorded), new
                     previous = path
                     i += 2
                     break
@@ -534,6 +540,34 @@ def raw_chunks(stream) -> Iterator[list[bytes]]:
         raise ValueError("cut short in the middle of an entry")
 
 
+def bounded(chunks: Iterable[list[bytes]], bounds: Bounds) -> Iterator[list[bytes]]:
+    """raw_chunks() of a record, only the entries within `bounds` (a part of a scan): an order
+    key per chunk, and a binary search in the chunk where the part begins or ends."""
+    lo, hi = bounds.lo, bounds.hi
+    for fields in chunks:
+        if lo is not None:
+            if order_key(fields[-2]) < lo:
+                continue
+            fields, lo = fields[_first_at(fields, lo):], None
+        if hi is not None and order_key(fields[-2]) >= hi:
+            if fields := fields[:_first_at(fields, hi)]:
+                yield fields
+            return
+        yield fields
+
+
+def _first_at(fields: list[bytes], key: list[bytes]) -> int:
+    """Where in a chunk (path, fields, path, ...) the first path at or after `key` is."""
+    low, high = 0, len(fields) // 2
+    while low < high:
+        middle = (low + high) // 2
+        if order_key(fields[2 * middle]) < key:
+            low = middle + 1
+        else:
+            high = middle
+    return 2 * low
+
+
 def read_entries(stream) -> Iterator[tuple[bytes, Stat, str | None]]:
     """Parse entries (path NUL fields NUL ...) from a binary stream: (path, Stat, digest or None).
     ValueError when the stream is cut short or damaged."""
@@ -573,6 +607,8 @@ class Record:
     count: int
     source: Path  # the file its entries are read from
     format: int = FORMAT
+    # (index, path) of an entry every MARK or so: where a scan in parts may cut (cryptsnap.scan)
+    marks: tuple[tuple[int, bytes], ...] = ()
 
     def entries(self) -> Iterator[tuple[bytes, Stat]]:
         """The entries, in record order; RecordDamaged when the file is damaged or cut short."""
@@ -641,7 +677,21 @@ class Record:
         if not isinstance(header, dict) or header.get("format") not in READABLE:
             return None
         return cls(header["generation"], header["snapshot"], header["settings"], header["count"], path,
-                   header["format"])
+                   header["format"], _marks(header.get("marks")))
+
+
+def _marks(listed) -> tuple[tuple[int, bytes], ...]:
+    """A header's marks; none where they are not as written (the scan is then not cut)."""
+    try:
+        marks = tuple((int(index), bytes.fromhex(path)) for index, path in listed or ())
+    except (TypeError, ValueError):
+        return ()
+    keys = [order_key(path) for _, path in marks]
+    in_order = all(a[0] < b[0] for a, b in pairwise(marks)) and all(a < b for a, b in pairwise(keys))
+    return marks if in_order else ()
+
+
+MARK = 1 << 14  # entries between two marks of a record: a part of a scan is at least this
 
 
 class RecordWriter:
@@ -663,6 +713,8 @@ class RecordWriter:
         self.pending_size = 0
         self.taken_file = path.with_name(path.name + ".taken")  # path, Stat of the digests taken this run
         self.taken = None
+        self.marks: list[tuple[int, bytes]] = []
+        self.mark_every = MARK
 
     def add(self, name: bytes, st: Stat, digest: str | None = None, taken: bool = False) -> None:
         line = entry_line(name, st, digest)
@@ -672,6 +724,8 @@ class RecordWriter:
             self.taken.write(line)
         self.pending.append(line)
         self.pending_size += len(line)
+        if self.count % self.mark_every == 0:
+            self.marks.append((self.count, name))
         self.count += 1
         if stat.S_ISREG(st[0]):
             self.size += st[3]
@@ -682,8 +736,37 @@ class RecordWriter:
         """Entries as the last record holds them (entry_line), `size` bytes of regular files in all."""
         self._flush()
         self.out.write(b"".join(lines))
+        for i in range(-self.count % self.mark_every, len(lines), self.mark_every):
+            self.marks.append((self.count + i, lines[i][:lines[i].index(b"\0")]))
         self.count += len(lines)
         self.size += size
+
+    def finish_part(self) -> dict:
+        """Close a part of a scan's record (cryptsnap.scan) for the run to adopt: what adopt() needs
+        besides its files."""
+        self._flush()
+        self.out.close()
+        if self.taken is not None:
+            self.taken.close()
+        return {"count": self.count, "size": self.size, "marks": [[index, path.hex()] for index, path in self.marks]}
+
+    def adopt(self, part: Path, finished: dict) -> None:
+        """Append the entries of a part of the scan (a RecordWriter(part) that finish_part()
+        closed), in order, with its digests to check at commit."""
+        self._flush()
+        self.out.close()  # ends this gzip member: the part's are appended as they are
+        entries, taken = (part.with_name(part.name + suffix) for suffix in (".entries", ".taken"))
+        with open(entries, "rb") as written, open(self.entries_file, "ab") as out:
+            shutil.copyfileobj(written, out)
+        self.out = gzip.open(self.entries_file, "ab", compresslevel=1)
+        if taken.exists():
+            if self.taken is None:
+                self.taken = open(self.taken_file, "wb")  # noqa: SIM115 (closed by commit or discard)
+            with open(taken, "rb") as written:
+                shutil.copyfileobj(written, self.taken)
+        self.marks += [(self.count + index, bytes.fromhex(path)) for index, path in finished["marks"]]
+        self.count += finished["count"]
+        self.size += finished["size"]
 
     def _flush(self) -> None:
         self.out.write(b"".join(self.pending))
@@ -695,7 +778,8 @@ class RecordWriter:
         self.out.close()
         self._forget_unstable_digests()
         header = json.dumps({"format": FORMAT, "generation": generation, "snapshot": snapshot,
-                             "settings": settings, "count": self.count})  # fmt: skip
+                             "settings": settings, "count": self.count,
+                             "marks": [[index, path.hex()] for index, path in self.marks]})  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as out:
             out.write(gzip.compress(header.encode() + b"\n", compresslevel=1))

@@ -128,6 +128,17 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> None:
         raise _failure(argv, proc.returncode, b"".join(errors).decode(errors="replace"))
 
 
+def start(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+    """Start argv for the caller to talk to through its pipes; a cancel stops it with the
+    commands. The caller ends it with stop() once done with it."""
+    return _popen(argv, **popen_kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill what start() started if it still runs, and forget it."""
+    _stop(proc)
+
+
 def start_service(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
     """Start a long-running helper the caller stops itself, in its own session.
 

@@ -22,13 +22,13 @@ import os
 import re
 import shutil
 import stat
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from . import changes, commands, durable, naming, retention, runner
 from .config import Target
 from .errors import ImageFull, IntegrityError, ToolFailed
+from .scan import Found, scan_sources
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -357,111 +357,6 @@ class NothingChanged(Exception):  # noqa: N818 (not an error: the run is done)
 
 
 RESUMABLE_FROM = 64 << 20  # changed bytes from which a lost connection's next try goes on from the last
-TOUCHED = "touched"  # a file whose attributes changed, not its content
-
-
-class Found:
-    """What changed since the record, as the scan found it: the paths rsync is to copy (NUL-
-    separated, for --files-from), the files whose attributes alone changed (`touched`: same
-    size and content digest as recorded), and those to delete first, in temporary files
-    (10^6 changed paths need not fit in memory)."""
-
-    def __init__(self, work_dir: Path | None):
-        self.listing = tempfile.NamedTemporaryFile(dir=work_dir, prefix="changed.")
-        self.touched_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="touched.")
-        self.deleted_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix="deleted.")
-        self.changed = self.touched = self.deleted = self.changed_bytes = 0
-
-    @property
-    def empty(self) -> bool:
-        return not (self.changed or self.touched or self.deleted)
-
-    def add(self, kind: str, path: bytes, st: changes.Stat | None = None) -> None:
-        if kind == TOUCHED:
-            self.touched_file.write(path + b"\0")
-            self.touched += 1
-        elif kind == changes.CHANGED:
-            self.listing.write(path + b"\0")
-            self.changed += 1
-            self.changed_bytes += st[3] if st and stat.S_ISREG(st[0]) else 0
-        else:
-            self.deleted_file.write(path + b"\0")
-            self.deleted += 1
-
-    def deleted_paths(self) -> Iterator[bytes]:
-        self.deleted_file.flush()
-        rest = b""
-        with open(self.deleted_file.name, "rb") as paths:
-            while chunk := paths.read(1 << 20):
-                *complete, rest = (rest + chunk).split(b"\0")
-                yield from complete
-
-    def __enter__(self) -> Found:
-        self.listing.flush()
-        self.touched_file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.listing.close()
-        self.touched_file.close()
-        self.deleted_file.close()
-
-
-def scan_sources(target: Target, record_to: Path | None, known: changes.Record | None, work_dir: Path | None,
-                 touch: bool = True) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
-    """Walk the sources into a new record (at record_to, once committed); with `known`, the
-    record of the previous snapshot, find what changed since, as the walk goes. touch: a file
-    whose content is as recorded may get its attributes alone (Found.touched)."""
-    if record_to is None:
-        return None, None
-    try:
-        return _walk(target, record_to, known, work_dir, touch)
-    except changes.RecordDamaged as exc:
-        log.warning("the local record is damaged (%s): comparing every file with the image", exc)
-        return _walk(target, record_to, None, work_dir, touch)
-
-
-def _walk(target: Target, record_to: Path, known: changes.Record | None, work_dir: Path | None,
-          touch: bool) -> tuple[changes.RecordWriter | None, Found | None]:  # fmt: skip
-    try:
-        walk = changes.walk_batches(target.sources, target.excludes, target.one_file_system)
-        writer = changes.RecordWriter(record_to)
-    except changes.UnsupportedPattern as exc:
-        log.info("the exclude pattern %r is one only rsync can apply; every run compares every file", str(exc))
-        return None, None
-    found = None
-    try:
-        found = Found(work_dir) if known else None
-        # Unchanged entries go to the new record as recorded: their copy in the snapshot is the one
-        # recorded. What comes here is new, changed or deleted.
-        for old, new in changes.merged_keeping_unchanged(known.raw_chunks() if known else (), walk, writer):
-            if new is None:
-                found.add(changes.DELETED, old[0])
-                continue
-            name, st = new
-            # New or changed (every file, without a record to compare with: rsync copies what
-            # it finds different): its digest now, for this run and the record.
-            digest = changes.file_digest(b"/" + name, st) if stat.S_ISREG(st[0]) else None
-            writer.add(name, st, digest, taken=True)
-            if found is None:
-                continue
-            if old is not None and stat.S_IFMT(old[1][0]) != stat.S_IFMT(st[0]):
-                found.add(changes.DELETED, old[0])  # a file that became a directory (or the reverse)
-            # Only regular files have digests, and the same content has the same size (which is
-            # all `--size-only` compares): equal digests say all that is needed.
-            same_content = touch and digest is not None and old is not None and old[2] == digest
-            found.add(TOUCHED if same_content else changes.CHANGED, name, st)
-        return writer, found
-    except BaseException:  # nothing half-made is kept: neither the new record nor the lists
-        writer.discard()
-        if found:
-            found.close()
-        raise
-
-
 def _record_unusable(known: changes.Record | None, previous: str, generation: int | None, target: Target) -> str:
     """Why the local record cannot say what changed since `previous` ("" when it can)."""
     if known is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptsnap import changes, config
+from cryptsnap import changes, config, scan
 from cryptsnap.snapshot import _record_unusable
 from tests.unit.test_config import GOOD
 
@@ -57,7 +57,7 @@ def test_all_patterns_at_once_and_two_sources(tmp_path):
 
 
 def test_a_walk_in_parts_is_the_whole_walk_for_any_boundary(tmp_path, monkeypatch):
-    """Each part of a scan in processes (scanparts) walks from its start to its end: cut at
+    """Each part of a scan in processes (cryptsnap.scan) walks from its start to its end: cut at
     any path (an entry, an excluded one, one that does not exist, a directory above sources),
     the parts together are the whole walk, once each and in order. A part lists no directory
     that lies wholly before its start."""
@@ -80,11 +80,11 @@ def test_a_walk_in_parts_is_the_whole_walk_for_any_boundary(tmp_path, monkeypatc
         listed.clear()
         after = part(cut, None)
         key = changes.order_key(cut)
-        under = lambda d: key[:len(d.split(b"/"))] == d.split(b"/")  # noqa: E731 (cut lies under d)
-        assert [d for d in listed if changes.order_key(d[1:]) < key and not under(d[1:])] == [], cut
+        before = [d[1:].split(b"/") for d in listed if changes.order_key(d[1:]) < key]
+        assert [d for d in before if key[:len(d)] != d] == [], cut  # not above the cut: wholly before it
         assert part(None, cut) + after == whole, cut
     ordered = sorted(cuts, key=changes.order_key)
-    for first, second in zip(ordered[::7], ordered[3::7]):
+    for first, second in zip(ordered[::7], ordered[3::7], strict=False):
         assert part(None, first) + part(first, second) + part(second, None) == whole, (first, second)
 
 
@@ -361,21 +361,19 @@ def test_a_damaged_record_found_during_the_scan_means_a_full_compare_and_a_whole
     dropped, and the walk starts again without the old record."""
     from types import SimpleNamespace
 
-    from cryptsnap import snapshot
-
     source = tmp_path / "src"
     make_tree(source)
     target = SimpleNamespace(sources=(str(source),), excludes=(), one_file_system=True)
     state = tmp_path / "state"  # apart from the sources: its files must not change what is walked
     state.mkdir()
     old = state / "old.gz"
-    writer, found = snapshot.scan_sources(target, old, None, state)
+    writer, found = scan.scan_sources(target, old, None, state)
     assert found is None
     writer.commit(1, "s1", "digest")
     whole = list(changes.Record.load(old).entries())
     old.write_bytes(old.read_bytes()[:-8])  # cut short: the header reads, the entries do not
     new = state / "new.gz"
-    writer, found = snapshot.scan_sources(target, new, changes.Record.load(old), state)
+    writer, found = scan.scan_sources(target, new, changes.Record.load(old), state)
     assert found is None, "a damaged record must not say what changed"
     assert "the local record is damaged" in caplog.text
     writer.commit(2, "s2", "digest")
@@ -388,14 +386,12 @@ def test_an_exclude_only_rsync_can_apply_means_no_record_not_a_failed_run(tmp_pa
     record (rsync compares every file), it does not fail."""
     from types import SimpleNamespace
 
-    from cryptsnap import snapshot
-
     source = tmp_path / "src"
     make_tree(source)
     for pattern in ("[[:digit:]]*", "- cache", "a\\*b"):
         target = SimpleNamespace(sources=(str(source),), excludes=("*.o", pattern), one_file_system=True)
         with caplog.at_level("INFO"):
-            assert snapshot.scan_sources(target, tmp_path / "files.gz", None, tmp_path) == (None, None)
+            assert scan.scan_sources(target, tmp_path / "files.gz", None, tmp_path) == (None, None)
         assert "one only rsync can apply" in caplog.text
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "files left behind"
 
@@ -421,8 +417,6 @@ def test_going_on_from_a_canceled_try_copies_every_changed_file(tmp_path):
     and new mtime unset: the next try must not take it for the recorded content."""
     from types import SimpleNamespace
 
-    from cryptsnap import snapshot
-
     source = tmp_path / "source"
     source.mkdir()
     (source / "a").write_bytes(b"x" * 5000)
@@ -430,17 +424,17 @@ def test_going_on_from_a_canceled_try_copies_every_changed_file(tmp_path):
     target = SimpleNamespace(sources=(str(source),), excludes=(), one_file_system=True)
     state = tmp_path / "state"
     state.mkdir()
-    scanned, _ = snapshot.scan_sources(target, state / "r1.gz", None, state)
+    scanned, _ = scan.scan_sources(target, state / "r1.gz", None, state)
     scanned.commit(1, "s1", "x")
     for name, data in (("a", b"x" * 5000), ("b", b"z" * 5000)):  # made again, as tar does
         (source / name).unlink()
         (source / name).write_bytes(data)
-    scanned, found = snapshot.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
+    scanned, found = scan.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
                                            touch=True)
     assert (found.changed, found.touched) == (1 + 1, 1)  # b and the directory; a touched
     found.close()
     scanned.discard()
-    scanned, found = snapshot.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
+    scanned, found = scan.scan_sources(target, state / "r2.gz", changes.Record.load(state / "r1.gz"), state,
                                            touch=False)
     assert (found.changed, found.touched) == (3, 0)
     found.close()
