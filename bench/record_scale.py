@@ -38,12 +38,13 @@ def make_tree(root: Path, files: int) -> None:
         (root / f"d{i // 1000}" / f"f{i}").write_bytes(b"x")
 
 
-def record(tree: Path, to: Path, known: changes.Record | None) -> int:
+def record(tree: Path, to: Path, known: changes.Record | None, parts: int | None = None) -> int:
     """Walk `tree` into a record at `to` as a run's scan does (scan.scan_sources: with
     `known`, the compare with it; without, a content digest of every file, as a first run
-    takes them); the number of entries found changed, new or deleted (all of them without)."""
+    takes them); the number of entries found changed, new or deleted (all of them without).
+    parts: processes at most (default: the run's, one per processor)."""
     target = SimpleNamespace(sources=(str(tree),), excludes=(), one_file_system=True)
-    writer, found = scan.scan_sources(target, to, known, to.parent)
+    writer, found = scan.scan_sources(target, to, known, to.parent, parts=parts)
     writer.commit(1, "s", "x")
     if found is None:
         return writer.count

@@ -83,7 +83,7 @@ def memory() -> dict[str, int]:
     return {name: int(fields[name].split()[0]) >> 10 for name in ("MemTotal", "Cached", "Slab")}
 
 
-TOOLS = ("du", "scan", "rsync", "find-sorted", "find")
+TOOLS = ("du", "scan", "scan-1", "rsync", "find-sorted", "find")
 LAB_ORDERS = {"find-sorted": "sorted", "find": "find"}  # bench.find_scan's tools: their --order
 
 
@@ -104,8 +104,10 @@ def measure(device: str, only: tuple[str, ...] = TOOLS) -> None:
 
         tools = {
             "du": ("du -s (lstat of every file, C)", lambda: run("du", "-s", str(tree))),
-            "scan": ("the run's scan (walk, compare, new record)",
+            "scan": ("the run's scan (walk, compare, new record; in parts, one process per processor)",
                      lambda: found.append(record(tree, work / f"next{len(found)}.gz", known))),
+            "scan-1": ("the run's scan in one process", lambda: found.append(
+                record(tree, work / f"next{len(found)}.gz", known, parts=1))),
             "rsync": ("rsync -a --dry-run against the copy",
                       lambda: run("rsync", "-a", "--dry-run", f"{tree}/", f"{copy}/")),
             "find-sorted": ("lab: find | tr | sort, compared a block at a time (bench.find_scan)",

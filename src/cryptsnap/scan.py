@@ -222,14 +222,20 @@ def _in_parts(target: Target, record_to: Path, known: changes.Record, touch: boo
             child = runner.start([sys.executable, "-m", "cryptsnap.scan"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)  # fmt: skip
             children.append(child)
-            child.stdin.write(json.dumps(job).encode())
-            child.stdin.close()
+            try:
+                child.stdin.write(json.dumps(job).encode())
+                child.stdin.close()
+            except BrokenPipeError:
+                pass  # it ended at once: its exit status says so below
         results = [_part(jobs[0], known)]
         for child in children:
             out = child.stdout.read()
-            if child.wait() != 0 or not out:
-                raise PartFailed(f"a part of the scan failed (exit {child.returncode})")
-            results.append(json.loads(out))
+            try:
+                if child.wait() != 0:
+                    raise ValueError
+                results.append(json.loads(out))
+            except ValueError:
+                raise PartFailed(f"a part of the scan failed (exit {child.returncode})") from None
         for result in results:
             if "damaged" in result:
                 raise changes.RecordDamaged(result["damaged"])

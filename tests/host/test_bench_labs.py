@@ -62,7 +62,7 @@ def test_scan_cache_makes_an_image_the_measure_step_mounts_and_scans(tmp_path):
         subprocess.run(["losetup", "-d", device], check=True)
     rows = [line for line in out.splitlines() if re.match(r"\| \S.* \| [0-9.]+ s \| [0-9.]+ s \|", line)]
     # the first record was made at `make`; the scan at `measure` finds only the touched file
-    assert len(rows) == 5 and "found [1, 1] changed entries, the lab's [1, 1, 1, 1]" in out, out
+    assert len(rows) == 6 and "found [1, 1, 1, 1] changed entries, the lab's [1, 1, 1, 1]" in out, out
 
 
 def test_run_memory_sampler_counts_a_process_started_under_it_and_not_one_from_before():
