@@ -39,7 +39,7 @@ import re
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -158,16 +158,18 @@ def walk_batches(sources: Iterable[str], excludes: Iterable[str], one_file_syste
     return _batches(sources, Filter(excludes), one_file_system, Bounds(start, end))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Bounds:
     """A part of the record order: from `start` (included) to `end` (excluded); None: open."""
 
     start: bytes | None = None
     end: bytes | None = None
+    lo: list[bytes] | None = field(init=False)  # their order keys
+    hi: list[bytes] | None = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lo", None if self.start is None else order_key(self.start))
-        object.__setattr__(self, "hi", None if self.end is None else order_key(self.end))
+        self.lo = None if self.start is None else order_key(self.start)
+        self.hi = None if self.end is None else order_key(self.end)
 
     def holds(self, relative: bytes) -> bool:
         key = order_key(relative)
