@@ -304,6 +304,11 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
             unfinished.note(partial.name, previous, generation)
     else:
         partial.mkdir(mode=0o755)
+        # ext2 has no journal, and its writeback sends the new directory's inode and its entry
+        # in /snapshots whenever it likes: a cut between the two left an "unconnected
+        # directory" that e2fsck -p will not repair (docs/reliability.md). Both go to the
+        # server now, before anything is written into it.
+        syncer.sync()
 
     rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
                               one_file_system=target.one_file_system, inplace=btrfs, exact_times=btrfs)  # fmt: skip
