@@ -31,8 +31,8 @@ from tests.support.targets import make_setup
 
 FIRST_SEED = int(os.environ.get("CRYPTSNAP_CUT_FIRST_SEED", "0"))
 # Each seed is two runs (one if the cut missed), about 20 s on the emulated CPU: 20 seeds per
-# file system take 7 to 8 minutes of `make test`; any number with CRYPTSNAP_CUT_SEEDS
-# (docs/reliability.md).
+# file system take 7 to 8 minutes of `make test`; more with CRYPTSNAP_CUT_SEEDS
+# (docs/reliability.md), up to about 30 a run on ext2, whose 160 MiB image then fills.
 SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("CRYPTSNAP_CUT_SEEDS", "20")))
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
 CONNECT_TIMEOUT = 20  # commands.py: ssh's ConnectTimeout, what a silent server costs before a session exists
