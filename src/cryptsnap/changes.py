@@ -257,7 +257,8 @@ def _listed(directory: bytes) -> list[os.DirEntry]:
 
 def _descend(entry: os.DirEntry, device: int, rules: Filter,
              one_file_system: bool) -> tuple[os.stat_result, bool] | None:  # fmt: skip
-    """An entry's stat and whether the walk goes into it; None: vanished, or excluded."""
+    """An entry's stat and whether the walk goes into it; None: vanished, or excluded. (_walk's
+    loop does the same inline: a call per entry would cost the walk's hot path.)"""
     try:
         st = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
@@ -299,21 +300,23 @@ def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool,
           bounds: Bounds = WHOLE) -> Iterator[list[tuple[bytes, os.stat_result]]]:  # fmt: skip
     """Depth first, names sorted: record order. Within `bounds` (see walk_batches)."""
     levels, keys = _first_levels(directory, device, rules, one_file_system, bounds.lo)
-    # The end: `edge` is the deepest listing whose directory lies above it. Only there can a
-    # name reach the end, so only there is a name compared (with the end's name at that depth).
-    hi, edge, limit = bounds.hi, -1, b""
+    # The end: `edge` is the deepest listing whose directory lies above it, `depth` that
+    # directory's. Only there can a name reach the end, so only there is a name compared (with
+    # the end's name at that depth).
+    hi, edge, depth, limit = bounds.hi, -1, 0, b""
     if hi is not None:
         while edge + 1 < len(keys) and len(hi) > len(keys[edge + 1]) and hi[:len(keys[edge + 1])] == keys[edge + 1]:
             edge += 1
         if edge >= 0:
-            limit = hi[len(keys[edge])]
+            depth = len(keys[edge])
+            limit = hi[depth]
     batch: list[tuple[bytes, os.stat_result]] = []
     excluding = bool(rules.rules)
     while levels:
         for entry in levels[-1]:  # the listing goes on where it was left to descend
             above_end = False
             if len(levels) - 1 == edge and entry.name >= limit:
-                if entry.name > limit or len(hi) == len(keys[edge]) + 1:
+                if entry.name > limit or len(hi) == depth + 1:
                     levels.clear()  # the end: the next part begins here
                     break
                 above_end = True
@@ -329,10 +332,8 @@ def _walk(directory: bytes, device: int, rules: Filter, one_file_system: bool,
             if is_dir and (not one_file_system or st.st_dev == device):
                 levels.append(iter(_listed(entry.path)))
                 if above_end:  # the end is under it: its listing is the edge now
-                    del keys[edge + 1:]
-                    keys.append(keys[edge] + [entry.name])
-                    edge += 1
-                    limit = hi[len(keys[edge])]
+                    edge, depth = edge + 1, depth + 1
+                    limit = hi[depth]
                 break
         else:
             levels.pop()
@@ -560,14 +561,7 @@ def bounded(chunks: Iterable[list[bytes]], bounds: Bounds) -> Iterator[list[byte
 
 def _first_at(fields: list[bytes], key: list[bytes]) -> int:
     """Where in a chunk (path, fields, path, ...) the first path at or after `key` is."""
-    low, high = 0, len(fields) // 2
-    while low < high:
-        middle = (low + high) // 2
-        if order_key(fields[2 * middle]) < key:
-            low = middle + 1
-        else:
-            high = middle
-    return 2 * low
+    return 2 * bisect.bisect_left(range(len(fields) // 2), key, key=lambda i: order_key(fields[2 * i]))
 
 
 def read_entries(stream) -> Iterator[tuple[bytes, Stat, str | None]]:
@@ -750,7 +744,7 @@ class RecordWriter:
         self.out.close()
         if self.taken is not None:
             self.taken.close()
-        return {"count": self.count, "size": self.size, "marks": [[index, path.hex()] for index, path in self.marks]}
+        return {"count": self.count, "size": self.size, "marks": self._stored_marks()}
 
     def adopt(self, part: Path, finished: dict) -> None:
         """Append the entries of a part of the scan (a RecordWriter(part) that finish_part()
@@ -766,9 +760,13 @@ class RecordWriter:
                 self.taken = open(self.taken_file, "wb")  # noqa: SIM115 (closed by commit or discard)
             with open(taken, "rb") as written:
                 shutil.copyfileobj(written, self.taken)
-        self.marks += [(self.count + index, bytes.fromhex(path)) for index, path in finished["marks"]]
+        self.marks += [(self.count + index, path) for index, path in _marks(finished["marks"])]
         self.count += finished["count"]
         self.size += finished["size"]
+
+    def _stored_marks(self) -> list[list]:
+        """The marks as the header holds them (read by _marks)."""
+        return [[index, path.hex()] for index, path in self.marks]
 
     def _flush(self) -> None:
         self.out.write(b"".join(self.pending))
@@ -781,7 +779,7 @@ class RecordWriter:
         self._forget_unstable_digests()
         header = json.dumps({"format": FORMAT, "generation": generation, "snapshot": snapshot,
                              "settings": settings, "count": self.count,
-                             "marks": [[index, path.hex()] for index, path in self.marks]})  # fmt: skip
+                             "marks": self._stored_marks()})  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as out:
             out.write(gzip.compress(header.encode() + b"\n", compresslevel=1))

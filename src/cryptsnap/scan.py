@@ -278,6 +278,7 @@ def _part(job: dict, known: changes.Record | None = None) -> dict:
     try:
         seen = _compare(selection, known, bounds, job["touch"], writer, found)
     except changes.RecordDamaged as exc:
+        writer.discard()
         return {"damaged": str(exc)}
     finally:
         found.close()
