@@ -2,6 +2,7 @@
 with its block device server's threads, rsync's three, sshfs, ssh), sampled together while a
 first backup of a large tree runs, then a second one with one file touched and a third with
 nothing changed (`skip_unchanged: true`: no snapshot; the fixed cost of a run at that size).
+Each run also says where the processor time went, process by process (bench.cpu).
 
 Runs in the test guest (a run needs dm-crypt), as root; the tree comes from a disk the host
 made with bench.scan_cache (a million files take the emulated guest longer to make than to
@@ -33,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from bench import link, scan_cache
+from bench.cpu import CpuSampler
 from bench.record_scale import make_tree
 from bench.run import cryptsnap
 from cryptsnap import meter
@@ -120,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("second"):
                 os.utime(next(tree.glob("d0/*")))
             started = time.monotonic()
-            with Sampler(server.user, args.log) as sampler:
+            with Sampler(server.user, args.log) as sampler, CpuSampler(interval=2.0) as cpu:
                 cryptsnap(setup, "backup", setup.name)
+            wall = time.monotonic() - started
             traffic = meter.read(counter)
-            print(f"{name}: {time.monotonic() - started:.0f} s, up {traffic.up:,} B, down {traffic.down:,} B; "
-                  f"{sampler.summary()}", flush=True)  # fmt: skip
+            print(f"{name}: {wall:.0f} s, up {traffic.up:,} B, down {traffic.down:,} B; "
+                  f"{sampler.summary()}\n    {cpu.summary(wall)}", flush=True)  # fmt: skip
     return 0
 
 

@@ -15,7 +15,9 @@ method's ssh goes through the same meter relay, cryptsnap.meter), and the rate i
 tree's bytes. cryptsnap's fixed cost per run (connecting, opening and mounting the image,
 unwinding) is measured too: a backup with nothing changed and a restore of one small file,
 so the rate of the transfer itself can be told apart from it ("net" columns). Every restore
-is checked: same files, same sizes, and a sample of files byte for byte.
+is checked: same files, same sizes, and a sample of files byte for byte. Each transfer also
+says where the processor time went, process by process (bench.cpu: `cryptsnap.nbd` is the
+block device server), so that a process that limits it shows.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import link
+from bench.cpu import CpuSampler
 from bench.run import Reference, cryptsnap
 from cryptsnap import meter
 from cryptsnap.stack import Paths
@@ -52,6 +55,7 @@ class Transfer:
     seconds: float
     up: int
     down: int
+    cpu: str = ""  # where the processor time went (bench.cpu)
 
 
 # upload, restore, and the fixed cost of each in seconds where the method measures one
@@ -63,10 +67,11 @@ def timed(counter: Path, action: Callable[[], None], zeroed: bool = False) -> Tr
     its target's counter when it connects, so what the counter holds afterwards is its own."""
     before = meter.Traffic() if zeroed else meter.read(counter)
     started = time.monotonic()
-    action()
+    with CpuSampler() as cpu:
+        action()
     seconds = time.monotonic() - started
     used = meter.read(counter) - before
-    return Transfer(seconds, used.up, used.down)
+    return Transfer(seconds, used.up, used.down, cpu.summary(seconds))
 
 
 def run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
@@ -186,7 +191,8 @@ def measure_tree(name: str, tree: Path, server, work: Path, methods: list[str]) 
         rows.append({"tree": name, "method": method, "bytes": data, "files": count,
                      "up_seconds": up.seconds, "down_seconds": down.seconds, "wire_up": up.up + down.up,
                      "wire_down": up.down + down.down, "upload_wire_up": up.up, "restore_wire_down": down.down,
-                     "fixed_up_seconds": fixed[0], "fixed_down_seconds": fixed[1]})  # fmt: skip
+                     "fixed_up_seconds": fixed[0], "fixed_down_seconds": fixed[1],
+                     "up_cpu": up.cpu, "down_cpu": down.cpu})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(place)  # the restored copy
         shutil.rmtree(server.remote_dir, ignore_errors=True)  # the method's image or repository
@@ -257,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tree)
     print()
     print(table(rows, args.link_mbit))
+    print()
+    for r in rows:  # which process, if any, limits each transfer
+        print(f"{r['tree']}, {r['method']}: upload: {r['up_cpu']}\n    restore: {r['down_cpu']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"link_mbit": args.link_mbit, "rows": rows}, indent=1) + "\n")
     return 0

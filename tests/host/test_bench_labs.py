@@ -125,3 +125,22 @@ def test_find_scan_lab_finds_what_changed_and_carries_each_unchanged_entrys_dige
         assert find_scan.scan(tree, tmp_path / order, work, order) == (len(after), changed + new + gone), order
         assert find_scan.check(tmp_path / order) == (len(after) - changed - new, changed + new), order
         assert find_scan.scan(tree, tmp_path / order, work, order) == (len(after), 0), order
+
+
+def test_cpu_sampler_names_the_process_that_spent_the_time():
+    from bench.cpu import CpuSampler, label
+
+    # A child busy for a second of processor time: it must show under its module, with its time
+    # (up to one interval of it may be missed).
+    started = time.monotonic()
+    busy = "import time\nwhile time.process_time() < 1.0: pass"
+    with CpuSampler(interval=0.1) as cpu:
+        subprocess.run([sys.executable, "-m", "timeit", "-n", "1", "-r", "1", "-s", busy], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    spent = cpu.by_label()
+    assert 0.8 <= spent.get("timeit", 0) <= 1.3, spent
+    assert "timeit" in cpu.summary(time.monotonic() - started)
+    assert cpu.busy >= spent["timeit"] * 0.9
+    assert label([], "kworker/u4:2-kcryptd/253:0") == "kworker"
+    assert label(["/usr/bin/python3", "-m", "cryptsnap.nbd", "--size", "1"], "python3") == "cryptsnap.nbd"
+    assert label(["rsync", "-a"], "rsync") == "rsync"
