@@ -9,12 +9,13 @@ the entries that differ (--files-from); it deletes the vanished ones itself. The
 read only where something changed.
 
 The record also holds a digest of each regular file's content, taken from the source when
-that file was copied (in a first backup, beside rsync: digests.py). A file whose metadata changed but whose content did not (a package
-upgrade or a release tarball unpacked over the tree gives every file a new mtime) then gets
-only its attributes set in the snapshot, without its bytes crossing the link again
-(scan.Found.touched). A digest is kept only where it is sure to describe what the
-snapshot holds: taken from a file with one link, and only if the file did not change between
-the walk and the end of the run (RecordWriter.commit); otherwise "-", unknown.
+that file was copied (in a first backup, beside rsync: digests.py). A file whose metadata
+changed but whose content did not (a package upgrade or a release tarball unpacked over the
+tree gives every file a new mtime) then gets only its attributes set in the snapshot,
+without its bytes crossing the link again (scan.Found.touched). A digest is kept only where
+it is sure to describe what the snapshot holds: taken from a file with one link, and only if
+the file did not change between the walk and the end of the run (RecordWriter.commit);
+otherwise "-", unknown.
 
 The record is trusted only for the image and snapshot it describes: if the image's
 generation or its newest snapshot is not the one recorded, or the sources or excludes

@@ -39,7 +39,7 @@ def test_a_first_scans_digests_are_taken_by_a_process_of_its_own_and_checked_at_
     writer.commit(1, "s1", "settings")
     entries = recorded(state / "files.gz")
     assert sum(stat.S_ISREG(st[0]) for st, _ in entries.values()) == 150
-    for name, (st, digest) in entries.items():
+    for name, (_, digest) in entries.items():
         path = b"/" + name
         if name.endswith(b"d3/f7"):
             assert digest is None, "a file changed since the walk has no digest"
