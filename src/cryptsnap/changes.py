@@ -9,12 +9,13 @@ the entries that differ (--files-from); it deletes the vanished ones itself. The
 read only where something changed.
 
 The record also holds a digest of each regular file's content, taken from the source when
-that file was copied. A file whose metadata changed but whose content did not (a package
-upgrade or a release tarball unpacked over the tree gives every file a new mtime) then gets
-only its attributes set in the snapshot, without its bytes crossing the link again
-(scan.Found.touched). A digest is kept only where it is sure to describe what the
-snapshot holds: taken from a file with one link, and only if the file did not change between
-the walk and the end of the run (RecordWriter.commit); otherwise "-", unknown.
+that file was copied (in a first backup, beside rsync: digests.py). A file whose metadata
+changed but whose content did not (a package upgrade or a release tarball unpacked over the
+tree gives every file a new mtime) then gets only its attributes set in the snapshot,
+without its bytes crossing the link again (scan.Found.touched). A digest is kept only where
+it is sure to describe what the snapshot holds: taken from a file with one link, and only if
+the file did not change between the walk and the end of the run (RecordWriter.commit);
+otherwise "-", unknown.
 
 The record is trusted only for the image and snapshot it describes: if the image's
 generation or its newest snapshot is not the one recorded, or the sources or excludes
@@ -38,10 +39,11 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -589,6 +591,14 @@ def entry_line(name: bytes, st: Stat, digest: str | None) -> bytes:
     return name + b"\0" + (" ".join(map(str, st)) + " " + (digest or "-")).encode() + b"\0"
 
 
+class Digester(Protocol):
+    """Digests being taken for a RecordWriter (digests.Digests)."""
+
+    def wait(self) -> tuple[Path, Path] | None: ...  # entries with digests, the digests taken
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class Record:
     """The files of one snapshot, stored locally: state_dir/TARGET/files.gz.
@@ -711,6 +721,7 @@ class RecordWriter:
         self.taken = None
         self.marks: list[tuple[int, bytes]] = []
         self.mark_every = MARK
+        self.later = None  # the digests being taken beside the run (digest_later)
 
     def add(self, name: bytes, st: Stat, digest: str | None = None, taken: bool = False) -> None:
         line = entry_line(name, st, digest)
@@ -764,16 +775,39 @@ class RecordWriter:
         self.count += finished["count"]
         self.size += finished["size"]
 
+    def digest_later(self, start: Callable[[Path], Digester]) -> None:
+        """The walk is done, its regular files added without digests: close its entries and
+        have start(entries file) take them while the run goes on (digests.Digests, a process
+        of its own). wait_digests() takes its result in."""
+        self._flush()
+        self.out.close()
+        self.later = start(self.entries_file)
+
+    def wait_digests(self) -> None:
+        """The entries with digests, once digest_later's process is done (if it failed, they
+        stay without: the next run copies a file whose attributes alone changed)."""
+        if self.later is None:
+            return
+        done, self.later = self.later.wait(), None
+        if done:
+            entries, taken = done
+            os.replace(entries, self.entries_file)
+            os.replace(taken, self.taken_file)
+            self.taken = open(self.taken_file, "ab")  # noqa: SIM115 (closed by commit or discard)
+
     def _stored_marks(self) -> list[list]:
         """The marks as the header holds them (read by _marks)."""
         return [[index, path.hex()] for index, path in self.marks]
 
     def _flush(self) -> None:
+        if not self.pending:
+            return
         self.out.write(b"".join(self.pending))
         self.pending.clear()
         self.pending_size = 0
 
     def commit(self, generation: int, snapshot: str, settings: str) -> None:
+        self.wait_digests()
         self._flush()
         self.out.close()
         self._forget_unstable_digests()
@@ -815,6 +849,9 @@ class RecordWriter:
         os.replace(kept, self.entries_file)
 
     def discard(self) -> None:
+        if self.later is not None:
+            self.later.stop()
+            self.later = None
         self.out.close()
         self.entries_file.unlink(missing_ok=True)
         if self.taken is not None:

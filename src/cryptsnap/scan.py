@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import changes, runner
+from . import changes, digests, runner
 from .config import Target
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ def _scan(target: Target, record_to: Path, known: changes.Record | None, work_di
             _in_parts(target, record_to, known, touch, at, writer, found)
         else:
             _compare(target, known, changes.WHOLE, touch, writer, found)
+        if found is None:  # rsync copies everything: the digests are for the next run
+            writer.digest_later(digests.Digests)
         return writer, found
     except BaseException:  # nothing half-made is kept: neither the new record nor the lists
         writer.discard()
@@ -187,12 +189,12 @@ def _compare(target: Target | Selection, known: changes.Record | None, bounds: c
             found.add(changes.DELETED, old_entry[0])
             continue
         name, st = new
-        # New or changed (every file, without a record to compare with: rsync copies what it
-        # finds different): its digest now, for this run and the record.
+        if found is None:  # every file, without a record to compare with: digested beside rsync
+            writer.add(name, st)
+            continue
+        # New or changed: its digest now, for this run and the record.
         digest = changes.file_digest(b"/" + name, st) if stat.S_ISREG(st[0]) else None
         writer.add(name, st, digest, taken=True)
-        if found is None:
-            continue
         if old_entry is not None and stat.S_IFMT(old_entry[1][0]) != stat.S_IFMT(st[0]):
             found.add(changes.DELETED, old_entry[0])  # a file that became a directory (or the reverse)
         # Only regular files have digests, and the same content has the same size (which is

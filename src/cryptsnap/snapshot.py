@@ -268,6 +268,8 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         expected = scanned.size if scanned and found is None else None
         _sync_into(fs, target, syncer, on_progress, directory, previous, partial, resumed, found, unfinished,
                    generation, expected)  # fmt: skip
+        if scanned:
+            scanned.wait_digests()  # still cancelable: a run canceled now is not complete
     except BaseException:
         if scanned:
             scanned.discard()
