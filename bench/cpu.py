@@ -73,7 +73,7 @@ class CpuSampler:
         self.done.set()
         self.thread.join()
         after = psutil.cpu_times()
-        self.busy, self.idle = _busy(after) - _busy(self.machine), _idle(after) - _idle(self.machine)
+        self.busy = _busy(after) - _busy(self.machine)
 
     def by_label(self) -> dict[str, float]:
         totals: dict[str, float] = collections.Counter()
