@@ -83,7 +83,6 @@ def digest_entries(entries: Path, into: Path, taken: Path) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="cryptsnap digests: %(message)s")
     entries, into, taken = map(Path, sys.argv[1:4])
     os.nice(10)  # the copy comes first: this takes what rsync, ssh and dm-crypt leave idle
     digest_entries(entries, into, taken)
