@@ -84,7 +84,7 @@ class WriteBuffer:
     buffer a connection, grown to its largest request. A buffer a request, filled from a
     bytes copy, passed over every byte four times more (zeroing, copying); the server's
     processor time is what an upload of large files waits for on a slow processor
-    (docs/performance.md, "A first backup of 2 GiB")."""
+    (docs/performance.md, "A first backup of 2 GiB on loopback")."""
 
     def __init__(self):
         self.buf = mmap.mmap(-1, BLOCK)
