@@ -144,3 +144,9 @@ def test_cpu_sampler_names_the_process_that_spent_the_time():
     assert label([], "kworker/u4:2-kcryptd/253:0") == "kworker"
     assert label(["/usr/bin/python3", "-m", "cryptsnap.nbd", "--size", "1"], "python3") == "cryptsnap.nbd"
     assert label(["rsync", "-a"], "rsync") == "rsync"
+
+
+def test_nbd_lab_serves_writes_and_checks_the_image(tmp_path):
+    # The lab fails unless the image holds every byte it sent; here, that it reports each size.
+    out = lab("bench.nbd_lab", "--mib", "8", "--request-kib", "4,256", "--dir", str(tmp_path))
+    assert re.findall(r"in writes of (\d+) KiB: server [\d.]+ processor-s", out) == ["4", "256"], out

@@ -103,3 +103,19 @@ def test_a_failing_local_cache_is_dropped_and_the_server_still_gets_every_write(
     thread.join(5)
     assert result["orderly"] is True
     store.close()
+
+
+def test_writes_of_every_size_in_turn_land_whole(served):
+    """The server receives each write into one buffer it grows for a larger request: a smaller
+    request after a larger one, and a larger after that, must each land whole and alone."""
+    client, image, store, remote, result, thread = served
+    client.sock.settimeout(10)  # a server that died on a request must fail this, not hang it
+    expected = bytearray(image.read_bytes())
+    for blocks, at in ((1, 0), (3, 16), (1, 40), (8, 64), (2, 100), (8, 200)):
+        data = os.urandom(blocks * BLOCK)
+        assert client.request(nbd.CMD_WRITE, at * BLOCK, len(data), data) == (0, b"")
+        expected[at * BLOCK : at * BLOCK + len(data)] = data
+    assert image.read_bytes() == bytes(expected)
+    client.request(nbd.CMD_DISC)
+    thread.join(5)
+    assert result["orderly"] is True and not remote.failed
