@@ -81,10 +81,10 @@ class RemoteImage:
 
 class WriteBuffer:
     """Where a write request's data is received and written to the image from: one page-aligned
-    buffer a connection, grown to its largest request. A buffer a request, filled from a
-    bytes copy, passed over every byte four times more (zeroing, copying); the server's
-    processor time is what an upload of large files waits for on a slow processor
-    (docs/performance.md, "A first backup of 2 GiB on loopback")."""
+    buffer a connection, grown to its largest request. A new buffer a request, filled from a
+    bytes copy, cost two zero-fills and two copies of every byte more than the receive and the
+    write; on a slow processor an upload of large files waits for them (docs/performance.md,
+    "A first backup of 2 GiB on loopback")."""
 
     def __init__(self):
         self.buf = mmap.mmap(-1, BLOCK)
