@@ -92,26 +92,22 @@ class WriteBuffer:
     def receive(self, sock: socket.socket, length: int) -> memoryview:
         if length > len(self.buf):  # the old one goes with the last view of it
             self.buf = mmap.mmap(-1, length)
-        view = memoryview(self.buf)[:length]
-        got = 0
-        while got < length:
-            n = sock.recv_into(view[got:], length - got)
-            if n == 0:
-                raise EOFError
-            got += n
-        return view
+        return _fill(sock, memoryview(self.buf)[:length])
 
 
-def _recv_exact(sock: socket.socket, length: int) -> bytes:
-    buf = bytearray(length)
-    view = memoryview(buf)
+def _fill(sock: socket.socket, view: memoryview) -> memoryview:
+    """`view` filled from the socket; EOFError if it ends first."""
     got = 0
-    while got < length:
-        n = sock.recv_into(view[got:], length - got)
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
         if n == 0:
             raise EOFError
         got += n
-    return bytes(buf)
+    return view
+
+
+def _recv_exact(sock: socket.socket, length: int) -> bytes:
+    return bytes(_fill(sock, memoryview(bytearray(length))))
 
 
 def serve(sock: socket.socket, remote: RemoteImage, store: Store | None, lock: threading.Lock) -> bool:
