@@ -145,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         for threads in counts:
             copy = lab.work / f"copy-{threads}"
             with opened(lab) as fs:
-                started = time.monotonic()
+                started, processor = time.monotonic(), time.process_time()
                 figures = readahead.copy_out(fs / "tree", str(copy), threads)
                 seconds[threads] = time.monotonic() - started
+                processor = time.process_time() - processor  # this process's threads; rsync apart
                 same_tree(fs / "tree", copy)
             shutil.rmtree(copy)
             ratio = f"{seconds[counts[0]] / seconds[threads]:.2f}x as fast as {counts[0]} threads"
-            print(f"{threads:3} threads: {seconds[threads]:7.2f} s, {ratio}; read ahead {figures.files} files "
+            print(f"{threads:3} threads: {seconds[threads]:7.2f} s ({processor:.2f} processor-s), {ratio}; "
+                  f"read ahead {figures.files} files "
                   f"({figures.bytes} bytes), at most {figures.most_ahead} bytes ahead of rsync")  # fmt: skip
     return 0
 

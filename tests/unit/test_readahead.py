@@ -39,14 +39,34 @@ def test_the_files_come_in_rsync_order(tmp_path):
     tree_of(top, [f"{d}/{f}" for d in ("", "a", "a/x", "a.b", "a-b", "B", "ab", "a/x/y") for f in ("f", "F", "f.txt", "é")])
     (top / "link").symlink_to("f")
     os.mkfifo(top / "a" / "fifo")
-    ours = [str(path.relative_to(top)) for path, _ in in_rsync_order(top)]
+    ours = [os.path.relpath(path, top) for path in in_rsync_order(top)]
     assert ours == rsync_order(top, tmp_path) and "a.b/f" in ours
 
 
+def finished(ahead: ReadAhead) -> bool:
+    return not any(thread.is_alive() for thread in ahead._threads)
+
+
 def test_a_file_with_several_names_is_read_once(tmp_path):
-    tree_of(tmp_path, ["a/one"])
+    tree_of(tmp_path, ["a/one", "z"])
     os.link(tmp_path / "a" / "one", tmp_path / "two")
-    assert [path.name for path, _ in in_rsync_order(tmp_path)] == ["two"]
+    with ReadAhead(tmp_path, threads=4) as ahead:  # rsync's order: two, z, a/one (two's second name)
+        until(lambda: finished(ahead))
+    assert (ahead.figures.files, ahead.figures.bytes, ahead.figures.most_ahead) == (2, 2000, 2000)
+
+
+def test_a_file_gone_since_the_walk_holds_up_nothing(tmp_path):
+    tree_of(tmp_path, [f"f{n:02}" for n in range(10)], size=1000)
+    with ReadAhead(tmp_path, threads=1, window=1000) as ahead:
+        until(lambda: ahead.figures.files == 2)  # f00, f01; f02 (at 2000) stated, waiting
+        (tmp_path / "f03").unlink()  # listed by the walk already
+        ahead.copied(2000)
+        until(lambda: ahead.figures.files == 4)  # f02, then f04 at 3000: f03 counted as nothing
+        time.sleep(0.3)
+        assert (ahead.figures.files, ahead.figures.most_ahead) == (4, 2000)  # f05 at 4000 waits
+        ahead.copied(20_000)
+        until(lambda: finished(ahead))
+    assert (ahead.figures.files, ahead.figures.skipped) == (4, 5)
 
 
 def test_the_reading_stays_within_the_window_of_what_rsync_copied(tmp_path):
@@ -72,7 +92,7 @@ def test_leaving_stops_threads_waiting_for_rsync(tmp_path):
     ahead = ReadAhead(tmp_path, threads=3, window=0)
     with ahead:
         until(lambda: ahead.figures.files == 1)
-    assert not any(thread.is_alive() for thread in ahead._threads)
+    assert finished(ahead)
 
 
 def test_copy_out_copies_a_tree_and_a_single_file(tmp_path):
