@@ -7,6 +7,7 @@ runs it small); here: rsync's order, the window and the stop.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +86,30 @@ def test_the_reading_stays_within_the_window_of_what_rsync_copied(tmp_path):
         ahead.copied(35_000)  # past the rest
         until(lambda: ahead.figures.skipped == 18)
     assert (ahead.figures.files, ahead.figures.skipped, ahead.figures.bytes) == (12, 18, 12_000)
+
+
+def regular(size: int, inode: int = 0, names: int = 1) -> os.stat_result:
+    return os.stat_result((stat.S_IFREG | 0o644, inode, 1, names, 0, 0, size, 0, 0, 0))
+
+
+def test_where_a_file_starts_waits_for_every_file_before_it():
+    """The threads stat their files in any order; a file's place against the window is known
+    only once every file before it in rsync's order has been stated."""
+    ahead = ReadAhead(None, threads=0, window=1500, small=2000)
+    assert ahead._stated(1, regular(1000))  # the second file, stated first
+    assert not ahead._within(1)  # it starts after the first, of a size not known yet
+    ahead._stated(3, regular(1000))
+    ahead._stated(0, regular(1000))
+    assert ahead._within(1) and ahead._starts[1] == 1000 and not ahead._within(3)
+    assert not ahead._stated(2, regular(5000))  # too large to read ahead: counted, not read
+    assert ahead._starts[3] == 7000 and not ahead._within(3)  # 7000 - 0 > 1500
+    ahead.copied(5500)
+    assert ahead._within(3)
+    ahead._stated(4, None)  # could not be opened: counts as nothing
+    ahead._stated(5, regular(1000, inode=9, names=2))
+    ahead._stated(6, regular(1000, inode=9, names=2))  # a second name of file 5: rsync copies it once
+    ahead._stated(7, regular(1000))
+    assert (ahead._starts[5], 6 in ahead._starts, ahead._starts[7]) == (8000, False, 9000)
 
 
 def test_leaving_stops_threads_waiting_for_rsync(tmp_path):
