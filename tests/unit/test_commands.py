@@ -57,8 +57,8 @@ def test_rsync_into_btrfs_compares_times_to_the_nanosecond():
 
 
 def test_rsync_copies_without_its_transfer_checksum_and_the_copy_is_whole(tmp_path):
-    """Both ends are local: the checksum compared only the two ends of a pipe, at a third of a
-    copy's processor time. Run for real, as the backup and the restore build it."""
+    """Both ends are local: the checksum compared only the two ends of a pipe, and cost up to
+    half of rsync's processor time. Run for real, as the backup and the restore build it."""
     source = tmp_path / "src" / "home"
     (source / "d").mkdir(parents=True)
     content = {"a": os.urandom(300_000), "d/b": b"small", "empty": b""}
