@@ -260,7 +260,8 @@ def unmount(mountpoint: str) -> Argv:
 # receiver got through a pipe: no protection against the host, which sees only encrypted
 # blocks below btrfs's own checksums. Without it rsync takes half the processor time in a
 # restore and a fifth to a third less in a backup (docs/performance.md, "rsync's transfer
-# checksum: off").
+# checksum: off"). Copying whole files also keeps the backup clear of rsync's --sparse
+# --inplace bug before 3.3.0 (a delta transfer left a zeroed tail's old bytes in place).
 RSYNC_LOCAL_COPY = ("rsync", "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
                     "--checksum-choice=none")  # fmt: skip
 

@@ -74,6 +74,33 @@ def test_rsync_copies_without_its_transfer_checksum_and_the_copy_is_whole(tmp_pa
         assert (tmp_path / "back" / name).read_bytes() == data
 
 
+def test_the_backup_rewrites_a_changed_file_whole_so_a_zeroed_tail_is_copied(tmp_path):
+    """rsync before 3.3.0 (Debian bookworm's 3.2.7-1+deb12u6, tried) with --sparse --inplace
+    and its delta transfer leaves the old bytes where a file's tail became zeros or a hole:
+    the snapshot would keep data its source no longer holds. Whole-file copies (rsync's way
+    between local paths, and what --checksum-choice=none forces) are not affected; this holds
+    the backup to them: no byte of a changed file comes from the snapshot's old copy."""
+    source = tmp_path / "src" / "home"
+    source.mkdir(parents=True)
+    zeroed, holed = source / "zeroed.img", source / "holed.img"
+    for path in (zeroed, holed):
+        path.write_bytes(os.urandom(1 << 20))
+    argv = commands.rsync([str(source)], str(tmp_path / "snap"), inplace=True, progress=False,
+                          one_file_system=False, exact_times=True)  # fmt: skip
+    subprocess.run(argv, check=True)
+    with zeroed.open("r+b") as f:  # a rewritten image, a database's freed pages: same size
+        f.seek(512 << 10)
+        f.write(bytes(512 << 10))
+    os.truncate(holed, 256 << 10)
+    os.truncate(holed, 1 << 20)
+    for path in (zeroed, holed):
+        os.utime(path, (1, 1))
+    done = subprocess.run([*argv[:-2], "--stats", *argv[-2:]], capture_output=True, text=True, check=True)
+    assert "Matched data: 0 bytes" in done.stdout, done.stdout  # nothing reused from the old copy
+    for path in (zeroed, holed):
+        assert (tmp_path / "snap" / path.relative_to("/")).read_bytes() == path.read_bytes()
+
+
 def test_ssh_config_pins_the_host_key_and_ignores_user_config():
     text = commands.ssh_config(TARGET, "/var/lib/cryptsnap/home/known_hosts")
     assert "Host cryptsnap-home\n" in text
