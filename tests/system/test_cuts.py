@@ -4,10 +4,11 @@ Each seed aims at a phase with a kind of cut, the seeds walking through every pa
 a delay into the phase. The kinds: the server's side of ssh killed (the connection closes) or
 the server's network link taken down (silence: no reset, no close, only ssh's keepalive
 notices). After each cut: the run failed within the keepalive limit (or succeeded, if the
-cut came too late to matter), its error names the phase, nothing is left open, and the next run succeeds. At the end every snapshot holds what its source held
-when it was taken, and no partial one is there (the last run removed them). A run cut off
-after its snapshot was named, before the commit that makes the name durable, says that the
-snapshot may be there all the same; if it is, it must hold what its source held too.
+cut came too late to matter), its error names the phase, nothing is left open, and the next
+run succeeds. At the end every snapshot holds what its source held when it was taken, and
+no partial one is there (the last run removed them). A run cut off after its snapshot was
+named, before the commit that makes the name durable, says that the snapshot may be there
+all the same; if it is, it must hold what its source held too.
 
 Replay one seed: CRYPTSNAP_CUT_SEEDS=1 CRYPTSNAP_CUT_FIRST_SEED=N (the failure message says N).
 """
