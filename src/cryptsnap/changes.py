@@ -9,13 +9,14 @@ the entries that differ (--files-from); it deletes the vanished ones itself. The
 read only where something changed.
 
 The record also holds a digest of each regular file's content, taken from the source when
-that file was copied (in a first backup, beside rsync: digests.py). A file whose metadata
-changed but whose content did not (a package upgrade or a release tarball unpacked over the
-tree gives every file a new mtime) then gets only its attributes set in the snapshot,
-without its bytes crossing the link again (scan.Found.touched). A digest is kept only where
-it is sure to describe what the snapshot holds: taken from a file with one link, and only if
-the file did not change between the walk and the end of the run (RecordWriter.commit);
-otherwise "-", unknown.
+that file was copied (in a first backup, beside rsync: digests.py), except for files small
+enough for btrfs to keep inline, which cost the same copied or touched (INLINE_MAX). A file
+whose metadata changed but whose content did not (a package upgrade or a release tarball
+unpacked over the tree gives every file a new mtime) then gets only its attributes set in
+the snapshot, without its bytes crossing the link again (scan.Found.touched). A digest is
+kept only where it is sure to describe what the snapshot holds: taken from a file with one
+link, and only if the file did not change between the walk and the end of the run
+(RecordWriter.commit); otherwise "-", unknown.
 
 The record is trusted only for the image and snapshot it describes: if the image's
 generation or its newest snapshot is not the one recorded, or the sources or excludes
@@ -53,6 +54,12 @@ Stat = tuple[int, int, int, int, int, int]
 FORMAT = 3  # 2: entries in record order (order_key), streamed; 3: and a content digest per file
 READABLE = (2, 3)  # a format 2 record is read as one without digests
 DIGEST_CHUNK = 1 << 20
+# btrfs keeps a file of up to max_inline bytes (2048, the default cryptsnap mounts with) in the
+# leaf that holds its inode: setting its attributes rewrites that leaf, and so does writing its
+# bytes again. A digest of it would save nothing on the wire (3% and 2% more written for trees
+# of 1 KiB and 2 KiB files copied whole instead, 9x for 2049 bytes: docs/performance.md), and
+# cost a read and a hash of every such file: 16% of a first backup of small files.
+INLINE_MAX = 2048
 
 
 class UnsupportedPattern(ValueError):
@@ -352,7 +359,10 @@ def file_digest(path: bytes, expected: Stat) -> str | None:
     """The digest of a regular file's content (hex), read from the source; None when it cannot
     stand for the file: unreadable, gone, replaced, or with more than one link (rsync
     --hard-links copies those as a group, and an attribute change through one link would
-    reach the others in the snapshot)."""
+    reach the others in the snapshot); and None, without reading it, for a file small enough
+    to be kept inline (INLINE_MAX): copying it again costs what setting its attributes does."""
+    if expected[3] <= INLINE_MAX:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError:

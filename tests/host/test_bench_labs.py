@@ -150,3 +150,10 @@ def test_nbd_lab_serves_writes_and_checks_the_image(tmp_path):
     # The lab fails unless the image holds every byte it sent; here, that it reports each size.
     out = lab("bench.nbd_lab", "--mib", "8", "--request-kib", "4,256", "--dir", str(tmp_path))
     assert re.findall(r"in writes of (\d+) KiB: server [\d.]+ processor-s", out) == ["4", "256"], out
+
+
+def test_touch_lab_finds_a_copy_of_inline_files_costs_what_their_attributes_do_and_not_past_them(tmp_path):
+    out = lab("bench.touch_lab", "--files", "600", "--sizes", "1024,4096", "--dir", str(tmp_path))
+    ratios = {int(size): float(ratio) for size, ratio in re.findall(r"files of (\d+) bytes: .*: ([0-9.]+)x", out)}
+    assert ratios.keys() == {1024, 4096}, out
+    assert ratios[1024] < 1.3 < 3 < ratios[4096], out

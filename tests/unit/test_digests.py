@@ -44,7 +44,11 @@ def test_a_first_scans_digests_are_taken_by_a_process_of_its_own_and_checked_at_
         if name.endswith(b"d3/f7"):
             assert digest is None, "a file changed since the walk has no digest"
         elif name.startswith(os.fsencode(source)[1:] + b"/d") and b"/f" in name:
-            assert digest is not None and digest == changes.file_digest(path, changes._stat(os.lstat(path)))
+            st = changes._stat(os.lstat(path))
+            if st[3] <= changes.INLINE_MAX:
+                assert digest is None, "kept inline by btrfs: copied whole when touched, never read for a digest"
+            else:
+                assert digest is not None and digest == changes.file_digest(path, st)
         else:
             assert digest is None, name  # directories and the symlink
     assert sorted(p.name for p in state.iterdir()) == ["files.gz"], "temporary files left"

@@ -60,6 +60,7 @@ def small_parts(monkeypatch):
 def test_a_scan_in_parts_finds_and_records_what_one_walk_does(tmp_path, small_parts):
     source, state = tmp_path / "src", tmp_path / "state"
     make_tree(source)
+    (source / "d28" / "sub" / "f2").write_bytes(b"2" * (changes.INLINE_MAX + 1))  # its touch is found by digest
     state.mkdir()
     target = SimpleNamespace(sources=(str(source),), excludes=("*/sub/f7",), one_file_system=True)
     first = state / "first.gz"
