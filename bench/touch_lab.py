@@ -17,45 +17,39 @@ max_inline bytes (2048 by default) in the leaf that holds its inode (changes.INL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shlex
-import subprocess
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from bench.scatter_lab import loop, run
 from cryptsnap import commands
 from tests.support.loopfs import device_written
 
 MODES = ("touched", "copied")
 
 
-def run(*argv: str) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{shlex.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()}")
-
-
 def written_by(mode: str, files: int, size: int, under: Path) -> int:
     """Bytes written to the device by one mode's rsync and sync, on a fresh file system."""
-    work = Path(tempfile.mkdtemp(prefix="touch-lab-", dir=under))
-    source, mnt, image = work / "source", work / "fs", work / "image"
-    mnt.mkdir()
-    for i in range(files):
-        directory = source / f"d{i // 100}"
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"f{i}").write_bytes(os.urandom(size))
-    names = [str(p).lstrip("/") for p in sorted(source.rglob("f*"))]
-    listing = work / "list"
-    listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
-    run("truncate", "-s", "4G", str(image))
-    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                            check=True).stdout.strip()  # fmt: skip
-    mounted = False
-    try:
+    with contextlib.ExitStack() as stack:  # unwound in reverse: unmount, detach, remove
+        work = Path(tempfile.mkdtemp(prefix="touch-lab-", dir=under))
+        stack.callback(shutil.rmtree, work)
+        source, mnt, image = work / "source", work / "fs", work / "image"
+        mnt.mkdir()
+        for i in range(files):
+            directory = source / f"d{i // 100}"
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"f{i}").write_bytes(os.urandom(size))
+        names = [str(p).lstrip("/") for p in sorted(source.rglob("f*"))]
+        listing = work / "list"
+        listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
+        run("truncate", "-s", "4G", str(image))
+        device = stack.enter_context(loop(image))
         run(*commands.mkfs("btrfs", device))
         run(*commands.mount(device, str(mnt), "btrfs", readonly=False))
-        mounted = True
+        stack.callback(run, *commands.unmount(str(mnt)))
         copy = dict(inplace=True, exact_times=True, progress=False)
         run(*commands.btrfs_subvolume_create(str(mnt / "s1")))
         run(*commands.rsync([str(source)], str(mnt / "s1"), **copy))
@@ -69,11 +63,6 @@ def written_by(mode: str, files: int, size: int, under: Path) -> int:
                             **copy))  # fmt: skip
         run(*commands.sync(str(mnt)))
         return device_written(device) - before
-    finally:
-        if mounted:
-            run(*commands.unmount(str(mnt)))
-        run(*commands.loop_detach(device))
-        subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
