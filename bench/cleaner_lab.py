@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int, float]]:
         run("mkfs.nilfs2", "-q", "-f", "-b", "4096", "-B", str(args.segment_blocks), device)
         run("mount", "-i", "-t", "nilfs2", device, str(mnt))  # -i: no helper, so no cleaner of its own
         stack.callback(subprocess.run, ["umount", str(mnt)], capture_output=True)
-        write_tree(mnt, args.files, args.file_kb)
+        write_tree(mnt, args.files, args.file_kb << 10)
         run("sync", "-f", str(mnt))
         print(f"tree of {args.files:,} files written; {free_mb(mnt):.0f} MiB free of {args.image_mb}", flush=True)
         kept = [snapshot(device)]

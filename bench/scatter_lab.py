@@ -62,9 +62,10 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def write_tree(root: Path, files: int, file_kb: int) -> None:
-    """FILES files of FILE_KB, 100 a directory, each different (no deduplication to help)."""
-    content = os.urandom(file_kb << 10)
+def write_tree(root: Path, files: int, size: int) -> None:
+    """FILES files of SIZE bytes (at least 8), 100 a directory, each different (no
+    deduplication to help)."""
+    content = os.urandom(size)
     for i in range(files):
         directory = root / f"d{i // 100}"
         if i % 100 == 0:
@@ -192,7 +193,7 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: list[str])
         run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
     else:
         (mnt / "s0").mkdir()
-    write_tree(mnt / "s0", args.files, args.file_kb)
+    write_tree(mnt / "s0", args.files, args.file_kb << 10)
     sync = ("btrfs", "filesystem", "sync", str(mnt)) if btrfs else ("sync", "-f", str(mnt))
     run(*sync)
     if not btrfs and args.snapshot:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.scatter_lab import loop, run
+from bench.scatter_lab import loop, run, write_tree
 from cryptsnap import commands
 from tests.support.loopfs import device_written
 
@@ -38,10 +38,8 @@ def written_by(mode: str, files: int, size: int, under: Path) -> int:
         stack.callback(shutil.rmtree, work)
         source, mnt, image = work / "source", work / "fs", work / "image"
         mnt.mkdir()
-        for i in range(files):
-            directory = source / f"d{i // 100}"
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / f"f{i}").write_bytes(os.urandom(size))
+        source.mkdir()
+        write_tree(source, files, size)
         names = [str(p).lstrip("/") for p in sorted(source.rglob("f*"))]
         listing = work / "list"
         listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
