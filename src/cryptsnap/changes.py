@@ -260,7 +260,7 @@ def _listed(directory: bytes) -> list[os.DirEntry]:
     try:
         return sorted(os.scandir(directory), key=_name)
     except (PermissionError, FileNotFoundError) as exc:
-        log.warning("cannot read %s: %s", os.fsdecode(directory), exc)
+        log.warning("cannot read %s: %s", os.fsdecode(directory), exc.strerror)  # exc repeats the path as bytes
         return []
 
 

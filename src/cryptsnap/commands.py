@@ -262,6 +262,7 @@ def unmount(mountpoint: str) -> Argv:
 # restore and a fifth to a third less in a backup (docs/performance.md, "rsync's transfer
 # checksum: off"). Copying whole files also keeps the backup clear of rsync's --sparse
 # --inplace bug before 3.3.0 (a delta transfer left a zeroed tail's old bytes in place).
+RSYNC_VANISHED = 24  # rsync's exit status when source files vanished before it could read them
 RSYNC_LOCAL_COPY = ("rsync", "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
                     "--checksum-choice=none")  # fmt: skip
 
@@ -284,6 +285,7 @@ def rsync(
 
     files_from paths are relative to /, and rsync does not recurse into listed directories:
     the caller lists every entry to copy and deletes vanished ones itself (cryptsnap.changes).
+    A listed path that is gone by the time rsync looks is deleted from the destination.
 
     With progress, rsync builds the whole file list first (--no-inc-recursive) so that its
     percentage counts the whole tree: 199 MiB of rsync at 10^6 files. With `incremental` it
@@ -299,7 +301,9 @@ def rsync(
     """
     argv = [*RSYNC_LOCAL_COPY, "--relative"]  # --relative: /etc/fstab lands at SNAPSHOT/etc/fstab
     if files_from:
-        argv += [f"--files-from={files_from}", "--from0"]
+        # A listed path deleted here since the scan (a temporary file, a cache entry) is
+        # deleted from the snapshot too, not an error that fails the run.
+        argv += [f"--files-from={files_from}", "--from0", "--delete-missing-args", "--force"]
         sources = ["/"]
     else:
         argv += ["--delete", "--delete-excluded"]

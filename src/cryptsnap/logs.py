@@ -41,8 +41,12 @@ def stderr_is_journal() -> bool:
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
+_settings: dict = {}
+
+
 def setup(verbosity: int = 0, program: str = "cryptsnap", tag: str = "") -> None:
     """Log to stderr. tag prefixes every message (a job's lines carry its id and target)."""
+    _settings.update(verbosity=verbosity, program=program, tag=tag)
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     handler = Handler(sys.stderr)
     if stderr_is_journal():
@@ -53,3 +57,9 @@ def setup(verbosity: int = 0, program: str = "cryptsnap", tag: str = "") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def settings() -> dict:
+    """What setup() was last given: a helper process of the run (a part of the scan) passes
+    it to its own setup(), so that its lines carry the job's tag and the journal's priorities."""
+    return dict(_settings)

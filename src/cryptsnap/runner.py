@@ -175,6 +175,11 @@ def ignore_cancels() -> None:
     Called once a snapshot is complete (a cancel then comes too late to undo anything, and the
     run is done, not canceled) and when unwinding begins. Only where cancel_on_signals made
     the signals cancel; signal dispositions belong to the main thread.
+
+    The children started after this inherit SIG_IGN, on purpose: at a terminal a second
+    Ctrl-C goes to the whole foreground process group, and it must not kill an umount or a
+    `cryptsetup close` halfway through the unwinding. Under systemd (KillMode=mixed) only
+    cryptsnapd gets the SIGTERM, and the SIGKILL after TimeoutStopSec= still reaches all.
     """
     global _cancelable
     if _cancelable and threading.current_thread() is threading.main_thread():

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import changes, digests, runner
+from . import changes, digests, logs, runner
 from .config import Target
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,8 @@ def _in_parts(target: Target, record_to: Path, known: changes.Record, touch: boo
     jobs = [{"sources": list(target.sources), "excludes": list(target.excludes),
              "one_file_system": target.one_file_system, "record": str(known.source), "touch": touch,
              "start": part.start.hex() if part.start is not None else None,
-             "end": part.end.hex() if part.end is not None else None, "to": str(directory / f"part{i}")}
+             "end": part.end.hex() if part.end is not None else None, "to": str(directory / f"part{i}"),
+             "log": logs.settings()}
             for i, part in enumerate(bounds)]  # fmt: skip
     children: list[subprocess.Popen] = []
     try:
@@ -289,8 +290,9 @@ def _part(job: dict, known: changes.Record | None = None) -> dict:
 
 def main() -> None:
     """A part of a scan in its own process: the job (JSON) on stdin, the result on stdout."""
-    logging.basicConfig(level=logging.INFO, format="cryptsnap scan: %(message)s")
-    json.dump(_part(json.load(sys.stdin)), sys.stdout)
+    job = json.load(sys.stdin)
+    logs.setup(**job["log"])  # the run's: its job tag, the journal's priorities
+    json.dump(_part(job), sys.stdout)
 
 
 if __name__ == "__main__":

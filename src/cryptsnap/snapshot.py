@@ -315,15 +315,15 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
     rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
                               one_file_system=target.one_file_system, inplace=btrfs, exact_times=btrfs)  # fmt: skip
     if found is None:
-        runner.stream(rsync(link_dest=str(directory / previous) if previous and not btrfs else None,
-                            incremental=expected is not None), progress_reader(on_progress, expected))  # fmt: skip
+        _copy(rsync(link_dest=str(directory / previous) if previous and not btrfs else None,
+                    incremental=expected is not None), progress_reader(on_progress, expected))  # fmt: skip
     else:
         with found:
             _delete(partial, found.deleted_paths())
             if found.changed:
-                runner.stream(rsync(files_from=found.listing.name), progress_reader(on_progress))
+                _copy(rsync(files_from=found.listing.name), progress_reader(on_progress))
             if found.touched:  # same size and content: rsync skips their data and sets the rest
-                runner.run(rsync(files_from=found.touched_file.name, size_only=True, progress=False))
+                _copy(rsync(files_from=found.touched_file.name, size_only=True, progress=False))
     on_progress(1.0, 0)
     syncer.sync()  # the data is on the server before the name says "complete"
     if btrfs:
@@ -375,6 +375,21 @@ def _record_unusable(known: changes.Record | None, previous: str, generation: in
     if known.settings != changes.settings_digest(target):
         return "the sources or excludes changed since the last snapshot"
     return ""
+
+
+def _copy(argv: commands.Argv, on_line: Callable[[str], None] = lambda line: None) -> None:
+    """Run rsync; files deleted here while it copied (it had listed them, then found them
+    gone: exit 24) are a warning, not a failed run. A live machine deletes files all the time
+    (temporary files, caches); failing the run for them would leave it without any backup."""
+    try:
+        runner.stream(argv, on_line)
+    except ToolFailed as exc:
+        if exc.returncode != commands.RSYNC_VANISHED:
+            raise
+        said = [line.strip() for line in exc.stderr.splitlines() if "file has vanished" in line]
+        log.warning("%d file(s) were deleted on this machine while this run copied them (rsync: %s): this "
+                    "snapshot may hold them as the one before it did; the next run leaves them out",
+                    len(said), said[0] if said else "some files vanished")  # fmt: skip
 
 
 def _delete(snapshot: Path, paths: list[bytes]) -> None:

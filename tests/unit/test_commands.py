@@ -42,6 +42,7 @@ def test_rsync_given_a_list_copies_only_those_paths_from_the_root():
     assert "--files-from=/run/x/changed" in argv and "--from0" in argv and "--relative" in argv
     assert argv[-2:] == ("/", "/d/")  # listed paths are relative to /: sources keep their full paths
     assert "--delete" not in argv and "--exclude=*.tmp" in argv  # deletions are the caller's; excludes still hold
+    assert "--delete-missing-args" in argv and "--force" in argv  # but a path gone since the scan goes
 
 
 def test_rsync_of_files_whose_content_is_known_the_same_sets_only_their_attributes():

@@ -4,15 +4,18 @@ processes of their own give the record and lists one walk gives."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from cryptsnap import changes, scan
+from cryptsnap import changes, logs, scan
 
 MARKS = [(i * 1000, b"d/%06d" % (i * 1000)) for i in range(100)]  # a record of 100,000 entries
 
@@ -131,3 +134,34 @@ def test_a_part_that_fails_means_one_walk_and_a_damaged_record_a_full_compare(tm
     assert found is None and "the local record is damaged" in caplog.text
     writer.discard()
     assert sorted(p.name for p in state.iterdir()) == ["damaged.gz", "first.gz"], "part files left behind"
+
+
+def test_a_part_logs_as_the_run_does(monkeypatch):
+    """A part's warning carries the run's job tag and, into the journal, its priority. The part
+    runs as nobody here so that a directory root made private is one it cannot read."""
+    base = Path(tempfile.mkdtemp(prefix="cryptsnap-scan-"))  # not tmp_path: private to root
+    try:
+        os.chmod(base, 0o755)
+        source, state = base / "src", base / "state"
+        make_tree(source)
+        state.mkdir(mode=0o777)
+        os.chmod(state, 0o777)
+        target = SimpleNamespace(sources=(str(source),), excludes=(), one_file_system=True)
+        writer, _ = scan.scan_sources(target, state / "first.gz", None, state)
+        writer.commit(1, "s1", "digest")
+        os.chmod(state / "first.gz", 0o644)
+        os.chmod(source / "d03", 0o700)
+        monkeypatch.setattr(logs, "_settings", {"verbosity": 0, "program": "job 7 [home]", "tag": "job 7 [home]: "})
+        job = {"sources": [str(source)], "excludes": [], "one_file_system": True, "record": str(state / "first.gz"),
+               "touch": False, "start": None, "end": None, "to": str(state / "part"), "log": logs.settings()}  # fmt: skip
+        stderr = state / "stderr"
+        with open(stderr, "wb") as err:
+            info = os.fstat(err.fileno())
+            part = subprocess.run([sys.executable, "-m", "cryptsnap.scan"], input=json.dumps(job).encode(),
+                                  stdout=subprocess.PIPE, stderr=err, user=65534, group=65534, extra_groups=[],
+                                  env=dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}"))  # fmt: skip
+        assert part.returncode == 0, stderr.read_text()
+        assert json.loads(part.stdout)["seen"] > 0
+        assert f"<4>job 7 [home]: cannot read {source / 'd03'}: Permission denied\n" in stderr.read_text()
+    finally:
+        shutil.rmtree(base)

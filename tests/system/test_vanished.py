@@ -1,0 +1,62 @@
+"""Files deleted on the machine while a backup copies them (temporary files, caches) are not
+a failed run: a live machine's backups must not depend on nothing being deleted meanwhile."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from tests.support import trees
+from tests.support.checks import assert_nothing_left, cryptsnap
+from tests.support.targets import init_target, make_setup
+
+
+def churn(directory: Path, stop: threading.Event, made: list[int]) -> None:
+    """Create files and delete them a moment later until stopped, as a busy program does:
+    a scan or an rsync that lists one finds it gone when it comes to read it. How many were
+    made is appended to `made`."""
+    directory.mkdir()
+    count = 0
+    while not stop.is_set():
+        batch = []
+        for _ in range(40):
+            path = directory / f"tmp{count:06}"
+            path.write_bytes(os.urandom(8192))
+            batch.append(path)
+            count += 1
+        stop.wait(0.01)
+        for path in batch:
+            path.unlink()
+    made.append(count)
+
+
+def test_files_deleted_during_a_run_are_left_out_not_a_failure(tmp_path, untrusted_host):
+    setup = make_setup(tmp_path, untrusted_host)
+    trees.build(setup.source)
+    for n in range(300):  # rsync takes a while over these: the churn goes on meanwhile
+        (setup.source / "many" / f"{n // 50}").mkdir(parents=True, exist_ok=True)
+        (setup.source / "many" / f"{n // 50}" / f"f{n}").write_bytes(os.urandom(20_000))
+    init_target(setup)
+    busy = setup.source / "zz-busy"
+    said = []
+    for run in ("first", "second"):  # the whole tree, then only what the local record says changed
+        if run == "second":
+            trees.mutate(setup.source)
+        stop = threading.Event()
+        made: list[int] = []
+        worker = threading.Thread(target=churn, args=(busy, stop, made))
+        worker.start()
+        try:
+            said.append(cryptsnap(setup, "-v", "backup", setup.name).stderr)
+        finally:
+            stop.set()
+            worker.join()
+        busy.rmdir()
+        assert made[0] > 100, "the churn ran beside the backup"
+    assert_nothing_left(setup)
+    # What the runs left out, the next one does not bring back: the latest snapshot is the tree.
+    cryptsnap(setup, "backup", setup.name)
+    restored = tmp_path / "restored"
+    cryptsnap(setup, "restore", f"{setup.name}@latest:{setup.source}", "--to", str(restored))
+    assert trees.manifest(restored) == trees.manifest(setup.source), said
