@@ -4,9 +4,9 @@
 
 cryptsnap writes its own ssh configuration and leaves the cipher to OpenSSH's default order
 (chacha20-poly1305 first). This measures whether another cipher would carry the image's bytes
-faster where the processors are the limit: `ssh -c CIPHER host 'cat > /dev/null'` with
---mib MiB of random bytes on stdin, both ends on this machine (an sshd with throwaway keys,
-tests.support.sshd), the ciphers alternating round by round. Also prints `openssl speed` of
+faster where the processors are the limit: `ssh -c CIPHER host 'wc -c'` with --mib MiB of
+random bytes on stdin (the count checked), both ends on this machine (an sshd with throwaway
+keys, tests.support.sshd), the ciphers alternating round by round. Also prints `openssl speed` of
 the two AEAD ciphers where openssl is installed (the cipher alone, one processor).
 """
 
@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         blob.flush()
         for round_ in range(1, args.rounds + 1):
             for cipher in args.ciphers.split(","):
-                argv_ = server.ssh_argv("cat > /dev/null")
+                argv_ = server.ssh_argv("wc -c")
                 argv_[1:1] = ["-c", cipher]
                 before, started = os.times(), time.monotonic()
                 with open(blob.name, "rb") as stream:
-                    subprocess.run(argv_, stdin=stream, check=True)
+                    got = subprocess.run(argv_, stdin=stream, check=True, capture_output=True, text=True).stdout
                 wall, after = time.monotonic() - started, os.times()
+                if int(got) != args.mib << 20:
+                    raise SystemExit(f"{cipher}: the server got {got.strip()} bytes of {args.mib << 20}")
                 client = after.children_user + after.children_system - before.children_user - before.children_system
                 print(f"round {round_}: {cipher}: {args.mib / wall:.1f} MiB/s ({wall:.1f} s; the ssh client "
                       f"{client:.1f} processor-s)", flush=True)

@@ -157,3 +157,8 @@ def test_touch_lab_finds_a_copy_of_inline_files_costs_what_their_attributes_do_a
     ratios = {int(size): float(ratio) for size, ratio in re.findall(r"files of (\d+) bytes: .*: ([0-9.]+)x", out)}
     assert ratios.keys() == {1024, 4096}, out
     assert ratios[1024] < 1.3 < 3 < ratios[4096], out
+
+
+def test_cipher_lab_sends_the_bytes_through_each_cipher_it_is_given():
+    out = lab("bench.cipher_lab", "--mib", "4", "--rounds", "1", "--ciphers", "chacha20-poly1305@openssh.com,aes128-ctr")
+    assert re.findall(r"round 1: (\S+): [\d.]+ MiB/s", out) == ["chacha20-poly1305@openssh.com", "aes128-ctr"], out
