@@ -102,6 +102,12 @@ class HookFailed(CryptsnapError):
     exit_code = 14
 
 
+class SourceMissing(CryptsnapError):
+    """A path in the target's sources does not exist: the run was skipped (scan.check_sources)."""
+
+    exit_code = 15
+
+
 class MissingTool(ToolFailed):
     """A program cryptsnap needs is not installed; the message names the Debian package."""
 
@@ -171,4 +177,6 @@ EXIT_CODES = {
     "(what the run opened is unwound; see `cryptsnap status`)",
     HookFailed.exit_code: "before hook failed: the target's hooks.before command failed or timed out, so the run "
     "was skipped",
+    SourceMissing.exit_code: "source missing: a path in the target's sources does not exist (a disk not mounted?), "
+    "so the run was skipped",
 }

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import changes, commands, hooks, integrity, meter, readahead, runner, snapshot
+from . import changes, commands, hooks, integrity, meter, readahead, runner, scan, snapshot
 from .config import Target
 from .errors import (
     ConnectionLost,
@@ -168,6 +168,8 @@ def backup(target: Target, reporter: Reporter | None = None, *, break_lock: bool
             if lock_fd is None:  # held from here to the end, across tries: nobody takes the target between
                 lock_fd = held.enter_context(LocalLock(target.runtime_dir, "backup")).file.fileno()
             hooks.before(target)  # inside: a skipped run is recorded as failed, with the hook's reason
+            with step("checking the sources"):  # after the hook, which may mount one
+                scan.check_sources(target)
             _tries(target, state, reporter, record, break_lock=break_lock, full_compare=full_compare,
                    accept_rollback=accept_rollback, lock_fd=lock_fd)  # fmt: skip
         record.result = "done"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import changes, digests, logs, runner
 from .config import Target
+from .errors import SourceMissing
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,19 @@ def scan_sources(target: Target, record_to: Path | None, known: changes.Record |
     except changes.RecordDamaged as exc:
         log.warning("the local record is damaged (%s): comparing every file with the image", exc)
         return _scan(target, record_to, None, work_dir, touch, 1)
+
+
+def check_sources(target: Target) -> None:
+    """SourceMissing unless every source exists. A source that is gone would be backed up as
+    nothing: rsync fails on it only where it copies the whole tree, and a run by the local
+    record finds all its entries deleted and leaves them out of the new snapshot; retention
+    would in time prune the last snapshots that hold them."""
+    missing = [source for source in target.sources if not os.path.lexists(source)]
+    if missing:
+        raise SourceMissing(f"{', '.join(missing)}: no such file or directory, in the sources of target "
+                            f"{target.name}. Nothing was backed up; the snapshots so far are as they were. If it "
+                            f"is on a disk, mount it; if it is gone for good, remove it from "
+                            f"targets.{target.name}.sources in the configuration")  # fmt: skip
 
 
 def cuts(marks: Iterable[tuple[int, bytes]], count: int, parts: int) -> list[bytes]:

@@ -68,3 +68,21 @@ def test_on_error_runs_after_a_failed_run_with_its_result_in_the_environment(set
     again = cryptsnap(setup, "backup", setup.name, expect=8)
     assert "on_error hook: false exited with 1 (the run stays failed)" in again.stderr, again.stderr
     assert_nothing_left(setup)
+
+
+def test_a_missing_source_skips_the_run_unless_the_before_hook_makes_it(setup):
+    """A source that is gone (a disk not mounted) would be backed up as nothing: the run is
+    skipped before it connects. It is checked after the `before` hook, which may mount it."""
+    prepare(setup)
+    setup.source.rmdir()
+    failed = cryptsnap(setup, "-v", "backup", setup.name, expect=15)
+    assert (f"error: checking the sources: {setup.source}: no such file or directory, in the sources of target "
+            f"{setup.name}. Nothing was backed up") in failed.stderr, failed.stderr  # fmt: skip
+    assert f"remove it from targets.{setup.name}.sources" in failed.stderr
+    assert "connecting" not in failed.stderr, "the run went on without its source"
+    record = last_run(setup)
+    assert record["result"] == "failed" and record["exit_code"] == 15
+    assert_nothing_left(setup)
+    with_hooks(setup, before=["mkdir", str(setup.source)])  # as a hook that mounts the source's disk
+    went_on = cryptsnap(setup, "-v", "backup", setup.name, expect=None)
+    assert went_on.returncode == 8 and "unlocking" in went_on.stderr, went_on.stderr  # no device-mapper here
