@@ -11,11 +11,10 @@ import os
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 
 from cryptsnap import snapshot
 from cryptsnap.errors import ToolFailed
-from tests.support import loopfs
+from tests.support import loopfs, trees
 
 
 def test_what_is_deleted_between_the_scan_and_the_copy_is_left_out(tmp_path, monkeypatch):
@@ -57,19 +56,6 @@ def test_what_is_deleted_between_the_scan_and_the_copy_is_left_out(tmp_path, mon
         assert itemized == "", itemized
 
 
-def churn(directory: Path, stop: threading.Event) -> None:
-    """Create files and delete them a moment later until stopped, as a busy program does."""
-    count = 0
-    while not stop.is_set():
-        batch = [directory / f"tmp{count + i:06}" for i in range(40)]
-        for path in batch:
-            path.write_bytes(b"x" * 8192)
-        count += len(batch)
-        stop.wait(0.002)
-        for path in batch:
-            path.unlink()
-
-
 def test_files_a_whole_tree_copy_finds_gone_are_a_warning_not_a_failure(tmp_path, caplog):
     """rsync's exit 24 ("some files vanished before they could be transferred"). Whether a copy
     meets one is chance: copies are made until one has (each one's failure fails the test)."""
@@ -85,7 +71,7 @@ def test_files_a_whole_tree_copy_finds_gone_are_a_warning_not_a_failure(tmp_path
     with loopfs.btrfs(tmp_path / "image", fs):
         (fs / "snapshots").mkdir()
         stop = threading.Event()
-        worker = threading.Thread(target=churn, args=(busy, stop))
+        worker = threading.Thread(target=trees.churn, args=(busy, stop, 0.002))
         worker.start()
         try:
             copies = 0

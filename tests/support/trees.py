@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 MARKER = "CRYPTSNAP-PLAINTEXT-MARKER-7f3a9c"  # must never appear in the remote image
@@ -50,6 +51,23 @@ def mutate(root: Path) -> None:
     os.setxattr(root / f"name-{MARKER}.txt", "user.changed", b"now with an xattr")
     os.unlink(root / "link-to-a")
     os.symlink("docs/new.txt", root / "link-to-a")
+
+
+def churn(directory: Path, stop: threading.Event, pause: float, made: list[int] | None = None) -> None:
+    """Create files in `directory` and delete them `pause` seconds later, 40 at a time, until
+    stopped, as a busy program does: a scan or an rsync that lists one finds it gone when it
+    comes to read it. How many were made is appended to `made`. (Run it in a thread.)"""
+    count = 0
+    while not stop.is_set():
+        batch = [directory / f"tmp{count + i:06}" for i in range(40)]
+        for path in batch:
+            path.write_bytes(b"x" * 8192)
+        count += len(batch)
+        stop.wait(pause)
+        for path in batch:
+            path.unlink()
+    if made is not None:
+        made.append(count)
 
 
 def _xattrs(path: bytes) -> dict:

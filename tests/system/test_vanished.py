@@ -16,25 +16,6 @@ from tests.support.checks import assert_nothing_left, cryptsnap
 from tests.support.targets import init_target, make_setup
 
 
-def churn(directory: Path, stop: threading.Event, made: list[int]) -> None:
-    """Create files and delete them a moment later until stopped, as a busy program does:
-    a scan or an rsync that lists one finds it gone when it comes to read it. How many were
-    made is appended to `made`."""
-    directory.mkdir()
-    count = 0
-    while not stop.is_set():
-        batch = []
-        for _ in range(40):
-            path = directory / f"tmp{count:06}"
-            path.write_bytes(os.urandom(8192))
-            batch.append(path)
-            count += 1
-        stop.wait(0.01)
-        for path in batch:
-            path.unlink()
-    made.append(count)
-
-
 def backup_beside(setup, busy: Path) -> str:
     """A backup while a program creates and deletes files in `busy`; its log. A file gone
     between rsync's stat and its read of the ACLs or xattrs fails the run (rsync's exit 23,
@@ -42,7 +23,8 @@ def backup_beside(setup, busy: Path) -> str:
     for _ in range(3):
         stop = threading.Event()
         made: list[int] = []
-        worker = threading.Thread(target=churn, args=(busy, stop, made))
+        busy.mkdir()
+        worker = threading.Thread(target=trees.churn, args=(busy, stop, 0.01, made))
         worker.start()
         try:
             result = cryptsnap(setup, "-v", "backup", setup.name, expect=None)
