@@ -27,6 +27,20 @@ system frozen by `dmsetup suspend`); the first write to a block still shared wit
 snapshot copies the whole pool block (--thin-block-kb, 64 at least). Counted: the pool's
 metadata and data devices together. Needs the guest (device-mapper).
 
+--fs overlay keeps history as layers instead of snapshots: one ext4 (or --upper xfs) holds a
+directory a run, and a run writes only what it changes into its own layer, through an overlay
+mount (the kernel's overlayfs) whose lower layers are all the runs before it, read-only; a
+snapshot is the stack of layers up to it, which stock tools mount read-only
+(`mount -t overlay -o lowerdir=N:...:1:0`). Nothing is copied or counted per file of the tree:
+a changed file is a new file in the run's layer, its directories copied up (metadata only).
+At the end every kept state is mounted read-only from its layers and compared with what was
+written (the lab fails otherwise).
+
+--keep K keeps the last K states, as retention would: btrfs deletes the oldest snapshot (and
+waits for its cleaner), overlay merges the oldest layer into layer 0 (bench.layers); the bytes
+each costs are printed apart from the runs'. --delete N deletes N more files a run (overlay
+writes them as whiteouts, which the merge must apply).
+
 --integrity puts the file system on LUKS2 with authenticated encryption (dm-integrity keeps
 an HMAC of every sector), as a file system without checksums of its own would need against
 a hostile host; the bytes are still counted on the loop device, tags and journal included.
@@ -47,12 +61,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench import layers
 from cryptsnap import commands
 from tests.support.loopfs import device_read, device_written
 
 
-def run(*argv: str) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
+def run(*argv: str, cwd: Path | None = None) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
     if done.returncode:
         raise RuntimeError(f"{shlex.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()}")
 
@@ -62,21 +77,41 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def write_tree(root: Path, files: int, size: int) -> None:
+def write_tree(root: Path, files: int, size: int) -> bytes:
     """FILES files of SIZE bytes (at least 8), 100 a directory, each different (no
-    deduplication to help)."""
+    deduplication to help). Returns the bytes file i's content is made of (`original`)."""
     content = os.urandom(size)
     for i in range(files):
         directory = root / f"d{i // 100}"
         if i % 100 == 0:
             directory.mkdir()
-        (directory / f"f{i}").write_bytes(content[:-8] + i.to_bytes(8, "little"))
+        (directory / f"f{i}").write_bytes(original(content, i))
+    return content
 
 
-def change(root: Path, rng: random.Random, args: argparse.Namespace) -> None:
-    """The scattered change: CHANGED files drawn at random rewritten as CHANGED_KB of random data."""
-    for i in rng.sample(range(args.files), args.changed):
-        (root / f"d{i // 100}" / f"f{i}").write_bytes(os.urandom(args.changed_kb << 10))
+def original(content: bytes, i: int) -> bytes:
+    return content[:-8] + i.to_bytes(8, "little")
+
+
+def file_path(i: int) -> str:
+    return f"d{i // 100}/f{i}"
+
+
+def change(root: Path, rng: random.Random, args: argparse.Namespace) -> dict[int, bytes | None]:
+    """The scattered change: CHANGED files drawn at random rewritten as CHANGED_KB of random
+    data, and --delete others deleted. Returns each changed file's new content (None: deleted),
+    by number."""
+    changed: dict[int, bytes | None] = {
+        i: os.urandom(args.changed_kb << 10) for i in rng.sample(range(args.files), args.changed)
+    }
+    for i, data in changed.items():
+        (root / file_path(i)).write_bytes(data)
+    if getattr(args, "delete", 0):  # (drawn only then: the other figures' seeds stay as they were)
+        present = [i for i in rng.sample(range(args.files), args.files) if i not in changed]
+        for i in [i for i in present if (root / file_path(i)).exists()][: args.delete]:
+            (root / file_path(i)).unlink()
+            changed[i] = None
+    return changed
 
 
 @contextlib.contextmanager
@@ -154,7 +189,13 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
             return _runs(args, mnt, device, measured)
         if args.integrity != "none":
             device = stack.enter_context(authenticated(device, Path(work), args.integrity))
-        if args.fs == "nilfs2":
+        if args.fs == "overlay":
+            # (inode tables and journal written now; one inode per 4 KiB, for trees of small files)
+            mkfs = (("mkfs.xfs", "-q", "-f") if args.upper == "xfs" else
+                    ("mkfs.ext4", "-q", "-F", "-i", "4096", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"))
+            run(*mkfs, *shlex.split(args.mkfs), device)
+            run("mount", "-o", "noatime" + ("," + args.mount if args.mount else ""), device, str(mnt))
+        elif args.fs == "nilfs2":
             run("mkfs.nilfs2", "-q", "-f", "-b", "4096", *shlex.split(args.mkfs), device)
             run("mount", "-i", "-t", "nilfs2", *(["-o", args.mount] if args.mount else []), device, str(mnt))
         else:
@@ -188,6 +229,8 @@ def snapshot_after_change(args: argparse.Namespace, device: str, n: int) -> None
 
 
 def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: list[str]) -> list[tuple[int, int]]:
+    if args.fs == "overlay":
+        return _layer_runs(args, mnt, measured)
     btrfs = args.fs == "btrfs"
     if btrfs:
         run("btrfs", "-q", "subvolume", "create", str(mnt / "s0"))
@@ -214,7 +257,75 @@ def _runs(args: argparse.Namespace, mnt: Path, device: str, measured: list[str])
         if not btrfs and args.snapshot:
             snapshot_after_change(args, device, n)
         figures.append((written(measured) - before[0], read(measured) - before[1]))
+        if btrfs and args.snapshot and args.keep and n + 1 > args.keep:
+            pruned = written(measured)
+            oldest = n + 1 - args.keep - 1  # the snapshots s0..sN: keep the last KEEP
+            run("btrfs", "-q", "subvolume", "delete", "--commit-after", str(mnt / f"s{oldest}"))
+            run("btrfs", "subvolume", "sync", str(mnt))  # the cleaner has dropped its references
+            run(*sync)
+            print(f"after run {n}: snapshot s{oldest} deleted: {written(measured) - pruned:,} bytes written",
+                  flush=True)  # fmt: skip
     return figures
+
+
+def flush(mnt: Path) -> None:
+    """Everything a run changed written in place, as the unmount at a run's end does: a sync
+    commits ext4's journal and xfs's log, but their blocks' own places are written later, by
+    the journal's checkpoint or the log's push; a freeze does both now."""
+    run("fsfreeze", "--freeze", str(mnt))
+    run("fsfreeze", "--unfreeze", str(mnt))
+
+
+def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> list[tuple[int, int]]:
+    """--fs overlay: the tree in layer 0, each run's change in a layer of its own (or, without
+    snapshots, in layer 0 itself: the file system's own cost of the change). With --keep, the
+    oldest state is dropped by merging (bench.layers) once more are kept; at the end every kept
+    state is mounted read-only as a restore would and compared with what it should hold."""
+    stores, work, merged = mnt / "layers", mnt / "work", mnt.parent / "merged"
+    (stores / "0").mkdir(parents=True)
+    content = write_tree(stores / "0", args.files, args.file_kb << 10)
+    flush(mnt)
+    rng, figures, changes, base_state = random.Random(args.seed), [], {0: {}}, 0
+    for n in range(1, args.runs + 1):
+        if args.cold:
+            drop_caches()
+        before = written(measured), read(measured)
+        if args.snapshot:
+            with layers.writable(stores, work, merged, n) as root:
+                changes[n] = change(root, rng, args)
+        else:
+            changes[n] = change(stores / "0", rng, args)
+        flush(mnt)
+        figures.append((written(measured) - before[0], read(measured) - before[1]))
+        while args.snapshot and args.keep and len(layers.stack(stores)) > args.keep:
+            oldest = layers.stack(stores)[-2]
+            pruned = written(measured)
+            layers.merge_into(stores / str(oldest), stores / "0")
+            flush(mnt)
+            base_state = oldest
+            print(f"after run {n}: the state before run {oldest} dropped, its layer merged: "
+                  f"{written(measured) - pruned:,} bytes written", flush=True)  # fmt: skip
+    if args.snapshot:
+        check_states(stores, mnt.parent / "restore", content, changes, [base_state, *layers.stack(stores)[:-1]], args)
+    return figures
+
+
+def check_states(stores: Path, where: Path, content: bytes, changes: dict[int, dict[int, bytes | None]],
+                 kept: list[int], args: argparse.Namespace) -> None:  # fmt: skip
+    """Every kept state, mounted read-only from its layers, holds each changed file as it was
+    written by then (or as the tree made it; none if deleted), and one file no run changed."""
+    touched = sorted({i for run_changes in changes.values() for i in run_changes})
+    unchanged = next(i for i in range(args.files) if i not in touched)
+    for n in kept:
+        with layers.read_only(stores, n, where) as root:
+            for i in [*touched, unchanged]:
+                latest = [changes[k][i] for k in sorted(changes) if k <= n and i in changes[k]]
+                want = latest[-1] if latest else original(content, i)
+                path = root / file_path(i)
+                if (path.read_bytes() if os.path.lexists(path) else None) != want:
+                    raise RuntimeError(f"the state after run {n} does not hold {file_path(i)} as written")
+    print(f"checked: the states after runs {', '.join(map(str, sorted(kept)))}, each mounted read-only "
+          f"from its layers, hold what was written")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,9 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--changed", type=int, default=30)
     parser.add_argument("--changed-kb", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--delete", type=int, default=0, help="files deleted a run, besides the changed ones")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fs", choices=("btrfs", "nilfs2", "thin"), default="btrfs",
-                        help="thin: ext4 on a dm-thin volume, block-level snapshots (see above)")
+    parser.add_argument("--fs", choices=("btrfs", "nilfs2", "thin", "overlay"), default="btrfs",
+                        help="thin: ext4 on a dm-thin volume, block-level snapshots; overlay: a layer a run (above)")
+    parser.add_argument("--keep", type=int, default=0,
+                        help="keep this many states, deleting the oldest snapshot or merging the oldest layer away "
+                        "(0: all; btrfs and overlay)")
+    parser.add_argument("--upper", choices=("ext4", "xfs"), default="ext4", help="--fs overlay: the file system")
     parser.add_argument("--thin-block-kb", type=int, default=64, help="dm-thin's block (64 to 1 GiB; default 64)")
     parser.add_argument("--mkfs", default="", help="more mkfs options (btrfs: after cryptsnap's, they win)")
     parser.add_argument("--mount", default="", help="more mount options, after cryptsnap's")
