@@ -262,6 +262,7 @@ def unmount(mountpoint: str) -> Argv:
 # restore and a fifth to a third less in a backup (docs/performance.md, "rsync's transfer
 # checksum: off"). Copying whole files also keeps the backup clear of rsync's --sparse
 # --inplace bug before 3.3.0 (a delta transfer left a zeroed tail's old bytes in place).
+RSYNC_PARTIAL = 23  # rsync's exit status when some files or attributes were not transferred
 RSYNC_VANISHED = 24  # rsync's exit status when source files vanished before it could read them
 RSYNC_LOCAL_COPY = ("rsync", "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids",
                     "--checksum-choice=none")  # fmt: skip

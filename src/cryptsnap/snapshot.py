@@ -385,11 +385,39 @@ def _copy(argv: commands.Argv, on_line: Callable[[str], None] = lambda line: Non
         runner.stream(argv, on_line)
     except ToolFailed as exc:
         if exc.returncode != commands.RSYNC_VANISHED:
-            raise
+            said = explain_rsync_errors(exc.returncode, exc.stderr)
+            if said is None:
+                raise
+            raise ToolFailed(said, exc.argv, exc.returncode, exc.stderr) from None
         said = [line.strip() for line in exc.stderr.splitlines() if "file has vanished" in line]
         log.warning("%d file(s) were deleted on this machine while this run copied them (rsync: %s): this "
                     "snapshot may hold them as the one before it did; the next run leaves them out",
                     len(said), said[0] if said else "some files vanished")  # fmt: skip
+
+
+def explain_rsync_errors(returncode: int | None, stderr: str) -> str | None:
+    """rsync's exit 23 (some files or attributes not transferred) in words, where all its
+    errors have one cause the user can act on; None otherwise (its own lines are shown)."""
+    errors = [line.strip() for line in stderr.splitlines() if line.startswith("rsync: ")]
+    if returncode != commands.RSYNC_PARTIAL or not errors:
+        return None
+    if all(line.endswith("No such file or directory (2)") for line in errors):
+        # A file gone between rsync's stat and its read of the ACLs or xattrs. rsync then
+        # skips its deletions ("IO error encountered -- skipping file deletion"), so accepting
+        # the run would keep deleted files in the snapshot (docs/reliability.md).
+        return (f"{len(errors)} file(s) were deleted on this machine while rsync read their attributes "
+                f"(rsync: {errors[0].removeprefix('rsync: ')}); rsync then leaves deleted files in the "
+                "snapshot, so this run stopped without one. The snapshots before it are as they were and "
+                "the next run goes on; if this happens run after run, exclude the directory whose files "
+                "come and go (a cache, temporary files) in the target's excludes")  # fmt: skip
+    if all(line.endswith("Permission denied (13)") for line in errors):
+        paths = sorted({m.group(1) for line in errors if (m := re.search(r'"([^"]+)"', line))})
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        return (f"rsync, as root, was refused {shown or errors[0]} (Permission denied), so this run stopped "
+                "without a snapshot; the snapshots before it are as they were. A network file system that "
+                "maps root to nobody (NFS with root_squash) or another user's FUSE mount does this: let "
+                "root read it, or add it to the target's excludes")  # fmt: skip
+    return None
 
 
 def _delete(snapshot: Path, paths: list[bytes]) -> None:

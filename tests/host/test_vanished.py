@@ -81,10 +81,12 @@ def test_files_a_whole_tree_copy_finds_gone_are_a_warning_not_a_failure(tmp_path
                     snapshot.write_snapshot(fs, target, full_compare=True)  # the whole tree, rsync listing it
                 except ToolFailed as exc:
                     # A file gone between rsync's stat and its read of the ACLs or xattrs is exit
-                    # 23, and rsync then skips its deletions: that run must fail, as it does.
+                    # 23, and rsync then skips its deletions: that run must fail, as it does, and
+                    # say so in words.
                     errors = [line for line in exc.stderr.splitlines() if line.startswith("rsync: ")]
                     assert exc.returncode == 23 and errors, exc
                     assert all(line.endswith("No such file or directory (2)") for line in errors), exc
+                    assert "were deleted on this machine while rsync read their attributes" in str(exc), exc
                     snapshot.remove_partials(fs)
         finally:
             stop.set()

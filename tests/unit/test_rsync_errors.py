@@ -1,0 +1,53 @@
+"""rsync's exit 23 said in words where its errors have one cause (snapshot.explain_rsync_errors).
+The errors are the real rsync's, run as nobody over a directory it may not read."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cryptsnap import snapshot
+
+VANISHED_XATTRS = """\
+rsync: [sender] get_xattr_names: llistxattr("/src/busy/f17",1024) failed: No such file or directory (2)
+rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1338) [sender=3.2.7]
+"""
+
+
+def test_a_directory_rsync_may_not_read_is_named_with_what_to_do():
+    base = Path(tempfile.mkdtemp(prefix="cryptsnap-rsync-"))  # not tmp_path: private to root
+    try:
+        os.chmod(base, 0o755)
+        source, copy = base / "src", base / "copy"
+        (source / "private").mkdir(parents=True)
+        (source / "private" / "f").write_text("x")
+        (source / "open").write_text("y")
+        os.chmod(source / "private", 0o700)  # root's: as nobody, rsync is refused it
+        copy.mkdir()
+        os.chown(copy, pwd.getpwnam("nobody").pw_uid, -1)  # rsync sets its attributes
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "rsync", "-a", f"{source}/", f"{copy}/"], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 23, done.stderr
+        said = snapshot.explain_rsync_errors(done.returncode, done.stderr)
+        assert said is not None, done.stderr
+        assert said.startswith(f"rsync, as root, was refused {source}/private (Permission denied)"), said
+        assert "NFS with root_squash" in said and "the target's excludes" in said, said
+    finally:
+        shutil.rmtree(base)
+
+
+def test_files_deleted_while_rsync_read_their_attributes_are_named_as_such():
+    said = snapshot.explain_rsync_errors(23, VANISHED_XATTRS)
+    assert said is not None and said.startswith("1 file(s) were deleted on this machine while rsync read"), said
+    assert 'llistxattr("/src/busy/f17",1024) failed' in said and "the next run goes on" in said, said
+
+
+def test_other_failures_keep_rsync_s_own_words():
+    mixed = VANISHED_XATTRS + 'rsync: [sender] opendir "/src/x" failed: Permission denied (13)\n'
+    assert snapshot.explain_rsync_errors(23, mixed) is None  # two causes: rsync's lines say more
+    assert snapshot.explain_rsync_errors(11, "rsync: write failed on \"/x\": No space left on device (28)\n") is None
+    assert snapshot.explain_rsync_errors(23, "rsync error: some files/attrs were not transferred\n") is None
