@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import psutil
 
 from cryptsnap import changes, commands, scan
+from tests.support import trees
 
 
 def make_tree(root: Path, files: int) -> None:
@@ -41,7 +42,8 @@ def make_tree(root: Path, files: int) -> None:
 def record(tree: Path, to: Path, known: changes.Record | None, parts: int | None = None) -> int:
     """Walk `tree` into a record at `to` as a run's scan does (scan.scan_sources: with
     `known`, the compare with it; without, a content digest of every file, as a first run
-    takes them); the number of entries found changed, new or deleted (all of them without).
+    takes them); the number of entries of the tree found changed, new or deleted (all of them
+    without).
     parts: processes at most (default: the run's, one per processor)."""
     target = SimpleNamespace(sources=(str(tree),), excludes=(), one_file_system=True)
     writer, found = scan.scan_sources(target, to, known, to.parent, parts=parts)
@@ -49,7 +51,8 @@ def record(tree: Path, to: Path, known: changes.Record | None, parts: int | None
     if found is None:
         return writer.count
     with found:
-        return found.changed + found.touched + found.deleted
+        found.listing.flush()  # (the changed directories above the tree are not the lab's)
+        return len(trees.listed_under(Path(found.listing.name), tree)) + found.touched + found.deleted
 
 
 def peak_rss(argv: list[str]) -> int:

@@ -70,6 +70,23 @@ def churn(directory: Path, stop: threading.Event, pause: float, made: list[int] 
         made.append(count)
 
 
+def listed_under(listing: Path, root: Path) -> list[bytes]:
+    """The paths of a scan's list (NUL-separated, relative to /) at or below ROOT: what it
+    found in the tree itself. The record keeps the directories above a source too (rsync
+    recreates them), and anything else on the machine may change /tmp meanwhile."""
+    prefix = os.fsencode(root).lstrip(b"/")
+    return [p for p in listing.read_bytes().split(b"\0") if p == prefix or p.startswith(prefix + b"/")]
+
+
+def found_under(found, root: Path) -> dict[str, list[bytes]]:
+    """A scan's lists (scan.Found: changed, touched, deleted), each at or below ROOT."""
+    files = (found.listing, found.touched_file, found.deleted_file)
+    for file in files:
+        file.flush()
+    names = ("changed", "touched", "deleted")
+    return {name: listed_under(Path(file.name), root) for name, file in zip(names, files, strict=True)}
+
+
 def _xattrs(path: bytes) -> dict:
     try:
         names = os.listxattr(path, follow_symlinks=False)
