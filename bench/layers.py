@@ -80,8 +80,8 @@ def merge_into(upper: Path, base: Path) -> None:
     """UPPER's entries applied to BASE, the bottom layer, by renames within the file system;
     UPPER is left empty and removed. The state UPPER over BASE is the same at every step (an
     entry is moved only after BASE's own was removed, and UPPER's still shadows it meanwhile),
-    so a merge cut short is finished by running it again; only BASE's own older state is lost,
-    which is the one being dropped."""
+    so a merge cut short can be finished by running it again (so written; no cut tried yet);
+    only BASE's own older state is lost, which is the one being dropped."""
     for entry in os.scandir(upper):
         source, target = Path(entry.path), base / entry.name
         if is_whiteout(entry):  # a name deleted: nothing below BASE to hide any more
