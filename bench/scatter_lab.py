@@ -37,8 +37,8 @@ At the end every kept state is mounted read-only from its layers and compared wi
 written (the lab fails otherwise).
 
 --keep K keeps the last K states, as retention would: btrfs deletes the oldest snapshot (and
-waits for its cleaner), overlay merges the oldest layer into layer 0 (bench.layers); the bytes
-each costs are printed apart from the runs'. --delete N deletes N more files a run (overlay
+waits for its cleaner), overlay merges the oldest layer into layer 0 (bench.overlay_layers);
+the bytes each costs are printed apart from the runs'. --delete N deletes N more files a run (overlay
 writes them as whiteouts, which the merge must apply).
 
 --integrity puts the file system on LUKS2 with authenticated encryption (dm-integrity keeps
@@ -61,7 +61,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import layers
+from bench import overlay_layers
 from cryptsnap import commands
 from tests.support.loopfs import device_read, device_written
 
@@ -279,8 +279,9 @@ def flush(mnt: Path) -> None:
 def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> list[tuple[int, int]]:
     """--fs overlay: the tree in layer 0, each run's change in a layer of its own (or, without
     snapshots, in layer 0 itself: the file system's own cost of the change). With --keep, the
-    oldest state is dropped by merging (bench.layers) once more are kept; at the end every kept
-    state is mounted read-only as a restore would and compared with what it should hold."""
+    oldest state is dropped by merging (bench.overlay_layers) once more are kept; at the end
+    every kept state is mounted read-only as a restore would and compared with what it should
+    hold."""
     stores, work, merged = mnt / "layers", mnt / "work", mnt.parent / "merged"
     (stores / "0").mkdir(parents=True)
     content = write_tree(stores / "0", args.files, args.file_kb << 10)
@@ -291,22 +292,23 @@ def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> lis
             drop_caches()
         before = written(measured), read(measured)
         if args.snapshot:
-            with layers.writable(stores, work, merged, n) as root:
+            with overlay_layers.writable(stores, work, merged, n) as root:
                 changes[n] = change(root, rng, args)
         else:
             changes[n] = change(stores / "0", rng, args)
         flush(mnt)
         figures.append((written(measured) - before[0], read(measured) - before[1]))
-        while args.snapshot and args.keep and len(layers.stack(stores)) > args.keep:
-            oldest = layers.stack(stores)[-2]
+        while args.snapshot and args.keep and len(overlay_layers.stack(stores)) > args.keep:
+            oldest = overlay_layers.stack(stores)[-2]
             pruned = written(measured)
-            layers.merge_into(stores / str(oldest), stores / "0")
+            overlay_layers.merge_into(stores / str(oldest), stores / "0")
             flush(mnt)
             base_state = oldest
             print(f"after run {n}: the state before run {oldest} dropped, its layer merged: "
                   f"{written(measured) - pruned:,} bytes written", flush=True)  # fmt: skip
     if args.snapshot:
-        check_states(stores, mnt.parent / "restore", content, changes, [base_state, *layers.stack(stores)[:-1]], args)
+        kept = [base_state, *overlay_layers.stack(stores)[:-1]]
+        check_states(stores, mnt.parent / "restore", content, changes, kept, args)
     return figures
 
 
@@ -317,7 +319,7 @@ def check_states(stores: Path, where: Path, content: bytes, changes: dict[int, d
     touched = sorted({i for run_changes in changes.values() for i in run_changes})
     unchanged = next(i for i in range(args.files) if i not in touched)
     for n in kept:
-        with layers.read_only(stores, n, where) as root:
+        with overlay_layers.read_only(stores, n, where) as root:
             for i in [*touched, unchanged]:
                 latest = [changes[k][i] for k in sorted(changes) if k <= n and i in changes[k]]
                 want = latest[-1] if latest else original(content, i)
