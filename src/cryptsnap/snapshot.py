@@ -397,9 +397,13 @@ def _copy(argv: commands.Argv, on_line: Callable[[str], None] = lambda line: Non
 
 def explain_rsync_errors(returncode: int | None, stderr: str) -> str | None:
     """rsync's exit 23 (some files or attributes not transferred) in words, where all its
-    errors have one cause the user can act on; None otherwise (its own lines are shown)."""
+    errors are its sender's (the source's side) with one cause the user can act on; None
+    otherwise (its own lines are shown). Errors of the receiver or generator (the image's side,
+    as when the connection is cut and the mount goes) keep rsync's words, whatever errno."""
     errors = [line.strip() for line in stderr.splitlines() if line.startswith("rsync: ")]
     if returncode != commands.RSYNC_PARTIAL or not errors:
+        return None
+    if not all(line.startswith("rsync: [sender] ") for line in errors):  # (rsync >= 3.2 names its side)
         return None
     if all(line.endswith("No such file or directory (2)") for line in errors):
         # A file gone between rsync's stat and its read of the ACLs or xattrs. rsync then

@@ -51,3 +51,7 @@ def test_other_failures_keep_rsync_s_own_words():
     assert snapshot.explain_rsync_errors(23, mixed) is None  # two causes: rsync's lines say more
     assert snapshot.explain_rsync_errors(11, "rsync: write failed on \"/x\": No space left on device (28)\n") is None
     assert snapshot.explain_rsync_errors(23, "rsync error: some files/attrs were not transferred\n") is None
+    # The image's side gone (a cut connection takes the mount): not the machine's files.
+    receiver = 'rsync: [receiver] mkstemp "/mnt/s/etc/.fstab.Xq1" failed: No such file or directory (2)\n'
+    assert snapshot.explain_rsync_errors(23, receiver) is None
+    assert snapshot.explain_rsync_errors(23, VANISHED_XATTRS + receiver) is None
