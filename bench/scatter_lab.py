@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import shlex
@@ -107,8 +108,9 @@ def change(root: Path, rng: random.Random, args: argparse.Namespace) -> dict[int
     for i, data in changed.items():
         (root / file_path(i)).write_bytes(data)
     if getattr(args, "delete", 0):  # (drawn only then: the other figures' seeds stay as they were)
-        present = [i for i in rng.sample(range(args.files), args.files) if i not in changed]
-        for i in [i for i in present if (root / file_path(i)).exists()][: args.delete]:
+        drawn = (i for i in rng.sample(range(args.files), args.files) if i not in changed)
+        present = (i for i in drawn if (root / file_path(i)).exists())  # (stats only as many as it takes)
+        for i in list(itertools.islice(present, args.delete)):
             (root / file_path(i)).unlink()
             changed[i] = None
     return changed

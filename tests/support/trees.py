@@ -78,15 +78,6 @@ def listed_under(listing: Path, root: Path) -> list[bytes]:
     return [p for p in listing.read_bytes().split(b"\0") if p == prefix or p.startswith(prefix + b"/")]
 
 
-def found_under(found, root: Path) -> dict[str, list[bytes]]:
-    """A scan's lists (scan.Found: changed, touched, deleted), each at or below ROOT."""
-    files = (found.listing, found.touched_file, found.deleted_file)
-    for file in files:
-        file.flush()
-    names = ("changed", "touched", "deleted")
-    return {name: listed_under(Path(file.name), root) for name, file in zip(names, files, strict=True)}
-
-
 def _xattrs(path: bytes) -> dict:
     try:
         names = os.listxattr(path, follow_symlinks=False)

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 
 from cryptsnap import changes, logs, scan
-from tests.support import trees
 
 MARKS = [(i * 1000, b"d/%06d" % (i * 1000)) for i in range(100)]  # a record of 100,000 entries
 
@@ -42,13 +41,10 @@ def make_tree(root: Path) -> None:
     os.symlink("d00", root / "link")
 
 
-def lists(found: scan.Found, source: Path) -> dict[str, bytes | int]:
-    """What the scan found in SOURCE (not in the directories above it: trees.listed_under),
-    each list as rsync reads it and its length, and the bytes of the changed files."""
-    under = trees.found_under(found, source)
-    assert list(under) == list(scan.LISTS)
-    return ({name + "_list": b"".join(p + b"\0" for p in paths) for name, paths in under.items()}
-            | {name: len(paths) for name, paths in under.items()} | {"changed_bytes": found.changed_bytes})  # fmt: skip
+def lists(found: scan.Found) -> dict[str, bytes]:
+    found.listing.flush(), found.touched_file.flush(), found.deleted_file.flush()
+    return {name + "_list": Path(file.name).read_bytes() for name, file in zip(
+        scan.LISTS, (found.listing, found.touched_file, found.deleted_file), strict=True)} | found.counts()  # fmt: skip
 
 
 def entries(path: Path) -> bytes:
@@ -92,8 +88,7 @@ def test_a_scan_in_parts_finds_and_records_what_one_walk_does(tmp_path, small_pa
     for parts in (1, 3):
         writer, found = scan.scan_sources(target, state / f"in{parts}.gz", known, state, parts=parts)
         writer.commit(2, "s2", "digest")
-        results[parts] = (entries(state / f"in{parts}.gz"), lists(found, source),
-                          changes.Record.load(state / f"in{parts}.gz"))  # fmt: skip
+        results[parts] = (entries(state / f"in{parts}.gz"), lists(found), changes.Record.load(state / f"in{parts}.gz"))
         found.close()
     assert results[3][0] == results[1][0], "the record differs"
     assert results[3][1] == results[1][1], "what changed differs"
@@ -107,7 +102,7 @@ def test_a_scan_in_parts_finds_and_records_what_one_walk_does(tmp_path, small_pa
     # And the record written in parts cuts the next scan alike.
     again = results[3][2]
     writer, found = scan.scan_sources(target, state / "again.gz", again, state, parts=3)
-    assert not any(trees.found_under(found, source).values()) and len(scan.cuts(again.marks, again.count, 3)) == 2
+    assert found.empty and len(scan.cuts(again.marks, again.count, 3)) == 2
     writer.discard()
     found.close()
 
@@ -126,7 +121,7 @@ def test_a_part_that_fails_means_one_walk_and_a_damaged_record_a_full_compare(tm
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the part's process ends without a result
     writer, found = scan.scan_sources(target, state / "next.gz", known, state, parts=3)
     assert "a part of the scan failed (exit 1): scanning again in one process" in caplog.text
-    assert lists(found, source)["changed"] == 1, "found in one walk"
+    assert lists(found)["changed"] == 1, "found in one walk"
     writer.discard()
     found.close()
     monkeypatch.undo()
