@@ -78,10 +78,15 @@ def remove(path: Path) -> None:
 
 def merge_into(upper: Path, base: Path) -> None:
     """UPPER's entries applied to BASE, the bottom layer, by renames within the file system;
-    UPPER is left empty and removed. The state UPPER over BASE is the same at every step (an
-    entry is moved only after BASE's own was removed, and UPPER's still shadows it meanwhile),
-    so a merge cut short can be finished by running it again (so written; no cut tried yet);
-    only BASE's own older state is lost, which is the one being dropped."""
+    UPPER is left empty and removed. What the layers show is the same at every step but for
+    the times of the directories being merged (an entry is moved only after BASE's own was
+    removed, and UPPER's still shadows it meanwhile), so a merge cut short is finished by
+    running it again (tests/host/test_overlay_merge.py cuts it at every step); only BASE's own
+    older state is lost, which is the one being dropped. A directory's own attributes are
+    taken before its entries move (the moves change its times) and given to BASE's at its
+    end; after a cut, the directories the merge had begun keep the times of the cut."""
+    before = upper.lstat()
+    xattrs = own_xattrs(upper)
     for entry in os.scandir(upper):
         source, target = Path(entry.path), base / entry.name
         if is_whiteout(entry):  # a name deleted: nothing below BASE to hide any more
@@ -89,13 +94,31 @@ def merge_into(upper: Path, base: Path) -> None:
             source.unlink()
         elif entry.is_dir(follow_symlinks=False) and not opaque(source) and target.is_dir() and not target.is_symlink():
             merge_into(source, target)
-        else:
+        else:  # (its markers taken off while BASE's entry, gone, leaves them nothing to hide)
             remove(target)
+            strip_overlay_xattrs(source)
             os.rename(source, target)
-            strip_overlay_xattrs(target)
-    shutil.copystat(upper, base, follow_symlinks=False)  # a copied-up directory's own attributes
-    strip_overlay_xattrs(base)
+    give_attributes(base, before, xattrs)
     upper.rmdir()
+
+
+def own_xattrs(path: Path) -> dict[str, bytes]:
+    """PATH's extended attributes (ACLs among them), overlayfs's own left out."""
+    return {name: os.getxattr(path, name, follow_symlinks=False) for name in os.listxattr(path, follow_symlinks=False)
+            if not name.encode().startswith(OVERLAY_XATTRS)}  # fmt: skip
+
+
+def give_attributes(directory: Path, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+    """A copied-up directory's owner, mode, extended attributes and times, onto DIRECTORY
+    (the same in BASE); its times last, as the other changes move its ctime alone."""
+    os.chown(directory, st.st_uid, st.st_gid, follow_symlinks=False)
+    for name in os.listxattr(directory, follow_symlinks=False):
+        if name not in xattrs:
+            os.removexattr(directory, name, follow_symlinks=False)
+    for name, value in xattrs.items():
+        os.setxattr(directory, name, value, follow_symlinks=False)
+    os.chmod(directory, stat.S_IMODE(st.st_mode))  # after the ACL, whose mask moves the group bits
+    os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def opaque(directory: Path) -> bool:

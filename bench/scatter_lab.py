@@ -191,7 +191,7 @@ def measure(args: argparse.Namespace) -> list[tuple[int, int]]:
             return _runs(args, mnt, device, measured)
         if args.integrity != "none":
             device = stack.enter_context(authenticated(device, Path(work), args.integrity))
-        if args.fs == "overlay":
+        if args.fs == "overlay" and args.upper != "btrfs":
             # (inode tables and journal written now; one inode per 4 KiB, for trees of small files)
             mkfs = (("mkfs.xfs", "-q", "-f") if args.upper == "xfs" else
                     ("mkfs.ext4", "-q", "-F", "-i", "4096", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"))
@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=0,
                         help="keep this many states, deleting the oldest snapshot or merging the oldest layer away "
                         "(0: all; btrfs and overlay)")
-    parser.add_argument("--upper", choices=("ext4", "xfs"), default="ext4", help="--fs overlay: the file system")
+    parser.add_argument("--upper", choices=("ext4", "xfs", "btrfs"), default="ext4",
+                        help="--fs overlay: the file system (btrfs: made and mounted as cryptsnap does, no snapshots)")
     parser.add_argument("--thin-block-kb", type=int, default=64, help="dm-thin's block (64 to 1 GiB; default 64)")
     parser.add_argument("--mkfs", default="", help="more mkfs options (btrfs: after cryptsnap's, they win)")
     parser.add_argument("--mount", default="", help="more mount options, after cryptsnap's")

@@ -1,0 +1,169 @@
+"""bench.overlay_layers.merge_into, the retention of history kept as overlay layers
+(docs/performance.md, "History as overlay layers instead"), cut short at every step it takes
+and then run again, on a btrfs made and mounted as cryptsnap does, with the kernel's overlayfs
+writing the layers. At every cut the states above the dropped one read as they did; the merge
+run again leaves layer 0 holding what layers 1 and 0 held together. A btrfs transaction
+holds every change made before its commit, so a power cut leaves one of these cuts."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from bench import overlay_layers
+from tests.support import loopfs
+
+CHANGING = ("rename", "unlink", "rmdir", "mkdir", "chmod", "chown", "utime", "setxattr", "removexattr")
+
+
+class Cut(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def cut_after(steps: int):
+    """os's calls that change a file system (shutil's and pathlib's go through them) raise Cut
+    once STEPS of them have run; yields the count of those that ran."""
+    done = [0]
+    real = {name: getattr(os, name) for name in CHANGING}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            if done[0] >= steps:
+                raise Cut(name)
+            done[0] += 1
+            return real[name](*args, **kwargs)
+
+        return call
+
+    for name in CHANGING:
+        setattr(os, name, counted(name))
+    try:
+        yield done
+    finally:
+        for name, function in real.items():
+            setattr(os, name, function)
+
+
+def described(root: Path, directory_times: bool = True) -> dict[str, tuple]:
+    """Every entry under ROOT with its type, mode, owner, size, content, link, device,
+    extended attributes and modification time (of directories too, unless told not to)."""
+    tree = {}
+    for where, dirs, files in os.walk(root):
+        for name in ["", *dirs, *files]:
+            path = Path(where, name)
+            if name == "" and path != root:
+                continue
+            st = path.lstat()
+            is_dir = stat.S_ISDIR(st.st_mode)
+            content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            xattrs = sorted(overlay_layers.own_xattrs(path).items()) if not stat.S_ISLNK(st.st_mode) else []
+            mtime = st.st_mtime_ns if directory_times or not is_dir else None
+            tree[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, None if is_dir else st.st_size,
+                                                 content, link, st.st_rdev, xattrs, mtime)  # fmt: skip
+    return tree
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def make_layers(layers: Path, work: Path, merged: Path) -> None:
+    """Layer 0 a tree; layer 1 every kind of change overlayfs writes (changed and new files,
+    whiteouts of files and directories, an opaque directory, a file become a directory and a
+    directory become a file, a copied-up directory with a new owner, mode and ACL, an
+    attribute removed); layer 2 changes on top of those."""
+    base = layers / "0"
+    for name in ("a", "b", "c", "d/x", "d/y", "d/sub/z", "e/old", "f", "g/inner", "owned/k", "deep/p/q/r"):
+        write(base / name, f"{name} v0\n")
+    os.symlink("a", base / "link")
+    os.setxattr(base / "c", "user.note", b"kept until run 1")
+    for n, path in enumerate(sorted(base.rglob("*"))):  # times that differ, as a real tree's do
+        os.utime(path, ns=(10**18 + n, 10**18 + n * 10**9), follow_symlinks=False)
+    with overlay_layers.writable(layers, work, merged, 1) as root:
+        write(root / "a", "a v1\n")
+        (root / "b").unlink()
+        write(root / "new/n", "n v1\n")
+        subprocess.run(["rm", "-r", str(root / "e")], check=True)
+        write(root / "e/fresh", "fresh v1\n")  # e is opaque now: old is gone below it
+        os.removexattr(root / "c", "user.note")
+        write(root / "d/x", "x v1\n")
+        subprocess.run(["rm", "-r", str(root / "d/sub")], check=True)
+        (root / "f").unlink()
+        write(root / "f/now-a-dir", "f v1\n")
+        subprocess.run(["rm", "-r", str(root / "g")], check=True)
+        write(root / "g", "g v1, a file\n")
+        os.chown(root / "owned", 1000, 1000)
+        os.chmod(root / "owned", 0o750)
+        subprocess.run(["setfacl", "-m", "u:1234:rx", str(root / "owned")], check=True)
+        write(root / "deep/p/q/s", "s v1\n")
+        os.utime(root / "deep/p", ns=(5 * 10**17, 5 * 10**17))
+    with overlay_layers.writable(layers, work, merged, 2) as root:
+        write(root / "a", "a v2\n")
+        (root / "new/n").unlink()
+        write(root / "d/y", "y v2\n")
+
+
+def test_a_merge_cut_at_every_step_keeps_what_the_layers_show_and_finishes_when_run_again(tmp_path):
+    fs = tmp_path / "fs"
+    with loopfs.btrfs(tmp_path / "image", fs):
+        layers, work, merged, where = fs / "layers", fs / "work", tmp_path / "merged", tmp_path / "ro"
+        make_layers(layers, work, merged)
+        states = {}
+        for n in (1, 2):
+            with overlay_layers.read_only(layers, n, where) as root:
+                states[n] = described(root)
+        assert states[1]["owned"][1:3] == (1000, 1000) and "e/old" not in states[1] and "b" not in states[1]
+        assert "g/inner" not in states[1] and states[1]["g"][0] & stat.S_IFREG and "f/now-a-dir" in states[1]
+
+        steps, finished = 0, False
+        while not finished:
+            copy = fs / f"cut{steps}"
+            subprocess.run(["cp", "-a", str(layers), str(copy)], check=True)
+            with cut_after(steps) as done:
+                try:
+                    overlay_layers.merge_into(copy / "1", copy / "0")
+                    finished = True
+                except Cut:
+                    assert done[0] == steps
+            if not finished:
+                for n in (1, 2):  # the layers still there, as the merge left them at the cut
+                    with overlay_layers.read_only(copy, n, where) as root:
+                        seen = described(root, directory_times=False)
+                    assert seen == described_without_directory_times(states[n]), f"cut after {steps} steps, state {n}"
+                overlay_layers.merge_into(copy / "1", copy / "0")  # run again, to its end
+            assert overlay_layers.stack(copy) == [2, 0]
+            with overlay_layers.read_only(copy, 1, where) as root:
+                assert root == copy / "0"  # layer 0 alone now holds the state after run 1
+                after = described(root, directory_times=finished)
+            assert after == (states[1] if finished else described_without_directory_times(states[1])), steps
+            assert not markers(copy / "0"), f"overlayfs's markers left in layer 0 (cut after {steps} steps)"
+            with overlay_layers.read_only(copy, 2, where) as root:
+                assert described(root, directory_times=finished) == (
+                    states[2] if finished else described_without_directory_times(states[2])), steps
+            subprocess.run(["rm", "-rf", str(copy)], check=True)
+            steps += 1
+        assert steps > 30, "every step of the merge was cut once"
+
+
+def described_without_directory_times(tree: dict[str, tuple]) -> dict[str, tuple]:
+    return {path: (*entry[:8], None if entry[3] is None else entry[8]) for path, entry in tree.items()}
+
+
+def markers(root: Path) -> list[str]:
+    """Whiteouts and overlayfs's attributes under ROOT: the bottom layer, a tree of its own."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            found.append(f"{path}: a whiteout")
+        elif not stat.S_ISLNK(st.st_mode):
+            names = os.listxattr(path, follow_symlinks=False)
+            found += [f"{path}: {name}" for name in names if name.encode().startswith(overlay_layers.OVERLAY_XATTRS)]
+    return found
