@@ -52,6 +52,16 @@ def test_throughput_copies_the_tree_up_and_back_and_checks_the_restore():
     assert len(rows) == 2 and all("| 100% |" in row for row in rows), out
 
 
+def test_chain_lab_copies_through_sshfs_loop_and_btrfs_beside_sftp_and_checks_the_restore(tmp_path):
+    # The lab compares each restore with the tree (it fails otherwise); here, that it measured
+    # both ways of both, and the chain's against sftp's.
+    out = lab("bench.chain_lab", "--mib", "32", "--file-mib", "8", "--dir", str(tmp_path))
+    assert len(re.findall(r"^  sftp (up|down): [0-9.]+ s, [0-9.]+ MB/s", out, re.M)) == 2, out
+    shares = re.findall(r"^  the chain (?:up|down).*: [0-9.]+ s, [0-9.]+ MB/s, ([0-9.]+) of sftp's rate", out, re.M)
+    assert len(shares) == 2 and all(float(share) > 0 for share in shares), out
+    assert not list(tmp_path.iterdir()), "the lab leaves nothing behind"
+
+
 def test_readahead_lab_restores_through_sshfs_and_loop_and_reads_ahead():
     # The lab compares each copy with the tree itself (it fails otherwise); here, that the
     # threads read the small files ahead of rsync and rsync alone read none.
