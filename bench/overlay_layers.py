@@ -6,12 +6,14 @@ layer below it, which `mount -t overlay` opens read-only with stock tools:
 
     cd LAYERS && mount -t overlay overlay -o lowerdir=N:...:2:1:0 /mnt/restore
 
-Dropping the oldest state merges the layer above it into 0 by renames: no file's data moves.
+Dropping a state merges the layer above it into its own by renames (`merge`): no file's
+data moves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 OVERLAY_XATTRS = b"trusted.overlay."
+OPAQUE = "trusted.overlay.opaque"
 
 
 def stack(layers: Path, top: int | None = None) -> list[int]:
@@ -76,30 +79,55 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def merge_into(upper: Path, base: Path) -> None:
-    """UPPER's entries applied to BASE, the bottom layer, by renames within the file system;
-    UPPER is left empty and removed. What the layers show is the same at every step but for
-    the times of the directories being merged (an entry is moved only after BASE's own was
-    removed, and UPPER's still shadows it meanwhile), so a merge cut short is finished by
-    running it again (tests/host/test_overlay_merge.py cuts it at every step); only BASE's own
-    older state is lost, which is the one being dropped. A directory's own attributes are
-    taken before its entries move (the moves change its times) and given to BASE's at its
-    end; after a cut, the directories the merge had begun keep the times of the cut."""
-    before = upper.lstat()
-    xattrs = own_xattrs(upper)
-    for entry in os.scandir(upper):
-        source, target = Path(entry.path), base / entry.name
-        if is_whiteout(entry):  # a name deleted: nothing below BASE to hide any more
+def merge(layers: Path, upper: int) -> None:
+    """Drop the state of the layer below UPPER (retention): UPPER's entries moved into that
+    layer by renames within the file system (no file's data moves), which then holds the state
+    UPPER held; UPPER is removed. Into layer 0 a whiteout deletes and is dropped; higher up, a
+    whiteout or an opaque directory is kept where a layer further down still holds the name.
+
+    Every kept state reads the same at every step (an entry is moved only after the lower
+    layer's own was removed, and UPPER's still shadows it meanwhile), but for the times of the
+    directories being merged, which the moves change. So their attributes are written down
+    first, in LAYERS/merging-UPPER (renamed into place once whole, then synced), and given to
+    the lower layer's directories from there; a merge cut short is finished by calling this
+    again (tests/host/test_overlay_merge.py cuts it at every step). A cut loses only the state
+    being dropped."""
+    source, plan = layers / str(upper), layers / f"merging-{upper}"
+    if not source.exists():  # cut after its last step
+        plan.unlink(missing_ok=True)
+        return
+    below = [n for n in stack(layers) if n < upper]
+    if plan.exists():
+        attributes = json.loads(plan.read_text())
+    else:
+        attributes = {str(d.relative_to(source)): directory_attributes(d)
+                      for d in [source, *source.rglob("*")] if d.is_dir() and not d.is_symlink()}  # fmt: skip
+        written = plan.with_name(plan.name + ".new")
+        written.write_text(json.dumps(attributes))
+        os.rename(written, plan)
+        os.sync()  # the plan is on the disk before the first move
+    _merge(source, layers / str(below[0]), [layers / str(n) for n in below[1:]], attributes, Path("."))
+    plan.unlink()
+
+
+def _merge(source: Path, into: Path, below: list[Path], attributes: dict[str, list], where: Path) -> None:
+    for entry in os.scandir(source):
+        moved, target = Path(entry.path), into / entry.name
+        held_below = any(os.path.lexists(layer / entry.name) for layer in below)
+        if is_whiteout(entry):  # a name deleted
             remove(target)
-            source.unlink()
-        elif entry.is_dir(follow_symlinks=False) and not opaque(source) and target.is_dir() and not target.is_symlink():
-            merge_into(source, target)
-        else:  # (its markers taken off while BASE's entry, gone, leaves them nothing to hide)
+            if held_below:  # still hides the name further down
+                os.rename(moved, target)
+            else:
+                moved.unlink()
+        elif entry.is_dir(follow_symlinks=False) and not opaque(moved) and target.is_dir() and not target.is_symlink():
+            _merge(moved, target, [layer / entry.name for layer in below], attributes, where / entry.name)
+        else:  # (its markers taken off while the lower entry, gone, leaves them nothing to hide)
             remove(target)
-            strip_overlay_xattrs(source)
-            os.rename(source, target)
-    give_attributes(base, before, xattrs)
-    upper.rmdir()
+            strip_overlay_xattrs(moved, keep_opaque=held_below)
+            os.rename(moved, target)
+    give_attributes(into, attributes[str(where)])
+    source.rmdir()
 
 
 def own_xattrs(path: Path) -> dict[str, bytes]:
@@ -108,27 +136,38 @@ def own_xattrs(path: Path) -> dict[str, bytes]:
             if not name.encode().startswith(OVERLAY_XATTRS)}  # fmt: skip
 
 
-def give_attributes(directory: Path, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
-    """A copied-up directory's owner, mode, extended attributes and times, onto DIRECTORY
-    (the same in BASE); its times last, as the other changes move its ctime alone."""
-    os.chown(directory, st.st_uid, st.st_gid, follow_symlinks=False)
+def directory_attributes(directory: Path) -> list:
+    st = directory.lstat()
+    xattrs = {name: value.hex() for name, value in own_xattrs(directory).items()}
+    return [st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns, xattrs]
+
+
+def give_attributes(directory: Path, attributes: list) -> None:
+    """A directory's owner, mode, extended attributes and times (directory_attributes), onto
+    DIRECTORY, the same one in the lower layer; its times last, as the other changes move its
+    ctime alone. Only a directory that is not opaque is merged: the lower one's own opaque mark
+    (hiding what lies further down) stays as it was."""
+    uid, gid, mode, atime_ns, mtime_ns, hexed = attributes
+    xattrs = {name: bytes.fromhex(value) for name, value in hexed.items()}
+    os.chown(directory, uid, gid, follow_symlinks=False)
     for name in os.listxattr(directory, follow_symlinks=False):
-        if name not in xattrs:
+        if name not in xattrs and name != OPAQUE:
             os.removexattr(directory, name, follow_symlinks=False)
     for name, value in xattrs.items():
         os.setxattr(directory, name, value, follow_symlinks=False)
-    os.chmod(directory, stat.S_IMODE(st.st_mode))  # after the ACL, whose mask moves the group bits
-    os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    os.chmod(directory, mode)  # after the ACL, whose mask moves the group bits
+    os.utime(directory, ns=(atime_ns, mtime_ns), follow_symlinks=False)
 
 
 def opaque(directory: Path) -> bool:
     with contextlib.suppress(OSError):
-        return os.getxattr(directory, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+        return os.getxattr(directory, OPAQUE, follow_symlinks=False) == b"y"
     return False
 
 
-def strip_overlay_xattrs(path: Path) -> None:
-    """overlayfs's own attributes (opaque, origin) mean nothing in the bottom layer."""
+def strip_overlay_xattrs(path: Path, keep_opaque: bool = False) -> None:
+    """overlayfs's own attributes (opaque, origin) mean nothing in the bottom layer; higher
+    up, an opaque directory still hides what lies further down."""
     for name in os.listxattr(path, follow_symlinks=False):
-        if name.encode().startswith(OVERLAY_XATTRS):
+        if name.encode().startswith(OVERLAY_XATTRS) and not (keep_opaque and name == OPAQUE):
             os.removexattr(path, name, follow_symlinks=False)

@@ -303,7 +303,7 @@ def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> lis
         while args.snapshot and args.keep and len(overlay_layers.stack(stores)) > args.keep:
             oldest = overlay_layers.stack(stores)[-2]
             pruned = written(measured)
-            overlay_layers.merge_into(stores / str(oldest), stores / "0")
+            overlay_layers.merge(stores, oldest)
             flush(mnt)
             base_state = oldest
             print(f"after run {n}: the state before run {oldest} dropped, its layer merged: "

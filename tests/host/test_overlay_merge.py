@@ -1,4 +1,4 @@
-"""bench.overlay_layers.merge_into, the retention of history kept as overlay layers
+"""bench.overlay_layers.merge, the retention of history kept as overlay layers
 (docs/performance.md, "History as overlay layers instead"), cut short at every step it takes
 and then run again, on a btrfs made and mounted as cryptsnap does, with the kernel's overlayfs
 writing the layers. At every cut the states above the dropped one read as they did; the merge
@@ -13,6 +13,8 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from bench import overlay_layers
 from tests.support import loopfs
@@ -78,9 +80,11 @@ def make_layers(layers: Path, work: Path, merged: Path) -> None:
     """Layer 0 a tree; layer 1 every kind of change overlayfs writes (changed and new files,
     whiteouts of files and directories, an opaque directory, a file become a directory and a
     directory become a file, a copied-up directory with a new owner, mode and ACL, an
-    attribute removed); layer 2 changes on top of those."""
+    attribute removed); layer 2 changes on top of those, some of which hide names layer 0
+    still holds; layer 3 one more, to read a state above the merged ones."""
     base = layers / "0"
-    for name in ("a", "b", "c", "d/x", "d/y", "d/sub/z", "e/old", "f", "g/inner", "owned/k", "deep/p/q/r"):
+    for name in ("a", "b", "c", "d/x", "d/y", "d/sub/z", "e/old", "f", "g/inner", "owned/k", "deep/p/q/r",
+                 "h/one", "h/two", "only0"):  # fmt: skip
         write(base / name, f"{name} v0\n")
     os.symlink("a", base / "link")
     os.setxattr(base / "c", "user.note", b"kept until run 1")
@@ -106,21 +110,31 @@ def make_layers(layers: Path, work: Path, merged: Path) -> None:
         os.utime(root / "deep/p", ns=(5 * 10**17, 5 * 10**17))
     with overlay_layers.writable(layers, work, merged, 2) as root:
         write(root / "a", "a v2\n")
-        (root / "new/n").unlink()
+        (root / "new/n").unlink()  # only layer 1 has it
+        (root / "only0").unlink()  # layer 0 has it: a merge into layer 1 keeps the whiteout
         write(root / "d/y", "y v2\n")
+        subprocess.run(["rm", "-r", str(root / "h")], check=True)
+        write(root / "h/three", "three v2\n")  # opaque over layer 0's h
+        os.chmod(root / "deep/p/q", 0o700)
+    with overlay_layers.writable(layers, work, merged, 3) as root:
+        write(root / "d/x", "x v3\n")
+        write(root / "h/four", "four v3\n")
 
 
-def test_a_merge_cut_at_every_step_keeps_what_the_layers_show_and_finishes_when_run_again(tmp_path):
+@pytest.mark.parametrize("upper", [1, 2], ids=["into layer 0", "into a layer above others"])
+def test_a_merge_cut_at_every_step_keeps_what_the_layers_show_and_finishes_when_run_again(tmp_path, upper):
     fs = tmp_path / "fs"
     with loopfs.btrfs(tmp_path / "image", fs):
         layers, work, merged, where = fs / "layers", fs / "work", tmp_path / "merged", tmp_path / "ro"
         make_layers(layers, work, merged)
+        kept = [n for n in range(4) if n != upper - 1]  # the state below UPPER is the one dropped
         states = {}
-        for n in (1, 2):
+        for n in range(4):
             with overlay_layers.read_only(layers, n, where) as root:
                 states[n] = described(root)
         assert states[1]["owned"][1:3] == (1000, 1000) and "e/old" not in states[1] and "b" not in states[1]
         assert "g/inner" not in states[1] and states[1]["g"][0] & stat.S_IFREG and "f/now-a-dir" in states[1]
+        assert "only0" not in states[2] and "h/one" not in states[3] and "h/four" in states[3]
 
         steps, finished = 0, False
         while not finished:
@@ -128,25 +142,23 @@ def test_a_merge_cut_at_every_step_keeps_what_the_layers_show_and_finishes_when_
             subprocess.run(["cp", "-a", str(layers), str(copy)], check=True)
             with cut_after(steps) as done:
                 try:
-                    overlay_layers.merge_into(copy / "1", copy / "0")
+                    overlay_layers.merge(copy, upper)
                     finished = True
                 except Cut:
                     assert done[0] == steps
             if not finished:
-                for n in (1, 2):  # the layers still there, as the merge left them at the cut
+                for n in kept:  # as the merge left the layers at the cut
                     with overlay_layers.read_only(copy, n, where) as root:
                         seen = described(root, directory_times=False)
                     assert seen == described_without_directory_times(states[n]), f"cut after {steps} steps, state {n}"
-                overlay_layers.merge_into(copy / "1", copy / "0")  # run again, to its end
-            assert overlay_layers.stack(copy) == [2, 0]
-            with overlay_layers.read_only(copy, 1, where) as root:
-                assert root == copy / "0"  # layer 0 alone now holds the state after run 1
-                after = described(root, directory_times=finished)
-            assert after == (states[1] if finished else described_without_directory_times(states[1])), steps
-            assert not markers(copy / "0"), f"overlayfs's markers left in layer 0 (cut after {steps} steps)"
-            with overlay_layers.read_only(copy, 2, where) as root:
-                assert described(root, directory_times=finished) == (
-                    states[2] if finished else described_without_directory_times(states[2])), steps
+                overlay_layers.merge(copy, upper)  # run again, to its end
+            assert overlay_layers.stack(copy) == [n for n in (3, 2, 1, 0) if n != upper]
+            for n in kept:  # the directories' times too: the merge took them from its plan
+                with overlay_layers.read_only(copy, n, where) as root:
+                    assert described(root) == states[n], f"cut after {steps} steps, then run again: state {n}"
+            assert not [p for p in copy.iterdir() if p.name.startswith("merging-")], "the plan is removed"
+            if upper == 1:
+                assert not markers(copy / "0"), f"overlayfs's markers left in layer 0 (cut after {steps} steps)"
             subprocess.run(["rm", "-rf", str(copy)], check=True)
             steps += 1
         assert steps > 30, "every step of the merge was cut once"
