@@ -75,7 +75,7 @@ def served(work: Path) -> Iterator[tuple[sshd.UntrustedHost, Path]]:
 
 
 @contextlib.contextmanager
-def attached(config: Path, remote: str, work: Path, readonly: bool) -> Iterator[Path]:
+def attached(config: Path, remote: str, work: Path, readonly: bool, dirty_limit: int = 0) -> Iterator[Path]:
     """sshfs (cryptsnap's options), the image on a direct-I/O loop device, the btrfs mounted
     with cryptsnap's options; its mountpoint. The unmount at the end is timed with the run that
     uses it, as a run's own unmount is part of it."""
@@ -90,6 +90,8 @@ def attached(config: Path, remote: str, work: Path, readonly: bool) -> Iterator[
             if not readonly:
                 run(*commands.mkfs("btrfs", device))
             run(*commands.mount(device, str(fs), "btrfs", readonly=readonly))
+            if dirty_limit and not readonly:
+                limit_dirty(fs, dirty_limit)
             try:
                 yield fs
             finally:
@@ -100,6 +102,16 @@ def attached(config: Path, remote: str, work: Path, readonly: bool) -> Iterator[
         subprocess.run(["fusermount3", "-u", str(mounted)], capture_output=True)
 
 
+def limit_dirty(fs: Path, mib: int) -> None:
+    """The btrfs's own share of dirty pages held to MIB, strictly (the kernel's per-device
+    knobs, Linux 6.2 and later): its writeback starts once that much is dirty, not once the
+    whole machine's background threshold (10% of its memory) is."""
+    uuid = run("findmnt", "-n", "-o", "UUID", str(fs)).strip()
+    bdi = Path(f"/sys/fs/btrfs/{uuid}/bdi")
+    (bdi / "strict_limit").write_text("1\n")
+    (bdi / "max_bytes").write_text(f"{mib << 20}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(prog="python3 -m bench.chain_lab", description=__doc__,
@@ -108,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file-mib", type=int, default=256, help="its files' size (default 256)")
     parser.add_argument("--rounds", type=int, default=1, help="sftp and the chain, alternating (default 1)")
     parser.add_argument("--dir", default="/var/tmp", help="where the tree, the image and the copies go")
+    parser.add_argument("--dirty-limit-mib", default="0", metavar="N,...",
+                        help="the chain once for each: the btrfs's dirty pages held to N MiB (0: the kernel's "
+                             "defaults; default 0)")  # fmt: skip
     args = parser.parse_args(argv)
+    limits = [int(n) for n in args.dirty_limit_mib.split(",")]
     work = Path(tempfile.mkdtemp(prefix="chain-lab-", dir=args.dir))
     try:
         tree = work / "tree"
@@ -121,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(1, args.rounds + 1):
                 print(f"round {n}:")
                 ceiling = sftp_round(config, tree, remote, work, args.mib)
-                chain_round(config, tree, remote, work, args.mib, account, ceiling)
+                for limit in limits:
+                    chain_round(config, tree, remote, work, args.mib, account, ceiling, limit)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -141,14 +158,14 @@ def sftp_round(config: Path, tree: Path, remote: Path, work: Path, mib: int) -> 
 
 
 def chain_round(config: Path, tree: Path, remote: Path, work: Path, mib: int, account: pwd.struct_passwd,
-                ceiling: tuple[float, float]) -> None:  # fmt: skip
+                ceiling: tuple[float, float], dirty_limit: int) -> None:  # fmt: skip
     image = remote / "image"
     with open(image, "wb") as f:
         f.truncate(mib * CHUNK * 3 // 2 + (1 << 30))
     os.chown(image, account.pw_uid, account.pw_gid)
 
     def backup() -> None:
-        with attached(config, str(remote), work, readonly=False) as fs:
+        with attached(config, str(remote), work, readonly=False, dirty_limit=dirty_limit) as fs:
             run("btrfs", "-q", "subvolume", "create", str(fs / "snapshot"))
             run(*commands.rsync([str(tree)], str(fs / "snapshot"), inplace=True, exact_times=True, progress=False))
             run("btrfs", "filesystem", "sync", str(fs))
@@ -159,8 +176,9 @@ def chain_round(config: Path, tree: Path, remote: Path, work: Path, mib: int, ac
         with attached(config, str(remote), work, readonly=True) as fs:
             run(*commands.rsync_restore(f"{fs / 'snapshot'}{tree}/", f"{restored}/"))
 
-    timed("  the chain up (sshfs, loop, btrfs, rsync)", backup, mib, ceiling[0])
-    timed("  the chain down", restore, mib, ceiling[1])
+    held = f", dirty pages held to {dirty_limit} MiB" if dirty_limit else ""
+    timed(f"  the chain up (sshfs, loop, btrfs, rsync{held})", backup, mib, ceiling[0])
+    timed(f"  the chain down{held and ' (after that upload)'}", restore, mib, ceiling[1])
     same_tree(tree, restored)
     shutil.rmtree(restored)
     image.unlink()
