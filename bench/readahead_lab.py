@@ -29,13 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptsnap import commands, readahead
+from bench import chain_lab
+from cryptsnap import readahead
 from tests.support import sshd
 from tests.support.loopfs import btrfs
-
-
-def run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
 def make_tree(top: Path, files: int, file_kb: int, large: int, large_mb: int) -> None:
@@ -109,21 +106,8 @@ def served(files: int, file_kb: int = 4, large: int = 0, large_mb: int = 32, rtt
 def opened(served: Served) -> Iterator[Path]:
     """The file system mounted as a restore opens it (sshfs, read-only direct-I/O loop device,
     read-only mount; cryptsnap's options), nothing of it cached; its mountpoint."""
-    mounted, fs = served.work / "sshfs", served.work / "fs"
-    mounted.mkdir(exist_ok=True)
-    run("sshfs", "-F", str(served.config), f"lab:{served.remote}", str(mounted), "-o", "idmap=none,cache=no")
-    try:
-        device = run(*commands.loop_attach(str(mounted / "image"), readonly=True)).strip()
-        try:
-            run(*commands.mount(device, str(fs), "btrfs", readonly=True))
-            try:
-                yield fs
-            finally:
-                run("umount", str(fs))
-        finally:
-            run(*commands.loop_detach(device))
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mounted)], capture_output=True)
+    with chain_lab.attached(served.config, str(served.remote), served.work, readonly=True) as fs:
+        yield fs
 
 
 def main(argv: list[str] | None = None) -> int:
