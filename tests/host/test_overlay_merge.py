@@ -1,9 +1,11 @@
 """bench.overlay_layers.merge, the retention of history kept as overlay layers
 (docs/performance.md, "History as overlay layers instead"), cut short at every step it takes
 and then run again, on a btrfs made and mounted as cryptsnap does, with the kernel's overlayfs
-writing the layers. At every cut the states above the dropped one read as they did; the merge
-run again leaves layer 0 holding what layers 1 and 0 held together. A btrfs transaction
-holds every change made before its commit, so a power cut leaves one of these cuts."""
+writing the layers; into layer 0 and into a layer with another below it. At every cut the
+kept states read as they did (but for the times of the directories being merged); the merge
+run again leaves the lower layer holding what both held, every kept state exactly as before.
+A btrfs transaction holds every change made before its commit, so a power cut leaves one of
+these cuts."""
 
 from __future__ import annotations
 
