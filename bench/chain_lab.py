@@ -31,11 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.cpu import CpuSampler
-from bench.throughput import make_large, same_tree
+from bench.throughput import CHUNK, make_large, same_tree
 from cryptsnap import commands
 from tests.support import sshd
-
-CHUNK = 1 << 20
 
 
 def run(*argv: str) -> str:

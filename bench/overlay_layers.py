@@ -113,10 +113,9 @@ def merge(layers: Path, upper: int) -> None:
 def _merge(source: Path, into: Path, below: list[Path], attributes: dict[str, list], where: Path) -> None:
     for entry in os.scandir(source):
         moved, target = Path(entry.path), into / entry.name
-        held_below = any(os.path.lexists(layer / entry.name) for layer in below)
         if is_whiteout(entry):  # a name deleted
             remove(target)
-            if held_below:  # still hides the name further down
+            if held_below(below, entry.name):  # still hides the name further down
                 os.rename(moved, target)
             else:
                 moved.unlink()
@@ -124,10 +123,16 @@ def _merge(source: Path, into: Path, below: list[Path], attributes: dict[str, li
             _merge(moved, target, [layer / entry.name for layer in below], attributes, where / entry.name)
         else:  # (its markers taken off while the lower entry, gone, leaves them nothing to hide)
             remove(target)
-            strip_overlay_xattrs(moved, keep_opaque=held_below)
+            strip_overlay_xattrs(moved, keep_opaque=held_below(below, entry.name))
             os.rename(moved, target)
     give_attributes(into, attributes[str(where)])
     source.rmdir()
+
+
+def held_below(below: list[Path], name: str) -> bool:
+    """Whether a layer further down holds NAME (asked only where a marker may be kept: a
+    directory merged in place needs no look at up to 500 layers for each of its entries)."""
+    return any(os.path.lexists(layer / name) for layer in below)
 
 
 def own_xattrs(path: Path) -> dict[str, bytes]:
