@@ -37,7 +37,7 @@ At the end every kept state is mounted read-only from its layers and compared wi
 written (the lab fails otherwise).
 
 --keep K keeps the last K states, as retention would: btrfs deletes the oldest snapshot (and
-waits for its cleaner), overlay merges the oldest layer into layer 0 (bench.overlay_layers);
+waits for its cleaner), overlay merges layer 1 into layer 0 (cryptsnap.overlay);
 the bytes each costs are printed apart from the runs'. --delete N deletes N more files a run (overlay
 writes them as whiteouts, which the merge must apply).
 
@@ -281,14 +281,14 @@ def flush(mnt: Path) -> None:
 def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> list[tuple[int, int]]:
     """--fs overlay: the tree in layer 0, each run's change in a layer of its own (or, without
     snapshots, in layer 0 itself: the file system's own cost of the change). With --keep, the
-    oldest state is dropped by merging (bench.overlay_layers) once more are kept; at the end
+    oldest state is dropped by merging (cryptsnap.overlay.drop) once more are kept; at the end
     every kept state is mounted read-only as a restore would and compared with what it should
     hold."""
     stores, work, merged = mnt / "layers", mnt / "work", mnt.parent / "merged"
-    (stores / "0").mkdir(parents=True)
+    overlay_layers.begin(stores)
     content = write_tree(stores / "0", args.files, args.file_kb << 10)
     flush(mnt)
-    rng, figures, changes, base_state = random.Random(args.seed), [], {0: {}}, 0
+    rng, figures, changes = random.Random(args.seed), [], {0: {}}
     for n in range(1, args.runs + 1):
         if args.cold:
             drop_caches()
@@ -300,17 +300,15 @@ def _layer_runs(args: argparse.Namespace, mnt: Path, measured: list[str]) -> lis
             changes[n] = change(stores / "0", rng, args)
         flush(mnt)
         figures.append((written(measured) - before[0], read(measured) - before[1]))
-        while args.snapshot and args.keep and len(overlay_layers.stack(stores)) > args.keep:
-            oldest = overlay_layers.stack(stores)[-2]
+        while args.snapshot and args.keep and len(overlay_layers.kept(stores)) > args.keep:
+            oldest = overlay_layers.kept(stores)[0]
             pruned = written(measured)
-            overlay_layers.merge(stores, oldest)
+            overlay_layers.drop(stores, oldest)
             flush(mnt)
-            base_state = oldest
-            print(f"after run {n}: the state before run {oldest} dropped, its layer merged: "
+            print(f"after run {n}: the state after run {oldest} dropped, the next layer merged into it: "
                   f"{written(measured) - pruned:,} bytes written", flush=True)  # fmt: skip
     if args.snapshot:
-        kept = [base_state, *overlay_layers.stack(stores)[:-1]]
-        check_states(stores, mnt.parent / "restore", content, changes, kept, args)
+        check_states(stores, mnt.parent / "restore", content, changes, overlay_layers.kept(stores), args)
     return figures
 
 

@@ -240,6 +240,12 @@ def mount(device: str, mountpoint: str, filesystem: str, readonly: bool) -> Argv
     return ("mount", "-t", filesystem, "-o", ",".join(options), device, mountpoint)
 
 
+def mount_overlay(options: str, mountpoint: str) -> Argv:
+    """overlayfs's layers as OPTIONS name them (relative to the directory it runs in: the
+    kernel takes one page of options; cryptsnap.overlay)."""
+    return ("mount", "-t", "overlay", "overlay", "-o", options, mountpoint)
+
+
 def remount_flushoncommit(mountpoint: str) -> Argv:
     """Every commit from here on (the periodic ones too) takes the data written before it
     along, so what a commit shows was written whole (cryptsnap.snapshot.Unfinished)."""

