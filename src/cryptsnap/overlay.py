@@ -50,9 +50,16 @@ def stack(layers: Path, below: int | None = None) -> list[int]:
     return sorted((n for n in numbers if (below is None or n < below) and (layers / str(n)).is_dir()), reverse=True)
 
 
+def unnamed(layers: Path) -> list[int]:
+    """Layers no kept state reads through: a run's, cut before it was named."""
+    kept = set(stack(layers))
+    return sorted(int(p.name) for p in layers.iterdir() if p.name.isdigit() and int(p.name) not in kept)
+
+
 def next_layer(layers: Path) -> int:
-    """The number for a new layer: above every layer there is, named or not."""
-    return max((int(p.name) for p in layers.iterdir() if p.name.isdigit()), default=-1) + 1
+    """The number for a new layer: above the kept states' (an unnamed one in the way is
+    removed first: snapshot.remove_partials)."""
+    return max(stack(layers), default=-1) + 1
 
 
 def read_names(layers: Path) -> list[tuple[int, str]]:
@@ -98,14 +105,16 @@ def view(layers: Path, name: str, where: Path) -> contextlib.AbstractContextMana
 
 
 @contextlib.contextmanager
-def writable(layers: Path, n: int, work: Path, merged: Path) -> Iterator[Path]:
+def writable(layers: Path, n: int, work: Path, merged: Path, existing: bool = False) -> Iterator[Path]:
     """A new layer N made and mounted over the kept states' layers at MERGED, where writing
     changes the newest state into the next one (WORK: overlayfs's work directory, on the
     same file system); a merge left by a cut is finished first. The caller names the layer
-    (write_names) once it is complete: till then it is no state's."""
+    (write_names) once it is complete: till then it is no state's. EXISTING: layer N is one
+    a cut left, gone on from."""
     finish(layers)
     lower = ":".join(map(str, stack(layers)))
-    (layers / str(n)).mkdir()
+    if not existing:
+        (layers / str(n)).mkdir()
     work.mkdir(exist_ok=True)
     merged.mkdir(exist_ok=True)
     with _mounted(layers, f"lowerdir={lower},upperdir={n},workdir={work}", merged):

@@ -11,10 +11,16 @@ ext2/ext4: rsync --link-dest to the previous snapshot (unchanged files are hard 
 btrfs: a writable snapshot of the previous subvolume, rsync --inplace into it, then
 read-only (unchanged files share extents). With a matching local record of the previous
 snapshot's files, rsync gets only what changed (cryptsnap.changes).
+
+Or, on a btrfs made with `layers/` instead of `snapshots/`, history as overlay layers
+(cryptsnap.overlay): a run writes through an overlay of the kept states' layers into a new
+layer, named in `layers/names` once complete (no snapshot's shared tree nodes are copied, no
+reference counted: docs/performance.md). Not yet a choice `cryptsnap init` offers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -22,10 +28,10 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import changes, commands, durable, naming, retention, runner
+from . import changes, commands, durable, naming, overlay, retention, runner
 from .config import Target
 from .errors import ImageFull, IntegrityError, ToolFailed
 from .scan import Found, scan_sources
@@ -42,19 +48,43 @@ def snapshots_dir(fs: Path) -> Path:
     return fs / "snapshots"
 
 
+def layers_dir(fs: Path) -> Path:
+    return fs / "layers"
+
+
+def is_layered(fs: Path) -> bool:
+    """Whether the image keeps its history as overlay layers (cryptsnap.overlay)."""
+    return layers_dir(fs).is_dir()
+
+
+OVERLAY_MOUNT = ".cryptsnap/overlay"  # where a layered run mounts its overlay: the image is the run's own
+
+
 def list_snapshots(fs: Path) -> list[str]:
     """Complete snapshots, oldest first; partial ones are never listed."""
+    if is_layered(fs):
+        return [name for _, name in overlay.read_names(layers_dir(fs))]
     try:
         return naming.complete_snapshots(os.listdir(snapshots_dir(fs)))
     except FileNotFoundError:
         return []
 
 
-def prepare_filesystem(fs: Path) -> None:
+def prepare_filesystem(fs: Path, layered: bool = False) -> None:
     """The layout of a freshly made file system (`cryptsnap init`)."""
-    snapshots_dir(fs).mkdir(mode=0o700)
+    (layers_dir(fs) if layered else snapshots_dir(fs)).mkdir(mode=0o700)
     (fs / ".cryptsnap").mkdir(mode=0o700)
     (fs / ".cryptsnap" / "generation").write_text("0\n")
+    if layered:  # made now: a restore's mount of the image is read-only
+        (fs / OVERLAY_MOUNT).mkdir(mode=0o700)
+
+
+def opened(fs: Path, name: str) -> contextlib.AbstractContextManager[Path]:
+    """The snapshot NAME's root, to read (a layered image's overlay of its layers, mounted
+    read-only at OVERLAY_MOUNT till the block ends: one at a time)."""
+    if is_layered(fs):
+        return overlay.view(layers_dir(fs), name, fs / OVERLAY_MOUNT)
+    return contextlib.nullcontext(snapshots_dir(fs) / name)
 
 
 def image_generation(fs: Path) -> int:
@@ -112,11 +142,32 @@ def _remove(path: Path) -> None:
 
 
 def remove_partials(fs: Path, keep: str | None = None) -> None:
+    if is_layered(fs):
+        for n in overlay.unnamed(layers_dir(fs)):
+            if str(n) != keep:
+                log.warning("removing unfinished layer %d of an interrupted run", n)
+                shutil.rmtree(layers_dir(fs) / str(n))
+        return
     directory = snapshots_dir(fs)
     for name in os.listdir(directory):
         if naming.is_partial(name) and name != keep:
             log.warning("removing unfinished snapshot %s of an interrupted run", name)
             _remove(directory / name)
+
+
+def _partials(fs: Path) -> list[str]:
+    """What interrupted runs left unfinished: snapshots, or layers no state names."""
+    if is_layered(fs):
+        return [str(n) for n in overlay.unnamed(layers_dir(fs))]
+    return [entry for entry in os.listdir(snapshots_dir(fs)) if naming.is_partial(entry)]
+
+
+def _drop(fs: Path, name: str) -> None:
+    """Delete the snapshot NAME (any but the newest, in a layered image)."""
+    if is_layered(fs):
+        overlay.drop(layers_dir(fs), name)
+    else:
+        _remove(snapshots_dir(fs) / name)
 
 
 class Unfinished:
@@ -133,12 +184,15 @@ class Unfinished:
     def note(self, partial: str, previous: str | None, generation: int | None) -> None:
         self.state.note_unfinished({"partial": partial, "previous": previous, "generation": generation})
 
-    def resumable(self, directory: Path, previous: str | None, generation: int | None) -> str | None:
-        """The name of the unfinished snapshot to go on from, if there is one to trust."""
+    def resumable(self, directory: Path, previous: str | None, generation: int | None,
+                  layered: bool = False) -> str | None:  # fmt: skip
+        """The name of the unfinished snapshot (or layer, in the layers DIRECTORY) to go on
+        from, if there is one to trust."""
         noted = self.state.unfinished()
         name = noted.get("partial")
-        if not (isinstance(name, str) and naming.is_partial(name) and noted.get("previous") == previous
-                and noted.get("generation") == generation):  # fmt: skip
+        if not (isinstance(name, str) and noted.get("previous") == previous and noted.get("generation") == generation):
+            return None
+        if not (name.isdigit() and int(name) in overlay.unnamed(directory) if layered else naming.is_partial(name)):
             return None
         partial = directory / name
         # Made read-only, it was complete but not yet renamed: start afresh rather than undo that.
@@ -191,8 +245,8 @@ def write_snapshot(fs: Path, target: Target, on_progress: ProgressCallback = lam
                     raise full
                 log.warning("the image is full: deleting the oldest snapshot, %s, to make room (retention: "
                             "make_room), then trying again", oldest)  # fmt: skip
-                _remove(snapshots_dir(fs) / oldest)
-                if target.filesystem == "btrfs":
+                _drop(fs, oldest)
+                if target.filesystem == "btrfs" and not is_layered(fs):
                     runner.run(commands.btrfs_subvolume_sync(str(fs)))
                 syncer.sync()
                 made_room.append(oldest)
@@ -229,14 +283,16 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
                     known: changes.Record | None, generation: int | None, work_dir: Path | None,
                     full_compare: bool, unfinished: Unfinished | None, record_to: Path | None,
                     make_writable: Callable[[], None]) -> tuple[str, changes.RecordWriter | None]:  # fmt: skip
-    directory = snapshots_dir(fs)
+    layered = is_layered(fs)
+    directory = layers_dir(fs) if layered else snapshots_dir(fs)
     existing = list_snapshots(fs)
     previous = existing[-1] if existing else None
     btrfs = target.filesystem == "btrfs"
-    resumed = unfinished.resumable(directory, previous, generation) if unfinished and btrfs else None
-    leftovers = [entry for entry in os.listdir(directory) if naming.is_partial(entry) and entry != resumed]
+    resumed = unfinished.resumable(directory, previous, generation, layered) if unfinished and btrfs else None
+    leftovers = [entry for entry in _partials(fs) if entry != resumed]
     name = naming.next_name(existing)  # named when it completes, whenever it was begun
-    partial = directory / (resumed or name + naming.PARTIAL_SUFFIX)
+    new = str(overlay.next_layer(directory)) if layered else name + naming.PARTIAL_SUFFIX
+    partial = directory / (resumed or new)
     scanned = found = None
     if btrfs:
         # Scanned before rsync reads anything: a file that changes during the run differs
@@ -278,7 +334,11 @@ def _write_snapshot(fs: Path, target: Target, syncer: durable.Syncer, on_progres
         raise
     # Made durable by bump_generation's sync, in the same commit as the new generation and the
     # pruning: every commit rewrites the tree roots and superblocks (~50 KB up each).
-    os.rename(partial, directory / name)  # the caller clears `unfinished` once that is committed
+    # The caller clears `unfinished` once that is committed.
+    if layered:
+        overlay.write_names(directory, [*overlay.read_names(directory), (int(partial.name), name)])
+    else:
+        os.rename(partial, directory / name)
     return name, scanned
 
 
@@ -289,19 +349,23 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
     With `expected` (the sources' bytes, from the walk), a whole-tree rsync lists directories
     as it goes."""
     btrfs = target.filesystem == "btrfs"
+    if found:
+        log.info("%d entries changed, %d deleted since snapshot %s (from the local record)%s",
+                 found.changed + found.touched, found.deleted, previous,
+                 f"; {found.touched} of the files changed only in their attributes (same content)"
+                 if found.touched else "")  # fmt: skip
+    if resumed:
+        log.info("going on from the unfinished %s %s of the last try: rsync skips what it finds complete there",
+                 "layer" if resumed.isdigit() else "snapshot", resumed)  # fmt: skip
+    if is_layered(fs):
+        with _layer(fs, partial, previous, resumed, unfinished, generation) as root:
+            _copy_changes(root, target, on_progress, None, found, expected)
+        syncer.sync()  # the data is on the server before the names list the layer
+        return
     if btrfs:
-        if found:
-            log.info("%d entries changed, %d deleted since snapshot %s (from the local record)%s",
-                     found.changed + found.touched, found.deleted, previous,
-                     f"; {found.touched} of the files changed only in their attributes (same content)"
-                     if found.touched else "")  # fmt: skip
-        if resumed:
-            log.info("going on from the unfinished snapshot %s of the last try: rsync skips what it finds "
-                     "complete there", resumed)  # fmt: skip
-        elif previous:
-            runner.run(commands.btrfs_snapshot(str(directory / previous), str(partial)))
-        else:
-            runner.run(commands.btrfs_subvolume_create(str(partial)))
+        if not resumed:
+            runner.run(commands.btrfs_snapshot(str(directory / previous), str(partial)) if previous
+                       else commands.btrfs_subvolume_create(str(partial)))  # fmt: skip
         if unfinished and not resumed:  # the snapshot is committed by its creation: note it for a next try
             unfinished.note(partial.name, previous, generation)
     else:
@@ -312,22 +376,52 @@ def _sync_into(fs: Path, target: Target, syncer: durable.Syncer, on_progress: Pr
         # server now, before anything is written into it.
         syncer.sync()
 
-    rsync = functools.partial(commands.rsync, target.sources, str(partial), excludes=target.excludes,
+    _copy_changes(partial, target, on_progress, directory / previous if previous and not btrfs else None, found,
+                  expected)  # fmt: skip
+    syncer.sync()  # the data is on the server before the name says "complete"
+    if btrfs:
+        runner.run(commands.btrfs_set_readonly(str(partial)))
+
+
+def _copy_changes(into: Path, target: Target, on_progress: ProgressCallback, link_dest: Path | None,
+                  found: Found | None, expected: int | None) -> None:  # fmt: skip
+    """rsync the sources into INTO: all of them (with --link-dest to LINK_DEST, ext2/ext4), or
+    only what `found` lists."""
+    btrfs = target.filesystem == "btrfs"
+    rsync = functools.partial(commands.rsync, target.sources, str(into), excludes=target.excludes,
                               one_file_system=target.one_file_system, inplace=btrfs, exact_times=btrfs)  # fmt: skip
     if found is None:
-        _copy(rsync(link_dest=str(directory / previous) if previous and not btrfs else None,
-                    incremental=expected is not None), progress_reader(on_progress, expected))  # fmt: skip
+        _copy(rsync(link_dest=str(link_dest) if link_dest else None, incremental=expected is not None),
+              progress_reader(on_progress, expected))  # fmt: skip
     else:
         with found:
-            _delete(partial, found.deleted_paths())
+            _delete(into, found.deleted_paths())
             if found.changed:
                 _copy(rsync(files_from=found.listing.name), progress_reader(on_progress))
             if found.touched:  # same size and content: rsync skips their data and sets the rest
                 _copy(rsync(files_from=found.touched_file.name, size_only=True, progress=False))
     on_progress(1.0, 0)
-    syncer.sync()  # the data is on the server before the name says "complete"
-    if btrfs:
-        runner.run(commands.btrfs_set_readonly(str(partial)))
+
+
+@contextlib.contextmanager
+def _layer(fs: Path, layer: Path, previous: str | None, resumed: str | None, unfinished: Unfinished | None,
+           generation: int | None) -> Iterator[Path]:  # fmt: skip
+    """Where a layered run writes: the first state straight into layer 0; each later one
+    through an overlay of the kept states' layers into its new layer LAYER (or the unnamed
+    layer `resumed` of a try that lost its connection, gone on from)."""
+    if previous is None:
+        if not resumed:
+            layer.mkdir(mode=0o755)
+        root = contextlib.nullcontext(layer)
+    else:
+        mountpoint = fs / OVERLAY_MOUNT
+        mountpoint.mkdir(mode=0o700, exist_ok=True)
+        root = overlay.writable(layer.parent, int(layer.name), layer.parent / "work", mountpoint,
+                                existing=bool(resumed))  # fmt: skip
+    with root as written:
+        if unfinished and not resumed:
+            unfinished.note(layer.name, previous, generation)
+        yield written
 
 
 def progress_reader(on_progress: ProgressCallback, expected: int | None = None) -> Callable[[str], None]:
@@ -447,7 +541,7 @@ def prune(fs: Path, target: Target) -> list[str]:
     doomed = retention.to_prune(list_snapshots(fs), target.retention)
     for name in doomed:
         log.info("pruning snapshot %s", name)
-        _remove(snapshots_dir(fs) / name)
+        _drop(fs, name)
     return doomed  # made durable by the bump_generation that follows
 
 

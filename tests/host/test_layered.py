@@ -1,0 +1,82 @@
+"""History as overlay layers (cryptsnap.overlay) through snapshot.write_snapshot, on a real btrfs
+over a loop device, made and mounted as cryptsnap does, with the real rsync and the kernel's
+overlayfs: each run's state reads back as the sources were, through the local record's
+changes, a whole-tree compare, attributes alone and deletions; retention drops states by
+merging layers; a layer a cut left unnamed is no state's and the next run removes it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from cryptsnap import changes, config, overlay, snapshot
+from tests.support import loopfs, trees
+
+
+def read(fs: Path, name: str, source: Path) -> dict:
+    with snapshot.opened(fs, name) as root:
+        return trees.across_file_systems(trees.manifest(root / source.relative_to("/")))
+
+
+def run(fs: Path, target: config.Target, record: Path, generation: int, full_compare: bool = False) -> str:
+    known = changes.Record.load(record) if generation else None
+    name, scanned = snapshot.write_snapshot(fs, target, known=known, generation=generation, record_to=record,
+                                            work_dir=record.parent, full_compare=full_compare)  # fmt: skip
+    scanned.commit(generation + 1, name, changes.settings_digest(target))
+    return name
+
+
+def test_each_run_reads_back_as_the_sources_were_and_retention_merges_layers(tmp_path):
+    source = tmp_path / "source"
+    trees.build(source)
+    target = loopfs.target(tmp_path, source)
+    record, fs = tmp_path / "state" / "files.gz", tmp_path / "fs"
+    record.parent.mkdir()
+    layers = fs / "layers"
+    with loopfs.btrfs(tmp_path / "image", fs, size=1 << 30):
+        snapshot.prepare_filesystem(fs, layered=True)
+        assert snapshot.is_layered(fs) and snapshot.list_snapshots(fs) == []
+        wanted = {}
+        names = [run(fs, target, record, 0)]  # into layer 0, no overlay
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+        trees.mutate(source)  # changes, additions, deletions, a rename, new hard links
+        names.append(run(fs, target, record, 1))  # what the record says changed, through the overlay
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+        os.chmod(source / "docs" / "a.txt", 0o600)  # attributes alone
+        shutil.rmtree(source / "private")  # a directory with what is in it
+        (source / "private").write_text("a file where a directory was\n")
+        (source / "docs" / "new.txt").write_text("rewritten in run 3 (both names of a hard link)\n")
+        names.append(run(fs, target, record, 2))
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+        (source / "docs" / "deeper").mkdir()
+        (source / "docs" / "deeper" / "file").write_text("run 4\n")
+        os.unlink(source / "dangling")
+        names.append(run(fs, target, record, 3, full_compare=True))  # rsync compares the whole tree
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+
+        assert snapshot.list_snapshots(fs) == names
+        assert overlay.stack(layers) == [3, 2, 1, 0]
+        assert not [p for p in (layers / "3").rglob("*") if p.name == "unchanged.bin"], "an unchanged file copied up"
+        for name in names:
+            assert read(fs, name, source) == wanted[name], name
+
+        # A layer a cut left (written, not named) is no state's: not read, and removed by the next run.
+        (layers / "4").mkdir()
+        (layers / "4" / "junk").write_text("half a run\n")
+        assert read(fs, names[-1], source) == wanted[names[-1]]
+        (source / "after-the-cut").write_text("run 5\n")
+        names.append(run(fs, target, record, 4))
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+        assert overlay.stack(layers) == [4, 3, 2, 1, 0] and not (layers / "4" / "junk").exists()
+
+        keep_two = dataclasses.replace(target, retention=config.Retention(last=2, daily=0, weekly=0, monthly=0))
+        assert snapshot.prune(fs, keep_two) == names[:3]
+        assert snapshot.list_snapshots(fs) == names[3:]
+        assert overlay.stack(layers) == [4, 0]  # layers 1, 2 and 3 merged into layer 0, one at a time
+        for name in names[3:]:
+            assert read(fs, name, source) == wanted[name], name
+        (source / "docs" / "a.txt").write_text("after the merges\n")
+        names.append(run(fs, target, record, 5))  # the record still describes the newest state
+        assert read(fs, names[-1], source) == trees.across_file_systems(trees.manifest(source))
