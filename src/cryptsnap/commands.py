@@ -246,6 +246,15 @@ def mount_overlay(options: str, mountpoint: str) -> Argv:
     return ("mount", "-t", "overlay", "overlay", "-o", options, mountpoint)
 
 
+def bind_mount(source: str, mountpoint: str) -> Argv:
+    return ("mount", "--bind", source, mountpoint)
+
+
+def mount_tmpfs(mountpoint: str) -> Argv:
+    """A small memory file system for mount points in a read-only image (a layered view)."""
+    return ("mount", "-t", "tmpfs", "-o", "mode=0700,nodev,nosuid,noexec,size=4m", "tmpfs", mountpoint)
+
+
 def remount_flushoncommit(mountpoint: str) -> Argv:
     """Every commit from here on (the periodic ones too) takes the data written before it
     along, so what a commit shows was written whole (cryptsnap.snapshot.Unfinished)."""

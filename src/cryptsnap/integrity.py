@@ -153,7 +153,12 @@ def read_back(fs: Path, state: TargetState, budget_left: Callable[[], int], repo
     if not names:
         return
     report.snapshot = newest = names[-1]
-    root = snapshot.snapshots_dir(fs) / newest
+    with snapshot.opened(fs, newest) as root:
+        _read_back(root, newest, state, budget_left, report)
+
+
+def _read_back(root: Path, newest: str, state: TargetState, budget_left: Callable[[], int],
+               report: CheckReport) -> None:  # fmt: skip
     record = changes.Record.load(state.file_record)
     if record is not None and (record.snapshot != newest or not record.verify()):
         record = None

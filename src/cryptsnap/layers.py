@@ -27,7 +27,7 @@ import psutil
 
 from . import commands, runner
 from .errors import Busy, ConnectionLost, IntegrityError, KeyWrong, RemoteUnreachable, ToolFailed, UnsafeServer
-from .mounts import is_mountpoint
+from .mounts import is_mountpoint, mounted_under
 
 log = logging.getLogger(__name__)
 
@@ -871,7 +871,14 @@ class FsMount:
     def remove_leftovers(mountpoint: Path) -> None:
         if is_mountpoint(mountpoint):
             log.warning("unmounting %s left by an earlier run", mountpoint)
-            _retry(commands.unmount(str(mountpoint)))
+            FsMount._unmount(mountpoint)
+
+    @staticmethod
+    def _unmount(mountpoint: Path) -> None:
+        """With what is mounted inside it first: a layered image's overlays (cryptsnap.overlay)."""
+        for inner in mounted_under(mountpoint):
+            _retry(commands.unmount(inner))
+        _retry(commands.unmount(str(mountpoint)))
 
     def __enter__(self) -> FsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -907,7 +914,7 @@ class FsMount:
 
     def __exit__(self, *exc) -> None:
         if self.mounted:
-            _retry(commands.unmount(str(self.mountpoint)))
+            self._unmount(self.mountpoint)
             self.mounted = False
 
     def _preen(self, argv) -> None:

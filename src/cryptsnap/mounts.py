@@ -32,3 +32,9 @@ def mount_points() -> list[tuple[str, str]]:
 def is_mountpoint(path: str | os.PathLike) -> bool:
     path = os.path.abspath(path)
     return any(point == path for point, _ in mount_points())
+
+
+def mounted_under(path: str | os.PathLike) -> list[str]:
+    """Mount points strictly below PATH, the last mounted first (the order to unmount them in)."""
+    top = os.path.abspath(path).rstrip("/") + "/"
+    return [point for point, _ in reversed(mount_points()) if point.startswith(top)]

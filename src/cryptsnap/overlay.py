@@ -95,8 +95,22 @@ def read_only(layers: Path, numbers: list[int], where: Path) -> Iterator[Path]:
         yield layers / str(numbers[0])
         return
     where.mkdir(exist_ok=True)
-    with _mounted(layers, f"ro,lowerdir={':'.join(map(str, numbers))}", where):
+    with _mounted(layers, _read_only_options(numbers), where):
         yield where
+
+
+def mount_view(layers: Path, name: str, where: Path) -> None:
+    """The state NAME mounted read-only at WHERE and left mounted (a view that outlives the
+    process: `cryptsnap mount`); a single layer bound there."""
+    numbers = layers_of(layers, name)
+    if len(numbers) == 1:
+        runner.run(commands.bind_mount(str(layers / str(numbers[0])), str(where)))
+    else:
+        runner.run(commands.mount_overlay(_read_only_options(numbers), str(where)), cwd=layers)
+
+
+def _read_only_options(numbers: list[int]) -> str:
+    return f"ro,lowerdir={':'.join(map(str, numbers))}"
 
 
 def view(layers: Path, name: str, where: Path) -> contextlib.AbstractContextManager[Path]:

@@ -459,12 +459,12 @@ def restore(target: Target, snapshot_name: str, path: str, destination: str,
             name = snapshot.resolve(op.fs, snapshot_name)
         except FileNotFoundError as exc:
             raise UsageError(str(exc)) from None
-        root = snapshot.snapshots_dir(op.fs) / name
-        source = root / path.lstrip("/")
-        if not source.exists() and not source.is_symlink():
-            raise UsageError(f"{path} is not in snapshot {name}")
-        reporter.phase("syncing")
-        readahead.copy_out(source, destination)
+        with snapshot.opened(op.fs, name) as root:
+            source = root / path.lstrip("/")
+            if not source.exists() and not source.is_symlink():
+                raise UsageError(f"{path} is not in snapshot {name}")
+            reporter.phase("syncing")
+            readahead.copy_out(source, destination)
         return name
 
 
@@ -474,6 +474,8 @@ def open_view(target: Target, reporter: Reporter | None = None) -> Path:
     with open_stack(target, readonly=True, what="read-only view", on_phase=reporter.phase, keep_open=True,
                     mountpoint=Paths.of(target).view) as op:
         view = op.fs
+        if snapshot.is_layered(view):
+            snapshot.show_states(view)
     return view
 
 

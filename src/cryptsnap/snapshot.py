@@ -77,6 +77,18 @@ def prepare_filesystem(fs: Path, layered: bool = False) -> None:
     (fs / ".cryptsnap" / "generation").write_text("0\n")
     if layered:  # made now: a restore's mount of the image is read-only
         (fs / OVERLAY_MOUNT).mkdir(mode=0o700)
+        snapshots_dir(fs).mkdir(mode=0o700)  # where `cryptsnap mount` shows each state (show_states)
+
+
+def show_states(fs: Path) -> None:
+    """A layered image's states where `cryptsnap mount` shows snapshots, each read-only at
+    snapshots/NAME: a small tmpfs over the image's empty snapshots/ holds their mount points.
+    Unmounted with the image (FsMount, innermost first)."""
+    runner.run(commands.mount_tmpfs(str(snapshots_dir(fs))))
+    for name in list_snapshots(fs):
+        where = snapshots_dir(fs) / name
+        where.mkdir()
+        overlay.mount_view(layers_dir(fs), name, where)
 
 
 def opened(fs: Path, name: str) -> contextlib.AbstractContextManager[Path]:

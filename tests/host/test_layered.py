@@ -2,16 +2,19 @@
 over a loop device, made and mounted as cryptsnap does, with the real rsync and the kernel's
 overlayfs: each run's state reads back as the sources were, through the local record's
 changes, a whole-tree compare, attributes alone and deletions; retention drops states by
-merging layers; a layer a cut left unnamed is no state's and the next run removes it."""
+merging layers; a layer a cut left unnamed is no state's and the next run removes it; the
+image mounted read-only shows each state at snapshots/NAME, and is unmounted with them."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
-from cryptsnap import changes, config, overlay, snapshot
+from cryptsnap import changes, commands, config, mounts, overlay, snapshot
+from cryptsnap.layers import FsMount
 from tests.support import loopfs, trees
 
 
@@ -35,7 +38,7 @@ def test_each_run_reads_back_as_the_sources_were_and_retention_merges_layers(tmp
     record, fs = tmp_path / "state" / "files.gz", tmp_path / "fs"
     record.parent.mkdir()
     layers = fs / "layers"
-    with loopfs.btrfs(tmp_path / "image", fs, size=1 << 30):
+    with loopfs.btrfs(tmp_path / "image", fs, size=1 << 30) as device:
         snapshot.prepare_filesystem(fs, layered=True)
         assert snapshot.is_layered(fs) and snapshot.list_snapshots(fs) == []
         wanted = {}
@@ -79,4 +82,17 @@ def test_each_run_reads_back_as_the_sources_were_and_retention_merges_layers(tmp
             assert read(fs, name, source) == wanted[name], name
         (source / "docs" / "a.txt").write_text("after the merges\n")
         names.append(run(fs, target, record, 5))  # the record still describes the newest state
-        assert read(fs, names[-1], source) == trees.across_file_systems(trees.manifest(source))
+        wanted[names[-1]] = trees.across_file_systems(trees.manifest(source))
+        assert read(fs, names[-1], source) == wanted[names[-1]]
+
+        # `cryptsnap mount`: the image read-only, each state at snapshots/NAME; unmounted whole.
+        subprocess.run(commands.unmount(str(fs)), check=True)
+        subprocess.run(commands.mount(device, str(fs), "btrfs", readonly=True), check=True)
+        snapshot.show_states(fs)
+        assert sorted(os.listdir(fs / "snapshots")) == names[3:]
+        for name in names[3:]:  # layer 0 alone (bound), and overlays
+            shown = trees.manifest(fs / "snapshots" / name / source.relative_to("/"))
+            assert trees.across_file_systems(shown) == wanted[name], name
+        assert len(mounts.mounted_under(fs)) == 4
+        FsMount.remove_leftovers(fs)
+        assert not mounts.is_mountpoint(fs) and not mounts.mounted_under(fs)
