@@ -79,6 +79,7 @@ class Target:
     reconnect_tries: int = 3
     reconnect_delay: int = 60  # seconds, doubled after each try
     notify_desktop: bool = False
+    history: str = "snapshots"  # how `cryptsnap init` makes the image keep earlier states
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,8 @@ class _Validator:
             return None
         return self.typed(node, option, where, value)
 
-    def named(self, node: yaml.Node, option: Option, where: str) -> dict[str, tuple[yaml.Node, dict]]:
-        """A mapping of names to sections: each valid name -> (its node, its values)."""
+    def named(self, node: yaml.Node, option: Option, where: str) -> dict[str, tuple[yaml.Node, yaml.Node, dict]]:
+        """A mapping of names to sections: each valid name -> (its node, its section's node, its values)."""
         if not isinstance(node, yaml.MappingNode) or not node.value:
             self.error(node, where, "needs at least one entry, e.g. `home:` with its options below")
             return {}
@@ -190,7 +191,7 @@ class _Validator:
             elif name in named:
                 self.error(key_node, f"{where}.{name}", "given twice")
             else:
-                named[name] = (key_node, self.section(value_node, option.children, f"{where}.{name}"))
+                named[name] = (key_node, value_node, self.section(value_node, option.children, f"{where}.{name}"))
         return named
 
     def typed(self, node: yaml.Node, option: Option, where: str, value: Any) -> Any:
@@ -250,7 +251,7 @@ def parse(text: str, filename: str) -> Config:
     check = _Validator(filename, loader)
     top = check.section(root, schema.TOP, "")
     targets: dict[str, Target] = {}
-    for name, (node, values) in top["targets"].items():
+    for name, (node, section, values) in top["targets"].items():
         where = f"targets.{name}"
         if values.get("key_file") is None and values.get("key_credential") is None:
             check.error(node, where, "needs key_file or key_credential (where the LUKS key is)")
@@ -258,6 +259,8 @@ def parse(text: str, filename: str) -> Config:
             check.error(node, where, "set only one of key_file and key_credential")
         if isinstance(values.get("image"), str) and "/" in values["image"]:
             check.error(node, f"{where}.image", "is a file name, not a path; put the directory in remote_dir")
+        if values.get("history") == "layers":
+            _check_layers(check, section, where, values)
         if check.problems:
             continue
         values = dict(values)
@@ -275,6 +278,30 @@ def parse(text: str, filename: str) -> Config:
         raise ConfigError(check.problems)
     return Config(path=filename, state_dir=Path(top["state_dir"]), runtime_dir=Path(top["runtime_dir"]),
                   targets=targets, metrics_file=top["metrics_file"])
+
+
+MAX_STATES = 499  # overlayfs stacks 500 lower layers at most (cryptsnap.overlay); a run's own is one more
+
+
+def _check_layers(check: _Validator, node: yaml.Node, where: str, values: dict[str, Any]) -> None:
+    if values.get("filesystem") != "btrfs":
+        check.error(_value_node(node, "history"), f"{where}.history",
+                    f"layers need filesystem: btrfs (not {values.get('filesystem')})")  # fmt: skip
+    rules = values.get("retention")
+    if isinstance(rules, dict):
+        kept = 1 + sum(rules.get(key) or 0 for key in ("last", "daily", "weekly", "monthly"))
+        if kept > MAX_STATES:
+            check.error(_value_node(node, "retention"), f"{where}.retention",
+                        f"keeps up to {kept} states; with history: layers at most {MAX_STATES} (overlayfs "
+                        f"stacks 500 layers): lower last, daily, weekly or monthly")  # fmt: skip
+
+
+def _value_node(mapping: yaml.Node, key: str) -> yaml.Node:
+    """The node of KEY's value in MAPPING (for its line), else the mapping's."""
+    for key_node, value_node in getattr(mapping, "value", []):
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return value_node
+    return mapping
 
 
 def load(path: str | None = None) -> Config:

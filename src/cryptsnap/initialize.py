@@ -346,7 +346,7 @@ def _create(target: Target, state: TargetState, key: str, paths: Paths, config_f
             runner.run(commands.mkfs(target.filesystem, mapping.path))
         with step("mounting"):
             inner.enter_context(FsMount(mapping.path, paths.fs, target.filesystem, False))
-            snapshot.prepare_filesystem(paths.fs)
+            snapshot.prepare_filesystem(paths.fs, layered=target.history == "layers")
     with step("finalizing"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(final)

@@ -39,6 +39,7 @@ from . import commands, runner
 OVERLAY_XATTRS = b"trusted.overlay."
 OPAQUE = "trusted.overlay.opaque"
 NAMES = "names"
+MOST_LAYERS = 500  # lower layers overlayfs stacks (Linux 6.1 to 6.18)
 PLAN_PREFIX = "merging-"
 
 

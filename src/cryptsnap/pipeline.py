@@ -251,6 +251,11 @@ def _write(target: Target, state: TargetState, reporter: MeteredReporter, record
     with open_stack(target, readonly=False, what="backup", on_phase=reporter.phase, break_lock=break_lock,
                     lock_fd=lock_fd, writable_later=target.skip_unchanged and target.filesystem == "btrfs") as op:
         generation = snapshot.check_generation(op.fs, state, accept_rollback)
+        kept_as = "layers" if snapshot.is_layered(op.fs) else "snapshots"
+        if target.filesystem == "btrfs" and kept_as != target.history:
+            log.warning("target %s: history: %s is set, but the image keeps its history as %s, as `cryptsnap init` "
+                        "made it: going on with %s (only a new image takes the setting)", target.name,
+                        target.history, kept_as, kept_as)  # fmt: skip
         op.phase("syncing")
         known = changes.Record.load(state.file_record)
         unfinished = snapshot.Unfinished(state)

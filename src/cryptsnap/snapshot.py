@@ -426,6 +426,10 @@ def _layer(fs: Path, layer: Path, previous: str | None, resumed: str | None, unf
             layer.mkdir(mode=0o755)
         root = contextlib.nullcontext(layer)
     else:
+        kept = len(overlay.stack(layer.parent))
+        if kept >= overlay.MOST_LAYERS:
+            raise ToolFailed(f"the image keeps {kept} states, as many layers as overlayfs stacks: run `cryptsnap "
+                             f"prune` with retention rules that keep at most {overlay.MOST_LAYERS - 1}")  # fmt: skip
         mountpoint = fs / OVERLAY_MOUNT
         mountpoint.mkdir(mode=0o700, exist_ok=True)
         root = overlay.writable(layer.parent, int(layer.name), layer.parent / "work", mountpoint,
@@ -501,6 +505,11 @@ def _copy(argv: commands.Argv, on_line: Callable[[str], None] = lambda line: Non
                     len(said), said[0] if said else "some files vanished")  # fmt: skip
 
 
+# A path where a layered run writes, as rsync names it (what overlayfs refused there: its own
+# markers, a whiteout device or a trusted.overlay.* attribute).
+_IN_OVERLAY = re.compile(re.escape(OVERLAY_MOUNT) + r'/([^"]+)"')
+
+
 def explain_rsync_errors(returncode: int | None, stderr: str) -> str | None:
     """rsync's exit 23 (some files or attributes not transferred) in words, where all its
     errors are its sender's (the source's side) with one cause the user can act on; None
@@ -509,6 +518,16 @@ def explain_rsync_errors(returncode: int | None, stderr: str) -> str | None:
     errors = [line.strip() for line in stderr.splitlines() if line.startswith("rsync: ")]
     if returncode != commands.RSYNC_PARTIAL or not errors:
         return None
+    markers = [line for line in errors if OVERLAY_MOUNT in line and line.endswith("Operation not permitted (1)")
+               and ("mknod" in line or '"trusted.overlay.' in line)]  # fmt: skip
+    if markers and len(markers) == len(errors):
+        paths = sorted({"/" + m.group(1) for line in markers if (m := _IN_OVERLAY.search(line))})
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        return (f"overlayfs cannot keep {shown or markers[0]} in a layer: a whiteout (a character device 0/0) "
+                "or a trusted.overlay.* attribute, overlayfs's own markers, as container storage holds them "
+                "(history: layers). This run stopped without a snapshot; the snapshots before it are as they "
+                "were. Add that directory to the target's excludes (e.g. /var/lib/containers), or keep the "
+                "target's history as snapshots (a new image: `cryptsnap init`)")  # fmt: skip
     if not all(line.startswith("rsync: [sender] ") for line in errors):  # (rsync >= 3.2 names its side)
         return None
     if all(line.endswith("No such file or directory (2)") for line in errors):

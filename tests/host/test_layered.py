@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cryptsnap import changes, commands, config, mounts, overlay, snapshot
+from cryptsnap.errors import ToolFailed
 from cryptsnap.layers import FsMount
 from tests.support import loopfs, trees
 
@@ -96,3 +100,27 @@ def test_each_run_reads_back_as_the_sources_were_and_retention_merges_layers(tmp
         assert len(mounts.mounted_under(fs)) == 4
         FsMount.remove_leftovers(fs)
         assert not mounts.is_mountpoint(fs) and not mounts.mounted_under(fs)
+
+
+def test_overlayfs_markers_in_the_sources_stop_the_run_with_what_to_do_and_nothing_lost(tmp_path):
+    source = tmp_path / "source"
+    (source / "storage").mkdir(parents=True)
+    (source / "kept").write_text("v1\n")
+    target = loopfs.target(tmp_path, source)
+    record, fs = tmp_path / "state" / "files.gz", tmp_path / "fs"
+    record.parent.mkdir()
+    with loopfs.btrfs(tmp_path / "image", fs):
+        snapshot.prepare_filesystem(fs, layered=True)
+        first = run(fs, target, record, 0)
+        os.mknod(source / "storage" / "whiteout", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # as container storage
+        (source / "kept").write_text("v2\n")
+        with pytest.raises(ToolFailed, match=f"overlayfs cannot keep {source}/storage/whiteout in a layer"):
+            run(fs, target, record, 1)
+        assert snapshot.list_snapshots(fs) == [first] and overlay.unnamed(fs / "layers") == [1]
+        assert not mounts.mounted_under(fs), "the overlay is left mounted"
+        excluding = dataclasses.replace(target, excludes=(f"{source}/storage",))
+        second = run(fs, excluding, record, 1)  # the record was not committed: compared with the image
+        assert snapshot.list_snapshots(fs) == [first, second] and overlay.unnamed(fs / "layers") == []
+        with snapshot.opened(fs, second) as root:
+            assert (root / source.relative_to("/") / "kept").read_text() == "v2\n"
+            assert not (root / source.relative_to("/") / "storage").exists()

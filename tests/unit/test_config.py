@@ -154,3 +154,16 @@ def test_sizes(text, size):
 @pytest.mark.parametrize("text", ["40 GB", "40g", "-1G", "1.5G", ""])
 def test_not_sizes(text):
     assert config.parse_size(text) is None
+
+
+def test_layered_history_needs_btrfs_and_a_retention_under_overlayfs_limit():
+    assert config.parse(GOOD, "config.yaml").target("home").history == "snapshots"
+    layered = config.parse(GOOD + "    history: layers\n", "config.yaml").target("home")
+    assert layered.history == "layers"
+    assert problems(GOOD + "    history: layers\n    filesystem: ext4\n") == [
+        "config.yaml:9: targets.home.history: layers need filesystem: btrfs (not ext4)"]
+    assert problems(GOOD + "    history: layers\n    retention:\n      last: 480\n      daily: 30\n") == [
+        "config.yaml:11: targets.home.retention: keeps up to 521 states; with history: layers at most 499 "
+        "(overlayfs stacks 500 layers): lower last, daily, weekly or monthly"]
+    assert problems(GOOD + "    history: overlay\n") == [
+        'config.yaml:9: targets.home.history: "overlay" is not one of: snapshots, layers']

@@ -55,3 +55,22 @@ def test_other_failures_keep_rsync_s_own_words():
     receiver = 'rsync: [receiver] mkstemp "/mnt/s/etc/.fstab.Xq1" failed: No such file or directory (2)\n'
     assert snapshot.explain_rsync_errors(23, receiver) is None
     assert snapshot.explain_rsync_errors(23, VANISHED_XATTRS + receiver) is None
+
+
+# As rsync 3.2.7 says them writing into a layered image's overlay (history: layers): a whiteout
+# (Linux 6.18 and 6.1) and overlayfs's own attribute (Debian 12's 6.1; later kernels escape it).
+OVERLAY_MARKERS = """\
+rsync: [generator] mknod "/run/cryptsnap/home/fs/.cryptsnap/overlay/var/lib/containers/storage/wh" failed: \
+Operation not permitted (1)
+rsync: [receiver] rsync_xal_set: lsetxattr("/run/cryptsnap/home/fs/.cryptsnap/overlay/var/lib/containers/d",\
+"trusted.overlay.opaque") failed: Operation not permitted (1)
+rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1338) [generator=3.2.7]
+"""
+
+
+def test_overlayfs_markers_in_the_sources_are_named_with_what_to_do():
+    said = snapshot.explain_rsync_errors(23, OVERLAY_MARKERS)
+    assert said.startswith("overlayfs cannot keep /var/lib/containers/d, /var/lib/containers/storage/wh in a layer")
+    assert "excludes" in said and "snapshots before it are as they were" in said
+    # The same refusal outside a layered run's overlay is not this.
+    assert snapshot.explain_rsync_errors(23, OVERLAY_MARKERS.replace("/.cryptsnap/overlay", "")) is None
