@@ -72,9 +72,9 @@ def cryptsnap(setup, *args: str) -> None:
 
 
 def run_cryptsnap(mode: str, server, work: Path, args) -> dict:
-    filesystem, _, variant = mode.partition("-")  # btrfs-loop: without the metadata cache
-    setup = make_setup(work, server, filesystem=filesystem, size=args.size,
-                       **({"metadata_cache": False} if variant == "loop" else {}))  # fmt: skip
+    filesystem, _, variant = mode.partition("-")  # btrfs-loop: without the metadata cache; btrfs-layers
+    extra = {"loop": {"metadata_cache": False}, "layers": {"history": "layers"}}.get(variant, {})
+    setup = make_setup(work, server, filesystem=filesystem, size=args.size, **extra)
     shutil.rmtree(setup.source)
     shutil.copytree(args.tree, setup.source, symlinks=True)
     cryptsnap(setup, "init", setup.name)
@@ -221,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changed-kb", type=int, default=100, help="new size of each changed file (default 100)")
     parser.add_argument("--compressible", action="store_true", help="text-like data instead of random bytes")
     parser.add_argument("--modes", default="btrfs,btrfs-loop,ext2,ext4",
-                        help="cryptsnap file systems to measure (btrfs-loop: btrfs without the metadata cache)")
+                        help="cryptsnap file systems to measure (btrfs-loop: btrfs without the metadata cache; "
+                             "btrfs-layers: history: layers)")  # fmt: skip
     parser.add_argument("--references", default="restic,borg", help="reference tools to measure ('' for none)")
     parser.add_argument("--image-size", default="300M", help="image size in MiB, e.g. 300M (at least twice the tree)")
     link.add_arguments(parser, mbit=10.0)
     parser.add_argument("--scale", type=int, default=0, metavar="K",
-                        help="also back up a tree K times larger with the same change (default mode only) and "
-                             "print the cost per unchanged file")
+                        help="also back up a tree K times larger with the same change (the first mode only, "
+                             "no reference) and print the cost per unchanged file")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args, server, work, args.files)
         lines = [table(rows, title(args, args.files), args.link_mbit)]
         if args.scale:
-            small = next(r for r in rows if r["method"] == "cryptsnap btrfs")
-            args.modes, args.references = "btrfs", ""
+            small = rows[0]
+            args.modes, args.references = args.modes.split(",")[0], ""
             large = measure(args, server, work / "scaled", args.files * args.scale)[0]
             lines += ["", table([large], title(args, large["files"]), args.link_mbit), "",
                       unchanged_cost(small, large, large["files"] - small["files"])]

@@ -132,7 +132,10 @@ def writable(layers: Path, n: int, work: Path, merged: Path, existing: bool = Fa
         (layers / str(n)).mkdir()
     work.mkdir(exist_ok=True)
     merged.mkdir(exist_ok=True)
-    with _mounted(layers, f"lowerdir={lower},upperdir={n},workdir={work}", merged):
+    # Whatever the kernel's defaults: a layer holds only what `merge` knows (changed entries
+    # whole, whiteouts, opaque directories), no redirected directory or metadata-only copy.
+    options = f"lowerdir={lower},upperdir={n},workdir={work},redirect_dir=off,metacopy=off,index=off"
+    with _mounted(layers, options, merged):
         yield merged
 
 

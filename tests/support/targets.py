@@ -94,7 +94,7 @@ def init_target(setup: Setup) -> None:
     from tests.support.checks import cryptsnap  # checks imports this module
 
     target = setup.load()
-    kind = (target.filesystem, target.size, target.sparse, target.pbkdf, target.pbkdf_iterations)
+    kind = (target.filesystem, target.history, target.size, target.sparse, target.pbkdf, target.pbkdf_iterations)
     if kind in _initialized:
         _initialized[kind].copy_to(setup)
         return
