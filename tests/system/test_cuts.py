@@ -98,13 +98,17 @@ def change(source, rng: random.Random) -> None:
         files[rng.randrange(len(files))].unlink()
 
 
-@pytest.mark.parametrize("filesystem", ["btrfs", "ext2"])
+# btrfs-layers: history: layers, keeping 4 states, so that most runs merge two layers in
+# finalizing (make test-long; tests/system/test_layered.py in make test).
+@pytest.mark.parametrize("filesystem", ["btrfs", "ext2", pytest.param("btrfs-layers", marks=pytest.mark.long)])
 def test_the_connection_cut_at_seeded_points(tmp_path, filesystem):
+    filesystem, _, history = filesystem.partition("-")
+    layered = {"history": "layers", "retention": {"last": 4, "daily": 0, "weekly": 0, "monthly": 0}}
     with shaped_link(1000, rtt_ms=0.2) as address:
         server = sshd.start(address=address, netns=NETNS)
         try:
-            setup = make_setup(tmp_path, server, filesystem=filesystem, size="160M",
-                               alive_interval=ALIVE_INTERVAL, alive_count=ALIVE_COUNT)  # fmt: skip
+            setup = make_setup(tmp_path, server, filesystem=filesystem, size="160M", alive_interval=ALIVE_INTERVAL,
+                               alive_count=ALIVE_COUNT, **(layered if history else {}))  # fmt: skip
             cryptsnap(setup, "init", setup.name)
             held: dict[str, dict] = {}  # snapshot -> what its source held when it was taken
             # A run failed after its snapshot was named, before the commit (a cut in finalizing):
@@ -155,10 +159,16 @@ def test_the_connection_cut_at_seeded_points(tmp_path, filesystem):
             found = digests(setup)
             assert set(found) - set(held) <= set(maybe), f"snapshots no run reported: {set(found) - set(held)}"
             held |= {name: maybe[name] for name in set(found) - set(held)}
+            if history:  # retention dropped all but the last 4 (a view's directories: overlayfs's sizes)
+                newest = sorted(held)[-4:]
+                assert sorted(found) == newest, f"kept {sorted(found)}, the newest four are {newest}"
+                found = {name: trees.across_file_systems(tree) for name, tree in found.items()}
+                held = {name: trees.across_file_systems(held[name]) for name in found}
             assert found == held, "a snapshot does not hold what its source held when it was taken"
             assert_nothing_left(setup)
             failed = [o for o in outcomes if o[2] != "missed"]
-            figures.record(f"connection cut at seeded points, {filesystem}", seeds=len(outcomes), failed=len(failed),
+            figures.record(f"connection cut at seeded points, {filesystem}{history and ' with layers'}",
+                           seeds=len(outcomes), failed=len(failed),
                            phases=sorted({o[2] for o in failed}),
                            max_fail_s={kind: round(max([o[3] for o in failed if o[0].kind == kind], default=0), 1)
                                        for kind in ("kill", "silence")})  # fmt: skip
