@@ -347,6 +347,8 @@ def _create(target: Target, state: TargetState, key: str, paths: Paths, config_f
         with step("mounting"):
             inner.enter_context(FsMount(mapping.path, paths.fs, target.filesystem, False))
             snapshot.prepare_filesystem(paths.fs, layered=target.history == "layers")
+            if target.history == "layers":
+                say("Its history will be kept as overlay layers (history: layers), for as long as it exists.")
     with step("finalizing"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(final)

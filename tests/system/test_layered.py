@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support import docs, trees
@@ -102,6 +103,7 @@ def test_a_run_killed_while_it_writes_through_the_overlay_leaves_no_state_and_no
     assert_nothing_left(setup)
 
 
+@pytest.mark.long  # 70 s of guest time; make test restores layered images with cryptsnap (above)
 def test_the_restore_by_hand_page_reads_a_layered_image_with_stock_tools(tmp_path, untrusted_host):
     setup = make_setup(tmp_path, untrusted_host, history="layers")
     wanted = setup.source / "by-hand.txt"
