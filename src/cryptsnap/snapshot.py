@@ -12,10 +12,11 @@ btrfs: a writable snapshot of the previous subvolume, rsync --inplace into it, t
 read-only (unchanged files share extents). With a matching local record of the previous
 snapshot's files, rsync gets only what changed (cryptsnap.changes).
 
-Or, on a btrfs made with `layers/` instead of `snapshots/`, history as overlay layers
-(cryptsnap.overlay): a run writes through an overlay of the kept states' layers into a new
-layer, named in `layers/names` once complete (no snapshot's shared tree nodes are copied, no
-reference counted: docs/performance.md). Not yet a choice `cryptsnap init` offers.
+Or, on a btrfs `cryptsnap init` made with `layers/` (a target's `history: layers`), history as
+overlay layers (cryptsnap.overlay): a run writes through an overlay of the kept states' layers
+into a new layer, named in `layers/names` once complete (no snapshot's shared tree nodes are
+copied, no reference counted: docs/performance.md). The image's layout decides, not the
+configuration: an image keeps what it was made with.
 """
 
 from __future__ import annotations
