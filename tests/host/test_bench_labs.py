@@ -40,6 +40,17 @@ def test_scatter_lab_keeps_history_as_layers_and_merges_the_oldest_away(tmp_path
     assert len(ratios) == 3 and all(1.0 < r < 1.4 for r in ratios), out
 
 
+def test_history_lab_runs_cryptsnaps_backups_both_ways_and_layers_write_less(tmp_path):
+    # Two runs after the first backup, the second dropping a state (retention keeps 2): a
+    # snapshot deleted, or two layers merged; the lab asserts the states kept.
+    out = lab("bench.history_lab", "--files", "2000", "--runs", "2", "--keep", "2", "--dir", str(tmp_path))
+    ratios = {(m[1], m[2]): float(m[3]) for m in re.finditer(r"^(\w+): run (\d)[^:]*: [\d,]+ bytes written for "
+                                                            r"3,072,000 changed: ([0-9.]+)x", out, re.M)}  # fmt: skip
+    assert set(ratios) == {(h, n) for h in ("snapshots", "layers") for n in ("1", "2")}, out
+    assert 1.0 < ratios["layers", "1"] < ratios["snapshots", "1"] < 2, out
+    assert "run 2, 1 state dropped" in out, out
+
+
 def test_record_scale_finds_the_one_touched_file(tmp_path):
     out = lab("bench.record_scale", "--files", "3000", "--dir", str(tmp_path))
     assert "(1 found)" in out and "peak RSS" in out, out
