@@ -19,6 +19,7 @@ import pytest
 from cryptsnap import changes, commands, config, mounts, overlay, snapshot
 from cryptsnap.errors import ToolFailed
 from cryptsnap.layers import FsMount
+from cryptsnap.state import TargetState
 from tests.support import loopfs, trees
 
 
@@ -124,3 +125,38 @@ def test_overlayfs_markers_in_the_sources_stop_the_run_with_what_to_do_and_nothi
         with snapshot.opened(fs, second) as root:
             assert (root / source.relative_to("/") / "kept").read_text() == "v2\n"
             assert not (root / source.relative_to("/") / "storage").exists()
+
+
+def test_a_try_that_lost_its_connection_is_gone_on_from_in_its_unnamed_layer(tmp_path, monkeypatch, caplog):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "small").write_text("first\n")
+    target = loopfs.target(tmp_path, source)
+    record, fs = tmp_path / "state" / "files.gz", tmp_path / "fs"
+    record.parent.mkdir()
+    unfinished = snapshot.Unfinished(TargetState(target))
+    with loopfs.btrfs(tmp_path / "image", fs, size=1 << 30):
+        snapshot.prepare_filesystem(fs, layered=True)
+        first = run(fs, target, record, 0)
+        for i in range(3):  # past RESUMABLE_FROM: the try is noted, flushoncommit on
+            (source / f"big-{i}").write_bytes(os.urandom(24 << 20))
+        real_copy = snapshot._copy
+
+        def copy_then_lose_the_connection(*args, **kwargs):
+            real_copy(*args, **kwargs)
+            raise ToolFailed("rsync failed: the connection was lost (as if)")
+
+        monkeypatch.setattr(snapshot, "_copy", copy_then_lose_the_connection)
+        with pytest.raises(ToolFailed, match="as if"):
+            snapshot.write_snapshot(fs, target, known=changes.Record.load(record), generation=1, record_to=record,
+                                    work_dir=record.parent, unfinished=unfinished)  # fmt: skip
+        assert snapshot.list_snapshots(fs) == [first] and overlay.unnamed(fs / "layers") == [1]
+        assert unfinished.state.unfinished()["partial"] == "1"
+        monkeypatch.setattr(snapshot, "_copy", real_copy)
+        caplog.set_level("INFO")
+        name, scanned = snapshot.write_snapshot(fs, target, known=changes.Record.load(record), generation=1,
+                                                record_to=record, work_dir=record.parent, unfinished=unfinished)  # fmt: skip
+        scanned.commit(2, name, changes.settings_digest(target))
+        assert "going on from the unfinished layer 1 of the last try" in caplog.text
+        assert snapshot.list_snapshots(fs) == [first, name] and overlay.stack(fs / "layers") == [1, 0]
+        assert read(fs, name, source) == trees.across_file_systems(trees.manifest(source))
