@@ -75,6 +75,7 @@ def test_a_layered_image_keeps_each_state_restores_it_and_merges_for_retention(t
     assert trees.MARKER.encode() not in image and b"hard linked content" not in image
 
 
+@pytest.mark.long  # 100 s of guest time; make test: the crashed run (snapshots), the overlay's leftovers on the host
 def test_a_run_killed_while_it_writes_through_the_overlay_leaves_no_state_and_nothing_mounted(tmp_path,
                                                                                               untrusted_host):  # fmt: skip
     setup = make_setup(tmp_path, untrusted_host, history="layers", size="200M")
