@@ -82,10 +82,16 @@ def write_names(layers: Path, states: list[tuple[int, str]]) -> None:
 def layers_of(layers: Path, name: str) -> list[int]:
     """The layers the state NAME reads through, newest first."""
     states = read_names(layers)
-    index = next((i for i, (_, state) in enumerate(states) if state == name), None)
-    if index is None:
-        raise KeyError(name)
+    index = _index(states, name)
     return stack(layers, below=states[index + 1][0] if index + 1 < len(states) else None)
+
+
+def _index(states: list[tuple[int, str]], name: str) -> int:
+    """Where NAME stands among the kept states (KeyError: it is not one)."""
+    for index, (_, state) in enumerate(states):
+        if state == name:
+            return index
+    raise KeyError(name)
 
 
 @contextlib.contextmanager
@@ -154,9 +160,7 @@ def drop(layers: Path, name: str) -> None:
     finished first (`finish`)."""
     finish(layers)
     states = read_names(layers)
-    index = next((i for i, (_, state) in enumerate(states) if state == name), None)
-    if index is None:
-        raise KeyError(name)
+    index = _index(states, name)
     if index + 1 == len(states):
         raise ValueError(f"{name} is the newest state: only older ones are dropped")
     into, (upper, following) = states[index][0], states[index + 1]
