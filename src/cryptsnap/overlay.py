@@ -140,7 +140,10 @@ def writable(layers: Path, n: int, work: Path, merged: Path, existing: bool = Fa
     merged.mkdir(exist_ok=True)
     # Whatever the kernel's defaults: a layer holds only what `merge` knows (changed entries
     # whole, whiteouts, opaque directories), no redirected directory or metadata-only copy.
-    options = f"lowerdir={lower},upperdir={n},workdir={work},redirect_dir=off,metacopy=off,index=off"
+    # Every path relative to LAYERS (where mount runs): an absolute one holding a comma or a
+    # colon (a runtime_dir's) would split the options.
+    options = (f"lowerdir={lower},upperdir={n},workdir={os.path.relpath(work, layers)},"
+               "redirect_dir=off,metacopy=off,index=off")
     with _mounted(layers, options, merged):
         yield merged
 
