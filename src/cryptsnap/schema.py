@@ -81,10 +81,11 @@ TARGET = {
     "history": Option("choice", "btrfs: how the image keeps its earlier states, chosen by `cryptsnap init`: "
                       "snapshots (btrfs subvolumes) or layers (overlayfs layers: a run writes what changed and "
                       "nothing of the tree around it, so its upload stays near the changed bytes however "
-                      "large the tree: 1.17x instead of 1.79x up at 100,000 files; retention merges layers, which "
-                      "costs more than deleting a snapshot; a restore by hand needs overlayfs, see "
-                      "docs/restore-by-hand.md). An image keeps what it was made with; layers keep at most "
-                      "499 states (the retention rules' sum).", "snapshots", choices=("snapshots", "layers")),
+                      "large the tree: 1.17x instead of 1.79x up at 100,000 files; retention merges two layers "
+                      "where it would delete a snapshot, which uploads less from 10^5 files on; a restore by "
+                      "hand needs overlayfs, see docs/restore-by-hand.md). An image keeps what it was made "
+                      "with; layers keep at most 499 states (the retention rules' sum).", "snapshots",
+                      choices=("snapshots", "layers")),
     "metadata_cache": Option("bool", "btrfs: keep the image's metadata blocks (encrypted, as stored) in a local "
                              "cache under state_dir and serve the image through a network block device, so "
                              "a run downloads almost nothing; without the nbd kernel module, or false, the "
